@@ -1,0 +1,58 @@
+"""flame: elastic pools of Python runners, after Elixir's FLAME.
+
+    import flame
+    with flame.Pool(max=4) as pool:
+        pool.call(lambda x: x * 2, 21)
+
+Names are loaded on first use, so ``python -m flame.node`` (which imports this
+package) pays only for what a runner needs.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Pool": "flame.pool",
+    "Backend": "flame.backends.base",
+    "RunnerSpec": "flame.backends.base",
+    "RunnerHandle": "flame.backends.base",
+    "LocalBackend": "flame.backends.local",
+    "RunnerInfo": "flame.runner",
+    "OutputSink": "flame.call",
+    "set_sink_factory": "flame.call",
+    "FlameError": "flame.errors",
+    "RemoteError": "flame.errors",
+    "RunnerDied": "flame.errors",
+    "BootError": "flame.errors",
+    "CallTimeout": "flame.errors",
+    "SerializationError": "flame.errors",
+    "PoolClosed": "flame.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flame' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends.base import Backend, RunnerHandle, RunnerSpec
+    from .backends.local import LocalBackend
+    from .call import OutputSink, set_sink_factory
+    from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
+                         SerializationError)
+    from .pool import Pool
+    from .runner import RunnerInfo

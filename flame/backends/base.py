@@ -1,0 +1,65 @@
+"""The backend contract.
+
+A backend knows how to start ``python -m flame.node`` somewhere and how to force
+it to stop. Scheduling, deadlines, idle shutdown, liveness and graceful stop
+(over the wire) belong to the pool, so a new backend is two methods and a handle.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunnerSpec:
+    """What a backend needs to start one runner."""
+
+    #: Unique id of the runner within its pool; also its ZeroMQ identity.
+    runner_id: str
+    #: ZeroMQ address the runner connects back to.
+    address: str
+    #: FLAME_* variables for the runner, the pool's key among them: pass them through the
+    #: environment, a 0600 file or stdin, never on a command line.
+    env: dict[str, str] = field(repr=False)
+    #: Calls the runner may run at once.
+    concurrency: int = 1
+
+
+class RunnerHandle(abc.ABC):
+    """A backend's handle on one started runner."""
+
+    #: Process id on the runner's machine, when known.
+    pid: int | None = None
+    #: Host the runner runs on.
+    host: str = "localhost"
+
+    @abc.abstractmethod
+    def exit_status(self) -> int | None:
+        """The exit code once the runner has ended (negative: killed by that signal), else None."""
+
+    @abc.abstractmethod
+    def stderr_tail(self, lines: int = 20) -> str:
+        """The last lines the runner wrote to its stderr (and stdout), for error messages."""
+
+
+class Backend(abc.ABC):
+    """Starts and force-stops runners."""
+
+    #: Interface the pool's socket binds to: loopback unless runners live elsewhere.
+    bind_host: str = "127.0.0.1"
+
+    @abc.abstractmethod
+    def boot(self, spec: RunnerSpec) -> RunnerHandle:
+        """Start a runner for ``spec`` and return at once; raise with a clear message if it cannot start."""
+
+    @abc.abstractmethod
+    def terminate(self, handle: RunnerHandle) -> None:
+        """Force the runner to stop and release what it held. Called once per handle, even after exit."""
+
+    def capacity(self) -> int | None:
+        """How many more runners could be booted right now, or None for no limit of the backend's own."""
+        return None
+
+    def connect_address(self, bound: str) -> str:
+        """The address runners should connect to, given the one the pool bound."""
+        return bound

@@ -1,0 +1,296 @@
+"""The node: receive calls, execute them, stream their output, heartbeat the parent.
+
+Threads:
+- the main thread executes calls (so a cancel can interrupt it with SIGINT, which
+  also breaks out of blocking calls such as ``time.sleep``);
+- with ``concurrency > 1``, extra worker threads execute further calls (a cancel
+  reaches them as an asynchronous KeyboardInterrupt);
+- one I/O thread owns the ZeroMQ socket: it receives, signs and sends, flushes
+  call output on a short timer, heartbeats, and runs the terminator.
+
+Configuration comes from the environment (never argv, so the key never shows in
+``ps``): FLAME_ADDRESS, FLAME_RUNNER_ID, FLAME_KEY (hex) or FLAME_KEY_FILE,
+FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
+FLAME_PARENT_PID.
+"""
+from __future__ import annotations
+
+import collections
+import faulthandler
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from .. import serialize
+from ..wire import Wire
+from .capture import Capture, CallOutput
+from .terminator import Terminator
+
+log = logging.getLogger("flame.node")
+
+PARENT = "parent"
+#: How long output may sit in a call's buffer before it is sent. Livebook uses 50 ms;
+#: shorter keeps progress bars lively, longer batches tight print loops better.
+FLUSH_INTERVAL = 0.02
+#: Functions kept by content hash; the parent mirrors this LRU exactly (see Runner).
+FN_CACHE_SIZE = 256
+EXIT_PARENT_LOST = 3
+
+
+class Node:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.id = env["FLAME_RUNNER_ID"]
+        self.address = env["FLAME_ADDRESS"]
+        self.concurrency = int(env.get("FLAME_CONCURRENCY", "1"))
+        self.heartbeat = float(env.get("FLAME_HEARTBEAT", "1.0"))
+        ppid = env.get("FLAME_PARENT_PID")
+        self.terminator = Terminator(float(env.get("FLAME_PARENT_TIMEOUT", "5")),
+                                     float(env.get("FLAME_FAILSAFE", "60")),
+                                     int(ppid) if ppid else None)
+        self.wire = Wire(_read_key(env), self.id)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(self.address)
+        self.outbox: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self.calls: Any = __import__("queue").SimpleQueue()
+        self.capture = Capture()
+        self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self.running: dict[str, tuple[int, CallOutput]] = {}
+        self.dirty: set[CallOutput] = set()
+        self.flush_due: float | None = None
+        self.stopping = False
+        self._main_ident = threading.main_thread().ident
+        self._interrupt_main: str | None = None
+
+    # ---- cross-thread plumbing -------------------------------------------------
+    def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
+        """Queue a message for the parent (any thread); the I/O thread signs and sends it."""
+        self.outbox.append((kind, fields, frames))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the I/O thread is already due to wake
+
+    def _output_pending(self, out: CallOutput) -> None:
+        self.dirty.add(out)
+        if self.flush_due is None:
+            self._wake()
+
+    # ---- I/O thread ------------------------------------------------------------
+    def io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        import platform
+        self.post("hello", {"pid": os.getpid(), "host": socket.gethostname(),
+                            "python": platform.python_version(), "cwd": os.getcwd(),
+                            "gpus": _visible_gpus()})
+        next_beat = time.monotonic() + self.heartbeat
+        while True:
+            now = time.monotonic()
+            due = next_beat if self.flush_due is None else min(next_beat, self.flush_due)
+            ready = dict(poller.poll(max(0.0, due - now) * 1000))
+            if self.sock in ready:
+                # Drain without exceptions: zmq.Again on every wake costs more than the check.
+                while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.handle(self.sock.recv_multipart(copy=False))
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 65536)
+                except BlockingIOError:
+                    pass
+            now = time.monotonic()
+            if self.dirty:
+                if self.flush_due is None:
+                    self.flush_due = now + FLUSH_INTERVAL
+                elif now >= self.flush_due:
+                    self.flush_due = None
+                    dirty, self.dirty = self.dirty, set()
+                    for out in dirty:
+                        out.drain(lambda kind, data, cid=out.call_id: self._post_output(cid, kind, data))
+            if now >= next_beat:
+                next_beat = now + self.heartbeat
+                self.outbox.append(("heartbeat", None, ()))
+            self._send_all()
+            why = self.terminator.verdict()
+            if why is not None:
+                log.warning("flame runner %s exiting: %s", self.id, why)
+                sys.__stderr__.flush()
+                os._exit(EXIT_PARENT_LOST)
+            if self.stopping and not self.running:
+                self._send_all()
+                return
+
+    def _send_all(self) -> None:
+        while self.outbox:
+            kind, fields, frames = self.outbox.popleft()
+            self.sock.send_multipart(self.wire.encode(kind, PARENT, fields, frames), copy=False)
+
+    def handle(self, parts: list) -> None:
+        msg = self.wire.decode(parts)
+        if msg is None:
+            return
+        head, frames = msg
+        self.terminator.heard()
+        kind = head["k"]
+        if kind == "call":
+            entry = self._function(head["fn"], frames[0] if head.get("nf") else None)
+            self.calls.put((head["id"], head.get("name", "?"), entry, frames[1 if head.get("nf") else 0:]))
+        elif kind == "cancel":
+            self.cancel(head["id"])
+        elif kind == "shutdown":
+            self.stopping = True
+            for _ in range(self.concurrency):
+                self.calls.put(None)
+        # "welcome" and "heartbeat" only prove the parent is alive.
+
+    def _function(self, digest: str, payload: Any) -> list:
+        """The LRU of functions by content hash, in the same order the parent keeps it."""
+        fns = self.fns
+        if payload is not None:
+            entry = fns[digest] = [bytes(payload), None]
+            if len(fns) > FN_CACHE_SIZE:
+                fns.popitem(last=False)
+        else:
+            entry = fns[digest]
+            fns.move_to_end(digest)
+        return entry
+
+    def cancel(self, call_id: str) -> None:
+        ident = self.running.get(call_id, (None,))[0]
+        if ident is None:
+            return
+        if ident == self._main_ident:
+            self._interrupt_main = call_id
+            signal.pthread_kill(ident, signal.SIGINT)
+        else:
+            import ctypes
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                       ctypes.py_object(KeyboardInterrupt))
+
+    def _post_output(self, call_id: str, kind: str, data: Any) -> None:
+        if kind == "display":
+            self.outbox.append(("display", {"id": call_id}, (json.dumps(data).encode(),)))
+        else:
+            self.outbox.append(("stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),)))
+        self._wake()
+
+    # ---- executor threads ------------------------------------------------------
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        target, self._interrupt_main = self._interrupt_main, None
+        if target is not None and target == self._main_call:
+            raise KeyboardInterrupt
+
+    def work(self) -> None:
+        while True:
+            try:
+                item = self.calls.get()
+                if item is None:
+                    return
+                self.execute(*item)
+            except KeyboardInterrupt:
+                continue  # a cancel that landed between calls
+
+    def execute(self, call_id: str, name: str, entry: list, arg_frames: list) -> None:
+        ident = threading.get_ident()
+        out = CallOutput(call_id, self._output_pending)
+        self.running[call_id] = (ident, out)
+        self.capture.by_thread[ident] = out
+        if ident == self._main_ident:
+            self._main_call = call_id
+        kind, fields, frames = "result", {"id": call_id}, ()
+        try:
+            try:
+                if entry[1] is None:
+                    entry[1] = serialize.loads([entry[0]])
+                fn = entry[1]
+                args, kwargs = serialize.loads(arg_frames)
+                result = fn(*args, **kwargs)
+            finally:
+                self._main_call = None
+            try:
+                frames = serialize.dumps(result)
+            except Exception as exc:
+                serialize.raise_unpicklable(f"the result of {name}()", result, exc)
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+            kind, fields, frames = "error", _error_fields(call_id, exc), _pickled_error(exc)
+        finally:
+            self.capture.by_thread.pop(ident, None)
+            self.dirty.discard(out)
+            out.drain(lambda k, data: self._post_output(call_id, k, data))
+            self.running.pop(call_id, None)
+        self.post(kind, fields, frames)
+
+    _main_call: str | None = None
+
+
+def _error_fields(call_id: str, exc: BaseException) -> dict:
+    tb = exc.__traceback__
+    # Skip the node's own frames: the user's traceback starts in their function.
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {"id": call_id, "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "msg": str(exc), "tb": text, "cancelled": isinstance(exc, KeyboardInterrupt)}
+
+
+def _pickled_error(exc: BaseException) -> tuple:
+    try:
+        exc.__traceback__ = None
+        return tuple(serialize.dumps(exc))
+    except Exception:
+        return ()
+
+
+def _read_key(env: dict[str, str]) -> bytes:
+    key = os.environ.pop("FLAME_KEY", None) or env.get("FLAME_KEY")
+    if key:
+        return bytes.fromhex(key)
+    path = env.get("FLAME_KEY_FILE")
+    if path:
+        with open(path, "rb") as f:
+            return bytes.fromhex(f.read().decode().strip())
+    raise SystemExit("flame.node: no key (set FLAME_KEY or FLAME_KEY_FILE)")
+
+
+def _visible_gpus() -> list[str]:
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [g for g in value.split(",") if g.strip()] if value.strip() else []
+
+
+def main() -> None:
+    faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    env = dict(os.environ)
+    for name in ("FLAME_KEY", "FLAME_KEY_FILE"):
+        os.environ.pop(name, None)  # user code and its subprocesses never see the key
+    node = Node(env)
+    node.capture.install()
+    signal.signal(signal.SIGINT, node._on_sigint)
+    io = threading.Thread(target=node.io_loop, name="flame-node-io", daemon=True)
+    io.start()
+    for i in range(node.concurrency - 1):
+        threading.Thread(target=node.work, name=f"flame-node-worker-{i + 1}", daemon=True).start()
+    node.work()
+    io.join()
+    node.sock.close()
+    node.ctx.term()

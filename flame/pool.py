@@ -1,0 +1,647 @@
+"""The pool: places calls on runners, boots and stops runners, watches deadlines and liveness.
+
+Threads: callers (submit, wait), one I/O thread per pool (owns the ZeroMQ ROUTER,
+runs every timer), and a short-lived thread per runner boot (a backend may block).
+State is guarded by one lock; no sink, backend or future callback runs under it.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import hashlib
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import CancelledError
+from typing import Any, Callable, Iterable
+
+import zmq
+
+from . import serialize
+from .backends.base import Backend, RunnerSpec
+from .call import Call, CallFuture
+from .errors import (BootError, CallTimeout, PoolClosed, RemoteError, RemoteTraceback, RunnerDied,
+                     SerializationError)
+from .runner import Runner, RunnerInfo
+from .wire import KEY_BYTES, Wire, frames_digest, frames_hasher
+
+log = logging.getLogger("flame.pool")
+
+#: How often the I/O thread checks exits, deadlines and idleness.
+TICK = 0.05
+#: Heartbeat interval to runners; they exit after ``parent_timeout`` without one.
+HEARTBEAT = 1.0
+#: How long a cancelled call may take to stop before its runner is killed and replaced.
+CANCEL_GRACE = 1.0
+#: How long a runner asked to stop may take before it is killed.
+STOP_GRACE = 2.0
+
+_pool_ids = itertools.count(1)
+_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for pool in list(_live_pools):
+        pool.shutdown(wait=False)
+
+
+atexit.register(_shutdown_all)
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False,
+                  optional: bool = False, positive: bool = False) -> None:
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
+    if value < minimum or (positive and value <= 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
+
+
+class Pool:
+    """An elastic set of runners that execute calls.
+
+    Runners are booted on demand, up to ``max``, and shut down after being idle.
+    Functions go by value (cloudpickle), so lambdas and functions defined in a
+    notebook cell or ``__main__`` work; their output streams back while they run.
+
+    Use as a context manager, or call :meth:`shutdown`; pools left open are shut
+    down at interpreter exit, and their runners exit by themselves if this process dies.
+    """
+
+    def __init__(self, backend: Backend | None = None, *, min: int = 0, max: int = 4,
+                 max_concurrency: int = 1, idle_shutdown_after: float | None = 30.0,
+                 boot_timeout: float = 30.0, timeout: float | None = None,
+                 parent_timeout: float = 5.0, name: str | None = None) -> None:
+        """
+        Args:
+            backend: how runners are started. Defaults to ``LocalBackend()``.
+            min: runners kept running even when idle. Defaults to 0.
+            max: most runners at once. Defaults to 4.
+            max_concurrency: calls one runner runs at once (in threads). Defaults to 1.
+            idle_shutdown_after: seconds a runner may sit idle before it is shut down (None: never). Defaults to 30.
+            boot_timeout: seconds a runner has to start and connect before BootError. Defaults to 30.
+            timeout: seconds from submit to result for each call; past it the remote work is stopped and CallTimeout raised (None: no deadline). Defaults to None.
+            parent_timeout: seconds without a heartbeat from this process after which runners exit. Defaults to 5.
+            name: label for logs and displays. Defaults to "pool-N".
+        """
+        if backend is None:
+            from .backends.local import LocalBackend
+            backend = LocalBackend()
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a flame Backend, got {backend!r}")
+        _check_number("min", min, minimum=0, integer=True)
+        _check_number("max", max, minimum=1, integer=True)
+        if min > max:
+            raise ValueError(f"min ({min}) must not exceed max ({max})")
+        _check_number("max_concurrency", max_concurrency, minimum=1, integer=True)
+        _check_number("idle_shutdown_after", idle_shutdown_after, minimum=0, optional=True, positive=True)
+        _check_number("boot_timeout", boot_timeout, minimum=0, positive=True)
+        _check_number("timeout", timeout, minimum=0, optional=True, positive=True)
+        _check_number("parent_timeout", parent_timeout, minimum=0, positive=True)
+        self.backend = backend
+        self.min, self.max, self.max_concurrency = min, max, max_concurrency
+        self.idle_shutdown_after = idle_shutdown_after
+        self.boot_timeout = boot_timeout
+        self.timeout = timeout
+        self.parent_timeout = parent_timeout
+        self.name = name or f"pool-{next(_pool_ids)}"
+
+        self._key = os.urandom(KEY_BYTES)
+        self._wire = Wire(self._key, "parent")
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        self._runners: dict[str, Runner] = {}
+        self._waiting: collections.deque[Call] = collections.deque()
+        self._calls: dict[str, Call] = {}
+        self._runner_ids = itertools.count(1)
+        self._closed = False
+        self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
+        self._idle = threading.Condition(self._lock)
+
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(f"tcp://{backend.bind_host}:0")
+        self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self._outbox: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopped = threading.Event()
+        self._io = threading.Thread(target=self._io_loop, name=f"flame-{self.name}-io", daemon=True)
+        self._io.start()
+        _live_pools.add(self)
+        with self._lock:
+            self._refill_min()
+        log.info("flame: %s listening on %s with %r", self.name, self.address, backend)
+
+    # ---- public API ----------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
+        """Run ``fn(*args, **kwargs)`` on a runner; return a future for its result."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        fn_payload, arg_frames = serialize.dumps_call(fn, args, kwargs)
+        fn_hash = hashlib.blake2b(fn_payload, digest_size=16).hexdigest()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        call = Call(self, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash, fn_payload,
+                    arg_frames, frames_hasher(arg_frames), deadline)
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"{self.name} is shut down")
+            self._calls[call.id] = call
+            self._waiting.append(call)
+            self._schedule()
+        return call.future
+
+    def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a runner and return its value (or raise its exception).
+
+        A KeyboardInterrupt while waiting (Ctrl-C, the notebook's stop button) stops the
+        remote work too, then re-raises.
+        """
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            return _result(future)
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    def map(self, fn: Callable, *iterables: Iterable) -> list:
+        """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
+
+        If one call fails, the others are cancelled and its exception is raised.
+        """
+        futures = [self.submit(fn, *xs) for xs in zip(*iterables)]
+        try:
+            return [_result(f) for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""
+        future = self.submit(fn, *args, **kwargs)
+
+        def report(f: CallFuture) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("flame: cast of %s() failed: %r", f.call.name, f.exception())
+        future.add_done_callback(report)
+
+    async def acall(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Like :meth:`call` for asyncio: awaiting it runs the call; cancelling the task stops it."""
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    @property
+    def runners(self) -> list[RunnerInfo]:
+        """A snapshot of the pool's runners."""
+        with self._lock:
+            return [r.info() for r in self._runners.values()]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls and stop every runner.
+
+        With ``wait``, calls already submitted finish first; ``cancel_futures`` cancels them instead.
+        """
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            pending = list(self._calls.values())
+        if cancel_futures or not wait:
+            for call in pending:
+                call.future.cancel() if cancel_futures else None
+        if wait and not cancel_futures:
+            for call in pending:
+                try:
+                    call.future.exception()
+                except (CancelledError, Exception):
+                    pass
+        if not first and self._stopped.is_set():
+            return
+        with self._lock:
+            for call in list(self._waiting):
+                self._finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
+            self._waiting.clear()
+            for r in list(self._runners.values()):
+                if r.state == "ready":
+                    self._stop_runner(r)
+                elif r.state == "booting":
+                    self._drop_runner(r, None)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._runners:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            for r in list(self._runners.values()):
+                self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
+        self._stopped.set()
+        self._wake()
+        if threading.current_thread() is not self._io:
+            self._io.join(timeout=5)
+        _live_pools.discard(self)
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            states = collections.Counter(r.state for r in self._runners.values())
+            busy = sum(len(r.active) for r in self._runners.values())
+        desc = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runners"
+        return (f"<flame.Pool {self.name}: {desc}; {busy} running, {len(self._waiting)} waiting; "
+                f"max={self.max} max_concurrency={self.max_concurrency}"
+                f"{' (shut down)' if self._closed else ''}>")
+
+    # ---- scheduling (caller holds the lock) ----------------------------------------
+    def _schedule(self) -> None:
+        waiting = self._waiting
+        while waiting:
+            best = None
+            for r in self._runners.values():
+                if r.state == "ready" and len(r.active) < self.max_concurrency:
+                    if best is None or len(r.active) < len(best.active):
+                        best = r
+            if best is None:
+                break
+            self._start(waiting.popleft(), best)
+        if waiting:
+            booting = sum(1 for r in self._runners.values() if r.state == "booting")
+            need = len(waiting) - booting * self.max_concurrency
+            while need > 0 and self._can_boot():
+                self._boot()
+                need -= self.max_concurrency
+        self._refill_min()
+
+    def _live_count(self) -> int:
+        return sum(1 for r in self._runners.values() if r.state in ("booting", "ready"))
+
+    def _can_boot(self) -> bool:
+        if len(self._runners) >= self.max or self._stopped.is_set():
+            return False
+        room = self.backend.capacity()
+        return room is None or room > 0
+
+    def _refill_min(self) -> None:
+        if self._closed or self._min_paused:
+            return
+        while self._live_count() < self.min and self._can_boot():
+            self._boot()
+
+    def _start(self, call: Call, r: Runner) -> None:
+        call.state, call.runner = "running", r
+        r.active[call.id] = call
+        fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
+        frames = list(call.arg_frames)
+        if not r.knows(call.fn_hash):
+            fields["nf"] = 1
+            frames.insert(0, call.fn_payload)
+            digest = frames_digest(frames)
+        else:
+            digest = call.arg_hasher.digest()
+        self._send(r, "call", fields, frames, digest)
+        call.arg_frames = call.arg_hasher = None  # sent; let large buffers go
+
+    def _boot(self) -> None:
+        rid = f"{self.name}-r{next(self._runner_ids)}"
+        r = Runner(rid, time.monotonic() + self.boot_timeout)
+        self._runners[rid] = r
+        spec = RunnerSpec(rid, self.address, {
+            "FLAME_RUNNER_ID": rid, "FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
+            "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(HEARTBEAT),
+            "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout),
+        }, self.max_concurrency)
+        threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
+                         daemon=True).start()
+        log.info("flame: booting runner %s", rid)
+
+    def _boot_thread(self, r: Runner, spec: RunnerSpec) -> None:
+        try:
+            handle = self.backend.boot(spec)
+        except Exception as exc:
+            with self._lock:
+                self._boot_failed(r, BootError(f"runner {r.id} could not be started by "
+                                               f"{self.backend!r}: {exc}"))
+            return
+        with self._lock:
+            r.handle, r.pid = handle, handle.pid
+            r.host = handle.host
+            if r.state == "dead":  # the pool gave up on it meanwhile
+                self._terminate(r)
+
+    def _boot_failed(self, r: Runner, error: BootError) -> None:
+        log.warning("flame: %s", error)
+        self._drop_runner(r, None, reschedule=False)
+        self._min_paused = True
+        # Fail the waiting calls that the runners still booting cannot take, unless a ready
+        # runner will serve them: a broken boot must surface, not retry forever.
+        if not any(x.state == "ready" for x in self._runners.values()):
+            keep = sum(1 for x in self._runners.values() if x.state == "booting") * self.max_concurrency
+            while len(self._waiting) > keep:
+                self._finish(self._waiting.popleft(), exc=error)
+
+    def _stop_runner(self, r: Runner) -> None:
+        r.state = "stopping"
+        r.stop_deadline = time.monotonic() + STOP_GRACE
+        self._send(r, "shutdown")
+        log.info("flame: stopping runner %s", r.id)
+
+    def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True) -> None:
+        """Forget a runner, fail its calls with ``error``, and make sure its process is gone."""
+        if r.state == "dead":
+            return
+        r.state = "dead"
+        self._runners.pop(r.id, None)
+        self._wire.forget(r.id)
+        for call in list(r.active.values()):
+            self._finish(call, exc=error or RunnerDied(f"runner {r.id} stopped", r.id))
+        r.active.clear()
+        if r.handle is not None:
+            self._terminate(r)
+        if reschedule and not self._stopped.is_set():
+            self._schedule()
+
+    def _terminate(self, r: Runner) -> None:
+        try:
+            self.backend.terminate(r.handle)
+        except Exception:
+            log.exception("flame: backend failed to terminate runner %s", r.id)
+
+    def _finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
+        """Settle a call's future (if still open) and release its slot."""
+        call.state = "done"
+        self._calls.pop(call.id, None)
+        r = call.runner
+        if r is not None and r.active.pop(call.id, None) is not None:
+            r.last_active = time.monotonic()
+        fut = call.future
+        if not fut.done():
+            try:
+                fut.set_exception(exc) if exc is not None else fut.set_result(result)
+            except Exception:  # cancelled meanwhile: InvalidStateError
+                pass
+
+    def _cancel(self, call: Call) -> None:
+        """Stop a call: drop it from the queue, or interrupt it on its runner."""
+        with self._lock:
+            if call.state == "queued":
+                try:
+                    self._waiting.remove(call)
+                except ValueError:
+                    pass
+                call.state = "done"
+                self._calls.pop(call.id, None)
+            elif call.state == "running":
+                self._interrupt(call)
+
+    def _interrupt(self, call: Call) -> None:
+        call.state = "cancelling"
+        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        self._send(call.runner, "cancel", {"id": call.id})
+
+    # ---- I/O thread ----------------------------------------------------------------------
+    def _send(self, r: Runner, kind: str, fields: dict | None = None, frames: list | tuple = (),
+              digest: bytes | None = None) -> None:
+        with self._send_lock:
+            msg = self._wire.encode(kind, r.id, fields, frames, digest)
+            self._outbox.append((r.id.encode(), msg))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_tick = next_beat = time.monotonic()
+        try:
+            while not self._stopped.is_set():
+                ready = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                self._flush()
+                if self._sock in ready:
+                    while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._handle(self._sock.recv_multipart(copy=False))
+                    self._flush()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    if now >= next_beat:
+                        next_beat = now + HEARTBEAT
+                        with self._lock:
+                            for r in self._runners.values():
+                                if r.state == "ready":
+                                    self._send(r, "heartbeat")
+                    self._check(now)
+                    self._flush()
+        except Exception:
+            log.exception("flame: %s I/O thread failed", self.name)
+            raise
+        finally:
+            self._flush()
+            self._sock.close(linger=0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _flush(self) -> None:
+        outbox, sock = self._outbox, self._sock
+        while outbox:
+            ident, msg = outbox.popleft()
+            sock.send_multipart([ident, *msg], copy=False)
+
+    def _handle(self, parts: list) -> None:
+        ident = parts[0].bytes
+        try:
+            peer = ident.decode()
+        except UnicodeDecodeError:
+            peer = repr(ident)
+        msg = self._wire.decode(parts[1:], peer=peer)
+        if msg is None:
+            return
+        head, frames = msg
+        kind = head["k"]
+        with self._lock:
+            r = self._runners.get(peer)
+            if r is None:
+                return  # a runner already dropped; its late messages mean nothing now
+            r.last_heard = time.monotonic()
+            if kind == "hello":
+                if r.state == "booting":
+                    r.state = "ready"
+                    r.pid = head.get("pid", r.pid)
+                    r.host = head.get("host", r.host)
+                    r.python = head.get("python", "")
+                    r.gpus = tuple(head.get("gpus", ()))
+                    r.gpu_info = head.get("gpu_info", [])
+                    r.last_active = time.monotonic()
+                    self._min_paused = False
+                    self._send(r, "welcome")
+                    log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
+                    self._schedule()
+                return
+            call = r.active.get(head.get("id", ""))
+            if call is None:
+                return
+            if kind in ("result", "error"):
+                if kind == "result":
+                    outcome = self._unpickle_result(call, frames)
+                else:
+                    outcome = self._remote_error(call, head, frames)
+                if isinstance(outcome, BaseException):
+                    self._finish(call, exc=outcome)
+                else:
+                    self._finish(call, result=outcome)
+                if r.state == "ready":
+                    self._schedule()
+                return
+        if kind == "stream":
+            self._deliver(call, "stream", head.get("n", "stdout"), bytes(frames[0]).decode("utf-8", "replace"))
+        elif kind == "display":
+            import json
+            self._deliver(call, "display", json.loads(bytes(frames[0])))
+
+    def _deliver(self, call: Call, how: str, *args: Any) -> None:
+        try:
+            getattr(call.sink, how)(*args)
+        except Exception:
+            log.exception("flame: output sink of %s failed", call)
+
+    def _unpickle_result(self, call: Call, frames: list) -> Any:
+        try:
+            return serialize.loads(frames)
+        except Exception as exc:
+            return SerializationError(f"the result of {call.name}() arrived but cannot be unpickled here: "
+                                      f"{type(exc).__name__}: {exc}")
+
+    def _remote_error(self, call: Call, head: dict, frames: list) -> BaseException:
+        if head.get("cancelled") and call.state == "cancelling":
+            return CancelledError(f"{call.name}() was cancelled")
+        tb = head.get("tb", "")
+        if frames:
+            try:
+                exc = serialize.loads(frames)
+                if isinstance(exc, BaseException):
+                    exc.__cause__ = RemoteTraceback(tb)
+                    exc.remote_traceback = tb  # type: ignore[attr-defined]
+                    return exc
+            except Exception:
+                pass
+        return RemoteError(head.get("type", "Exception"), head.get("msg", ""), tb)
+
+    def _check(self, now: float) -> None:
+        with self._lock:
+            for r in list(self._runners.values()):
+                code = r.handle.exit_status() if r.handle is not None else None
+                if code is not None:
+                    self._runner_exited(r, code)
+                elif r.state == "booting" and now > r.boot_deadline:
+                    self._boot_failed(r, BootError(
+                        f"runner {r.id} did not connect within boot_timeout={self.boot_timeout:g} s"
+                        + _stderr_note(r), r.handle.stderr_tail() if r.handle else ""))
+                elif r.state == "stopping" and r.stop_deadline is not None and now > r.stop_deadline:
+                    self._drop_runner(r, None)
+                elif r.state == "ready" and now - r.last_heard > max(10.0, 3 * self.parent_timeout):
+                    self._drop_runner(r, RunnerDied(
+                        f"runner {r.id} stopped answering (no heartbeat for "
+                        f"{now - r.last_heard:.0f} s)" + _stderr_note(r), r.id))
+                elif (r.state == "ready" and not r.active and self.idle_shutdown_after is not None
+                      and now - r.last_active > self.idle_shutdown_after
+                      and self._live_count() > self.min):
+                    self._stop_runner(r)
+                else:
+                    for call in list(r.active.values()):
+                        if call.state == "running" and call.deadline is not None and now > call.deadline:
+                            self._interrupt(call)
+                            self._timeout(call)
+                        elif call.state == "cancelling" and now > call.cancel_deadline:
+                            log.warning("flame: %s did not stop within %g s of its cancel; "
+                                        "killing runner %s", call, CANCEL_GRACE, r.id)
+                            self._drop_runner(r, None)
+                            break
+            for call in list(self._waiting):
+                if call.deadline is not None and now > call.deadline:
+                    self._waiting.remove(call)
+                    self._timeout(call)
+
+    def _timeout(self, call: Call) -> None:
+        fut = call.future
+        if call.state == "queued":
+            self._finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
+                                               f"{self.timeout:g} s without a runner"))
+        elif not fut.done():
+            try:
+                fut.set_exception(CallTimeout(f"{call.name}() passed its timeout of {self.timeout:g} s; "
+                                              f"its remote work was stopped"))
+            except Exception:
+                pass
+
+    def _runner_exited(self, r: Runner, code: int) -> None:
+        how = _describe_exit(code)
+        tail = r.handle.stderr_tail() if r.handle else ""
+        if r.state == "booting":
+            self._boot_failed(r, BootError(f"runner {r.id} exited during boot ({how})" + _stderr_note(r), tail))
+        elif r.state == "stopping" and not r.active:
+            self._drop_runner(r, None)
+        else:
+            names = ", ".join(f"{c.name}()" for c in r.active.values())
+            self._drop_runner(r, RunnerDied(
+                f"runner {r.id} died ({how})" + (f" while running {names}" if names else "")
+                + _stderr_note(r), r.id, code, tail))
+
+
+def _result(future: CallFuture) -> Any:
+    """``future.result()``, waiting in short slices so that Ctrl-C is seen at once.
+
+    A blocking lock wait is only interrupted when SIGINT lands on the main thread;
+    when the kernel delivers it to another thread (or it is raised with
+    ``_thread.interrupt_main``) the main thread notices only when it next wakes.
+    """
+    while True:
+        try:
+            future.exception(timeout=0.1)
+            break
+        except TimeoutError:
+            continue
+    return future.result()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        import signal
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _stderr_note(r: Runner) -> str:
+    tail = r.handle.stderr_tail() if r.handle is not None else ""
+    return f"; last output:\n{tail}" if tail.strip() else ""

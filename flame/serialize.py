@@ -1,0 +1,106 @@
+"""Pickling for calls: cloudpickle by value, pickle-5 out-of-band buffers.
+
+Shared by the parent and the node side; keep it light.
+"""
+from __future__ import annotations
+
+import pickle
+import reprlib
+from typing import Any, Sequence
+
+import cloudpickle
+
+from .errors import SerializationError
+
+#: Buffers at least this large travel as their own zero-copy frame; smaller ones stay in-band,
+#: where one extra frame would cost more than the copy.
+OOB_MIN_BYTES = 64 * 1024
+
+
+def dumps(obj: Any) -> list:
+    """Pickle ``obj`` into ``[payload, *buffers]`` (buffers are sent without copying)."""
+    buffers: list = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        view = buf.raw()
+        if view.nbytes < OOB_MIN_BYTES:
+            return True  # in-band
+        buffers.append(view)
+        return False
+
+    return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large), *buffers]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Inverse of :func:`dumps`; buffers may be zmq frames (used in place, not copied)."""
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+_repr = reprlib.Repr()
+_repr.maxother = _repr.maxstring = 100
+
+
+def describe(obj: Any) -> str:
+    """A short, safe description of an object for error messages."""
+    try:
+        text = _repr.repr(obj)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = "<unrepresentable>"
+    return f"{text} (type {type(obj).__module__}.{type(obj).__qualname__})"
+
+
+def culprit(fn: Any, args: tuple, kwargs: dict) -> str:
+    """Name the first part of a call that does not pickle: an argument, or what a function captured."""
+    of = f" of {_name(fn)}()" if fn is not None else ""
+    for i, value in enumerate(args):
+        if not _pickles(value):
+            return f"argument {i}{of}: {describe(value)}"
+    for name, value in kwargs.items():
+        if not _pickles(value):
+            return f"keyword argument {name!r}{of}: {describe(value)}"
+    code = getattr(fn, "__code__", None)
+    if code is not None and not args and not kwargs:
+        for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if not _pickles(value):
+                return f"variable {name!r} captured by {_name(fn)}: {describe(value)}"
+        env = getattr(fn, "__globals__", {})
+        for name in code.co_names:
+            if name in env and not _pickles(env[name]):
+                return f"global {name!r} used by {_name(fn)}: {describe(env[name])}"
+    return f"the function {_name(fn)}"
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or describe(fn)
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value, protocol=5, buffer_callback=lambda b: False)
+        return True
+    except Exception:
+        return False
+
+
+def dumps_call(fn: Any, args: tuple, kwargs: dict) -> tuple[bytes, list]:
+    """Pickle a call: the function alone (so it can be cached by content) and its arguments."""
+    try:
+        fn_payload = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(f"cannot send {culprit(fn, (), {})}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    try:
+        arg_frames = dumps((args, kwargs))
+    except Exception as exc:
+        raise SerializationError(f"cannot send {culprit(fn, args, kwargs)}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    return fn_payload, arg_frames
+
+
+def raise_unpicklable(what: str, obj: Any, exc: BaseException) -> None:
+    """Raise a SerializationError that names ``obj``."""
+    raise SerializationError(f"cannot send {what}: {describe(obj)}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,113 @@
+"""Signed ZeroMQ framing, shared by the parent and the node side.
+
+Every message is ``[signature, header, *frames]``.  ``header`` is compact JSON
+(kind, sender, recipient, sequence number, call fields); ``frames`` are pickle-5
+payloads and out-of-band buffers.  The signature is HMAC-SHA256 over the header
+and a SHA-256 digest of every frame (length-prefixed), so a tampered buffer is
+caught as surely as a tampered header.  Messages are checked *before* anything is
+unpickled: bad signature, wrong recipient, wrong sender or a sequence number not
+above the last one seen from that sender are dropped and counted.
+
+This module must stay light: the runner imports it at start.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import struct
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger("flame.wire")
+
+KEY_BYTES = 32
+_LEN = struct.Struct("!Q")
+
+
+def frames_digest(frames: Iterable[Any], base: Any = None) -> bytes:
+    """SHA-256 over the length-prefixed bytes of every frame (bytes, memoryview, zmq.Frame).
+
+    ``base`` is a :func:`frames_hasher` result to continue from, so the digest of a
+    large argument can be computed once, outside any lock, and extended later.
+    """
+    return frames_hasher(frames, base).digest()
+
+
+def frames_hasher(frames: Iterable[Any], base: Any = None) -> Any:
+    """The running SHA-256 behind :func:`frames_digest` (``base`` is copied, not changed)."""
+    h = hashlib.sha256() if base is None else base.copy()
+    for f in frames:
+        view = memoryview(f)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        h.update(_LEN.pack(view.nbytes))
+        h.update(view)
+    return h
+
+
+class Wire:
+    """Signs outgoing and checks incoming messages for one endpoint named ``me``.
+
+    Not thread-safe: the caller serialises :meth:`encode` (sequence numbers must
+    reach the peer in order) and calls :meth:`decode` from one thread.
+    """
+
+    def __init__(self, key: bytes, me: str) -> None:
+        if not isinstance(key, bytes) or len(key) < KEY_BYTES:
+            raise ValueError(f"wire key must be at least {KEY_BYTES} random bytes")
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.me = me
+        self._seq = 0
+        self._last: dict[str, int] = {}
+        self.dropped = 0
+
+    def encode(self, kind: str, to: str, fields: dict | None = None,
+               frames: Sequence[Any] = (), digest: bytes | None = None) -> list:
+        """Build a signed message. ``digest`` may be precomputed with :func:`frames_digest`."""
+        self._seq += 1
+        head = {"k": kind, "f": self.me, "t": to, "q": self._seq}
+        if fields:
+            head.update(fields)
+        header = json.dumps(head, separators=(",", ":")).encode()
+        mac = self._mac.copy()
+        mac.update(header)
+        mac.update(frames_digest(frames) if digest is None else digest)
+        return [mac.digest(), header, *frames]
+
+    def decode(self, parts: Sequence[Any], peer: str | None = None) -> tuple[dict, list] | None:
+        """Check a received message; return ``(header, frames)`` or None when it is dropped.
+
+        ``peer`` is the sender's transport identity when known (a ROUTER's routing id):
+        the signed header must name the same sender.
+        """
+        if len(parts) < 2:
+            return self._drop("too few frames")
+        sig, header, frames = bytes(parts[0]), bytes(parts[1]), list(parts[2:])
+        mac = self._mac.copy()
+        mac.update(header)
+        mac.update(frames_digest(frames))
+        if not hmac.compare_digest(mac.digest(), sig):
+            return self._drop("bad signature")
+        try:
+            head = json.loads(header)
+            sender, seq = head["f"], head["q"]
+        except (ValueError, KeyError, TypeError):
+            return self._drop("malformed header")
+        if head.get("t") != self.me:
+            return self._drop(f"addressed to {head.get('t')!r}, not {self.me!r}")
+        if peer is not None and sender != peer:
+            return self._drop(f"sender {sender!r} arrived on connection {peer!r}")
+        if not isinstance(seq, int) or seq <= self._last.get(sender, 0):
+            return self._drop(f"replayed or reordered sequence number from {sender!r}")
+        self._last[sender] = seq
+        return head, frames
+
+    def forget(self, peer: str) -> None:
+        """Drop the replay state of a peer that is gone."""
+        self._last.pop(peer, None)
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        log.warning("flame: dropped a message (%s); %d dropped so far", why, self.dropped)
+        return None

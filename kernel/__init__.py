@@ -1,0 +1,1 @@
+"""The flamebook Jupyter kernel: IPython, with flame pools made native."""

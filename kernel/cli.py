@@ -1,0 +1,20 @@
+"""The ``flamebook`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flamebook", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="boot a pool, stream output, let it idle out")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo
+        return demo()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

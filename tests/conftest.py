@@ -1,0 +1,124 @@
+"""Shared fixtures. Every test must leave no runner behind: checked after each test."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+import flame
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def runner_processes() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if "flame.node" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_runner_left_behind(request):
+    before = {p.pid for p in runner_processes()}
+    yield
+    deadline = time.monotonic() + 10
+    left = []
+    while time.monotonic() < deadline:
+        left = [p for p in runner_processes() if p.pid not in before]
+        if not left:
+            return
+        time.sleep(0.1)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    pytest.fail(f"{request.node.nodeid} left runner processes behind: {[p.pid for p in left]}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = runner_processes()
+    if left:
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        session.exitstatus = 1
+        sys.stderr.write(f"\nrunner processes outlived the test suite: {[p.pid for p in left]}\n")
+
+
+@pytest.fixture
+def make_pool():
+    pools = []
+
+    def make(**kwargs):
+        pool = flame.Pool(**kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.shutdown(wait=False)
+
+
+class Collect:
+    """An output sink that records (monotonic time, kind, text) for the calls made while installed."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self):
+        return _CallSink(self)
+
+    def text(self, name="stdout"):
+        return "".join(t for _, k, t in self.events if k == name)
+
+
+class _CallSink:
+    def __init__(self, owner):
+        self.owner = owner
+        self.events = []
+
+    def stream(self, name, text):
+        item = (time.monotonic(), name, text)
+        self.events.append(item)
+        self.owner.events.append(item)
+
+    def display(self, data):
+        item = (time.monotonic(), "display", data)
+        self.events.append(item)
+        self.owner.events.append(item)
+
+
+@pytest.fixture
+def collect():
+    sinks = Collect()
+    made = []
+
+    def factory():
+        s = sinks()
+        made.append(s)
+        return s
+
+    sinks.made = made
+    flame.set_sink_factory(factory)
+    yield sinks
+    flame.set_sink_factory(None)
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

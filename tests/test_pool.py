@@ -1,0 +1,215 @@
+"""Calls, placement, idle shutdown and live output against real runner processes."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import flame
+from flame import serialize
+from conftest import ROOT, wait_for
+
+
+def test_lambda_closure_and_kwargs(make_pool):
+    pool = make_pool(max=1)
+    offset = 100
+    assert pool.call(lambda x, y=0: x + y + offset, 1, y=2) == 103
+
+    def make_adder(n):
+        return lambda x: x + n
+    assert pool.call(make_adder(5), 1) == 6
+
+
+def test_functions_and_classes_from_main_go_by_value(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent("""
+        import flame, os
+
+        class Point:
+            def __init__(self, x, y): self.x, self.y = x, y
+            def norm2(self): return self.x ** 2 + self.y ** 2
+
+        def where(p):
+            return (os.getpid(), p.norm2(), type(p).__name__)
+
+        if __name__ == "__main__":
+            with flame.Pool(max=1) as pool:
+                pid, n, name = pool.call(where, Point(3, 4))
+                back = pool.call(lambda: Point(1, 2))
+            assert pid != os.getpid()
+            print("OK", n, name, back.norm2(), type(back).__name__)
+    """))
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK 25 Point 5 Point"
+
+
+def test_large_numpy_buffers_travel_out_of_band(make_pool):
+    arr = np.arange(8 * 1024 * 1024, dtype=np.float64)  # 64 MB
+    frames = serialize.dumps(arr)
+    assert len(frames) == 2 and frames[1].nbytes == arr.nbytes  # payload + one zero-copy buffer
+    assert len(frames[0]) < 1024
+    pool = make_pool(max=1)
+    back = pool.call(lambda a: a * 2, arr)
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    assert np.array_equal(back, arr * 2)
+    back[0] = 1.0  # results are ordinary writable arrays
+
+
+def test_submit_map_cast_acall(make_pool, tmp_path):
+    pool = make_pool(max=2)
+    fut = pool.submit(pow, 2, 10)
+    assert fut.result(timeout=30) == 1024
+    assert pool.map(lambda a, b: a * b, range(10), range(10)) == [i * i for i in range(10)]
+    marker = tmp_path / "cast"
+    pool.cast(lambda p: open(p, "w").write("done"), str(marker))
+    assert wait_for(lambda: marker.exists() and marker.read_text() == "done")
+
+    async def main():
+        return await asyncio.gather(*(pool.acall(lambda i: i + 1, i) for i in range(4)))
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+
+
+def test_empty_pool_boots_on_first_call_and_only_what_demand_needs(make_pool):
+    pool = make_pool(max=4)
+    assert pool.runners == []
+    assert pool.call(lambda: 1) == 1
+    for _ in range(5):
+        pool.call(lambda: 1)  # sequential calls reuse the one runner
+    assert len(pool.runners) == 1
+
+
+def test_max_runners_and_max_concurrency(make_pool):
+    pool = make_pool(max=2, max_concurrency=2)
+
+    def busy(i):
+        import os, threading, time
+        start = time.monotonic()
+        time.sleep(0.6)
+        return os.getpid(), threading.get_ident(), start
+    results = pool.map(busy, range(6))
+    pids = [r[0] for r in results]
+    assert len(set(pids)) == 2, "two runners at most"
+    assert len(pool.runners) == 2
+    # Never more than max_concurrency=2 calls at once on one runner.
+    for pid in set(pids):
+        starts = sorted(start for p, _, start in results if p == pid)
+        for s in starts:
+            overlapping = [t for t in starts if t <= s < t + 0.55]
+            assert len(overlapping) <= 2, starts
+
+
+def test_waiting_callers_are_served_fifo(make_pool):
+    pool = make_pool(max=1)
+    pool.call(lambda: None)
+    futures = []
+    for i in range(6):
+        futures.append(pool.submit(lambda i: (i, __import__("time").monotonic()), i))
+    results = [f.result(timeout=30) for f in futures]
+    assert [i for i, _ in results] == list(range(6))
+    starts = [t for _, t in results]
+    assert starts == sorted(starts)
+
+
+def test_min_runners_stay_warm_and_idle_ones_shut_down(make_pool):
+    pool = make_pool(min=1, max=3, idle_shutdown_after=0.5)
+    assert wait_for(lambda: [r.state for r in pool.runners] == ["ready"])
+    pool.map(lambda _: __import__("time").sleep(0.3), range(3))
+    assert len(pool.runners) == 3
+    pids = {r.pid for r in pool.runners}
+    assert wait_for(lambda: len(pool.runners) == 1, timeout=10)
+    gone = [pid for pid in pids if not psutil.pid_exists(pid)]
+    assert len(gone) == 2
+    time.sleep(1.0)
+    assert len(pool.runners) == 1  # never below min
+
+
+def test_idle_pool_goes_empty(make_pool):
+    pool = make_pool(max=2, idle_shutdown_after=0.3)
+    pid = pool.call(os.getpid)
+    assert pid != os.getpid()
+    assert wait_for(lambda: pool.runners == [])
+    assert wait_for(lambda: not psutil.pid_exists(pid))
+    assert pool.call(lambda: 2) == 2  # boots again on demand
+
+
+def test_output_streams_while_the_call_runs(make_pool, collect):
+    pool = make_pool(max=1)
+
+    def slow():
+        import sys, time
+        for i in range(3):
+            print(f"tick {i}")
+            time.sleep(0.4)
+        sys.stderr.write("done\n")
+        return "finished"
+    fut = pool.submit(slow)
+    assert wait_for(lambda: "tick 0" in collect.text(), timeout=10)
+    assert not fut.done(), "first line must arrive while the call is still running"
+    assert fut.result(timeout=30) == "finished"
+    assert collect.text() == "tick 0\ntick 1\ntick 2\n"
+    assert collect.text("stderr") == "done\n"
+    times = [t for t, k, s in collect.events if k == "stdout"]
+    assert times[-1] - times[0] >= 0.6, "lines arrive one by one, not in one batch at the end"
+
+
+def test_concurrent_calls_keep_their_output_apart(make_pool, collect):
+    pool = make_pool(max=1, max_concurrency=3)
+
+    def chatty(tag):
+        import time
+        for i in range(20):
+            print(f"{tag}{i}")
+            time.sleep(0.005)
+        return tag
+    futures = [pool.submit(chatty, tag) for tag in "abc"]
+    assert [f.result(timeout=30) for f in futures] == list("abc")
+    for tag, sink in zip("abc", collect.made):
+        text = "".join(t for _, k, t in sink.events if k == "stdout")
+        assert text == "".join(f"{tag}{i}\n" for i in range(20))
+
+
+def test_default_sink_writes_to_callers_stdout(make_pool, capsys):
+    pool = make_pool(max=1)
+    pool.call(lambda: print("hello from the runner"))
+    assert "hello from the runner" in capsys.readouterr().out
+
+
+def test_options_are_validated_at_the_door():
+    with pytest.raises(ValueError, match="max"):
+        flame.Pool(max=0)
+    with pytest.raises(ValueError, match="min"):
+        flame.Pool(min=3, max=2)
+    with pytest.raises(TypeError, match="max_concurrency"):
+        flame.Pool(max_concurrency=1.5)
+    with pytest.raises(ValueError, match="timeout"):
+        flame.Pool(timeout=0)
+    with pytest.raises(TypeError, match="backend"):
+        flame.Pool(backend="local")
+    with pytest.raises(TypeError, match="idle_shutdown_after"):
+        flame.Pool(idle_shutdown_after="1")
+
+
+def test_shutdown_waits_then_refuses_calls(make_pool):
+    pool = make_pool(max=1)
+    fut = pool.submit(lambda: (__import__("time").sleep(0.3), "ok")[1])
+    pool.shutdown()
+    assert fut.result() == "ok"
+    assert pool.runners == []
+    with pytest.raises(flame.PoolClosed):
+        pool.submit(lambda: 1)
+
+
+def test_context_manager_stops_runners():
+    with flame.Pool(max=2) as pool:
+        pids = set(pool.map(lambda _: (__import__("time").sleep(0.2), __import__("os").getpid())[1], range(2)))
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
