@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: lab demo test bench venv
+.PHONY: lab demo test bench venv notebooks
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed
+	$(PY) -m kernel install --sys-prefix >/dev/null
+
+lab: venv
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 demo: venv
 	$(PY) -m kernel.demo
@@ -22,3 +26,6 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_pool.py
+
+notebooks: venv
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.kernel_name=flamebook --output-dir /tmp/flamebook-notebooks notebooks/*.ipynb

@@ -61,13 +61,18 @@ _ids = itertools.count(1)
 class Call:
     """A call from submit until its future is done and its runner slot is free."""
 
-    __slots__ = ("id", "name", "fn_hash", "fn_payload", "arg_frames", "arg_hasher", "future",
-                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "__weakref__")
+    __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_hasher", "future",
+                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity",
+                 "__weakref__")
 
-    def __init__(self, pool: Any, name: str, fn_hash: str, fn_payload: bytes, arg_frames: list,
-                 arg_hasher: Any, deadline: float | None) -> None:
+    def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
+                 arg_frames: list, arg_hasher: Any, deadline: float | None,
+                 affinity: str | None = None) -> None:
         self.id = f"c{next(_ids)}"
         self.pool = pool
+        self.fn = fn  # kept until done, to map remote traceback lines back to local source
+        #: id of the runner this call must run on while that runner lives (``%%remote``)
+        self.affinity = affinity
         self.name = name
         self.fn_hash = fn_hash
         self.fn_payload = fn_payload

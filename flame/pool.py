@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import datetime
 import hashlib
 import itertools
 import logging
@@ -147,13 +148,16 @@ class Pool:
     # ---- public API ----------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
         """Run ``fn(*args, **kwargs)`` on a runner; return a future for its result."""
+        return self._submit(fn, args, kwargs)
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None) -> CallFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_payload, arg_frames = serialize.dumps_call(fn, args, kwargs)
         fn_hash = hashlib.blake2b(fn_payload, digest_size=16).hexdigest()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        call = Call(self, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash, fn_payload,
-                    arg_frames, frames_hasher(arg_frames), deadline)
+        call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
+                    fn_payload, arg_frames, frames_hasher(arg_frames), deadline, affinity)
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"{self.name} is shut down")
@@ -271,10 +275,30 @@ class Pool:
                 f"max={self.max} max_concurrency={self.max_concurrency}"
                 f"{' (shut down)' if self._closed else ''}>")
 
+    def _repr_html_(self) -> str:
+        import html
+        rows = []
+        now = datetime.datetime.now()
+        for r in self.runners:
+            up = str(now - r.started).split(".")[0]
+            gpus = ", ".join(str(g) for g in r.gpus) or "–"
+            rows.append(f"<tr><td>{html.escape(r.id)}</td><td>{r.state}</td><td>{html.escape(r.host)}</td>"
+                        f"<td>{r.pid or ''}</td><td>{r.active}</td><td>{up}</td><td>{html.escape(gpus)}</td></tr>")
+        body = "".join(rows) or '<tr><td colspan="7"><i>no runners</i></td></tr>'
+        with self._lock:
+            waiting = len(self._waiting)
+        return (f"<div><b>flame.Pool {html.escape(self.name)}</b> — {html.escape(repr(self.backend))}, "
+                f"max={self.max}, max_concurrency={self.max_concurrency}, waiting calls: {waiting}"
+                f"{' (shut down)' if self._closed else ''}"
+                "<table><thead><tr><th>runner</th><th>state</th><th>host</th><th>pid</th>"
+                "<th>active calls</th><th>uptime</th><th>GPUs</th></tr></thead>"
+                f"<tbody>{body}</tbody></table></div>")
+
     # ---- scheduling (caller holds the lock) ----------------------------------------
     def _schedule(self) -> None:
         waiting = self._waiting
-        while waiting:
+        pinned = 0
+        while len(waiting) > pinned:
             best = None
             for r in self._runners.values():
                 if r.state == "ready" and len(r.active) < self.max_concurrency:
@@ -282,10 +306,22 @@ class Pool:
                         best = r
             if best is None:
                 break
-            self._start(waiting.popleft(), best)
-        if waiting:
+            # FIFO, except that a call pinned to a busy runner lets later calls pass.
+            pinned = 0
+            for call in waiting:
+                mine = self._runners.get(call.affinity) if call.affinity else None
+                if mine is None or mine.state not in ("ready", "booting"):
+                    self._start(call, best)
+                    break
+                if mine.state == "ready" and len(mine.active) < self.max_concurrency:
+                    self._start(call, mine)
+                    break
+                pinned += 1
+            else:
+                break
+        if len(waiting) > pinned:
             booting = sum(1 for r in self._runners.values() if r.state == "booting")
-            need = len(waiting) - booting * self.max_concurrency
+            need = len(waiting) - pinned - booting * self.max_concurrency
             while need > 0 and self._can_boot():
                 self._boot()
                 need -= self.max_concurrency
@@ -307,6 +343,7 @@ class Pool:
             self._boot()
 
     def _start(self, call: Call, r: Runner) -> None:
+        self._waiting.remove(call)
         call.state, call.runner = "running", r
         r.active[call.id] = call
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
@@ -388,6 +425,7 @@ class Pool:
     def _finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
         """Settle a call's future (if still open) and release its slot."""
         call.state = "done"
+        call.fn = None
         self._calls.pop(call.id, None)
         r = call.runner
         if r is not None and r.active.pop(call.id, None) is not None:
@@ -543,7 +581,7 @@ class Pool:
     def _remote_error(self, call: Call, head: dict, frames: list) -> BaseException:
         if head.get("cancelled") and call.state == "cancelling":
             return CancelledError(f"{call.name}() was cancelled")
-        tb = head.get("tb", "")
+        tb = _local_source(head.get("tb", ""), call.fn)
         if frames:
             try:
                 exc = serialize.loads(frames)
@@ -614,6 +652,44 @@ class Pool:
             self._drop_runner(r, RunnerDied(
                 f"runner {r.id} died ({how})" + (f" while running {names}" if names else "")
                 + _stderr_note(r), r.id, code, tail))
+
+
+def _local_source(tb: str, fn: Any) -> str:
+    """Point remote traceback lines of functions sent by value back at their local source.
+
+    cloudpickle renames the file of code it sends to "<dynamic-code>", so the runner
+    cannot show source lines; the parent still has the code objects and linecache.
+    """
+    if "<dynamic-code>" not in tb or fn is None:
+        return tb
+    import linecache
+    import re
+    import types
+    codes: dict[str, list] = {}
+    seen: set = set()
+    todo = [getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)]
+    env = getattr(fn, "__globals__", {})
+    while todo:
+        code = todo.pop()
+        if not isinstance(code, types.CodeType) or code in seen or len(seen) > 500:
+            continue
+        seen.add(code)
+        codes.setdefault(code.co_name, []).append(code)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        for name in code.co_names:  # helpers defined next to fn (same notebook or script)
+            value = env.get(name)
+            if isinstance(value, types.FunctionType) and value.__module__ == getattr(fn, "__module__", None):
+                todo.append(value.__code__)
+
+    def fix(m: "re.Match[str]") -> str:
+        line, name = int(m.group(1)), m.group(2)
+        for code in codes.get(name, ()):
+            lines = [n for _, _, n in code.co_lines() if n is not None]
+            if lines and min(lines) <= line <= max(lines):
+                src = linecache.getline(code.co_filename, line).strip()
+                return f'File "{code.co_filename}", line {line}, in {name}' + (f"\n    {src}" if src else "")
+        return m.group(0)
+    return re.sub(r'File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
 
 
 def _result(future: CallFuture) -> Any:

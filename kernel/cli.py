@@ -9,7 +9,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flamebook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="boot a pool, stream output, let it idle out")
+    inst = sub.add_parser("install-kernel", help="register the flamebook Jupyter kernel")
+    inst.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "install-kernel":
+        from .install import main as install
+        return install(args.args)
     if args.command == "demo":
         from .demo import main as demo
         return demo()

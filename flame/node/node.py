@@ -194,6 +194,13 @@ class Node:
             self.outbox.append(("stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),)))
         self._wake()
 
+    def publish_display(self, payload: dict) -> None:
+        out = self.capture.current()
+        if out is None:
+            print(payload.get("data", {}).get("text/plain", ""))
+        else:
+            out.display(payload)
+
     # ---- executor threads ------------------------------------------------------
     def _on_sigint(self, signum: int, frame: Any) -> None:
         target, self._interrupt_main = self._interrupt_main, None
@@ -285,6 +292,8 @@ def main() -> None:
         os.environ.pop(name, None)  # user code and its subprocesses never see the key
     node = Node(env)
     node.capture.install()
+    from . import display
+    display.install(node.publish_display)
     signal.signal(signal.SIGINT, node._on_sigint)
     io = threading.Thread(target=node.io_loop, name="flame-node-io", daemon=True)
     io.start()

@@ -1,0 +1,94 @@
+"""%flame and %%remote."""
+from __future__ import annotations
+
+import ast
+import builtins
+import logging
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import HTML, display
+
+log = logging.getLogger("kernel.magics")
+
+
+def live_pools() -> list:
+    from flame.pool import _live_pools
+    return sorted(_live_pools, key=lambda p: p.name)
+
+
+def names_read(source: str) -> set[str]:
+    """Names a cell reads (loads), so that %%remote can send their local values along."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+@magics_class
+class FlameMagics(Magics):
+    def __init__(self, shell):
+        super().__init__(shell)
+        self._pinned: dict[int, str] = {}  # id(pool) -> runner id holding its %%remote namespace
+
+    @line_magic
+    def flame(self, line: str) -> None:
+        """List every flame pool in this kernel, with its runners."""
+        pools = live_pools()
+        if not pools:
+            display(HTML("<i>no flame pools in this kernel</i>"))
+            return
+        display(HTML("".join(p._repr_html_() for p in pools)))
+
+    @cell_magic
+    def remote(self, line: str, cell: str) -> None:
+        """%%remote [pool]: run this cell on one runner of the pool, in a namespace that persists there.
+
+        Local variables the cell reads are sent along (by value); the last expression is displayed.
+        Without an argument, the kernel's only pool is used.
+        """
+        import cloudpickle
+        import flame
+        from flame.node.interactive import run_cell
+
+        ns = self.shell.user_ns
+        name = line.strip()
+        if name:
+            pool = ns.get(name)
+            if not isinstance(pool, flame.Pool):
+                raise NameError(f"%%remote: {name!r} is not a flame.Pool in this notebook")
+        else:
+            pools = live_pools()
+            if len(pools) != 1:
+                raise ValueError(f"%%remote: there are {len(pools)} pools; name one: %%remote POOL")
+            pool = pools[0]
+        variables, skipped = {}, []
+        for var in sorted(names_read(cell)):
+            if var not in ns or var.startswith("_") or hasattr(builtins, var) and ns[var] is getattr(builtins, var):
+                continue
+            value = ns[var]
+            if isinstance(value, flame.Pool):
+                continue
+            try:
+                cloudpickle.dumps(value)
+            except Exception:
+                skipped.append(var)
+                continue
+            variables[var] = value
+        if skipped:
+            log.warning("%%remote: not sending %s (cannot be pickled)", ", ".join(skipped))
+        pinned = self._pinned.get(id(pool))
+        future = pool._submit(run_cell, (cell, variables), {}, affinity=pinned)
+        from flame.pool import _result
+        try:
+            _result(future)
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+        finally:
+            runner = future.call.runner
+            if runner is not None:
+                if pinned is not None and runner.id != pinned:
+                    print(f"%%remote: runner {pinned} is gone; this cell ran on {runner.id} "
+                          "with a fresh namespace")
+                self._pinned[id(pool)] = runner.id

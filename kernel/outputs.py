@@ -1,0 +1,40 @@
+"""Remote output -> iopub, stamped with the parent header of the cell that made the call."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class CellSink:
+    """Output sink for one call, bound to the cell (request) that was executing when it was made.
+
+    Made in the caller's thread at submit; its methods run on the pool's I/O thread.
+    ipykernel's iopub socket is safe to use from any thread (sends are queued onto
+    the iopub thread), and so keeps remote output ordered with local output.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.parent = kernel.get_parent("shell")
+        # Local output printed before the call must not be overtaken by remote output.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+    def _send(self, msg_type: str, content: dict) -> None:
+        k = self.kernel
+        k.session.send(k.iopub_socket, msg_type, content, parent=self.parent,
+                       ident=k._topic(msg_type))
+
+    def stream(self, name: str, text: str) -> None:
+        self._send("stream", {"name": name, "text": text})
+
+    def display(self, data: dict) -> None:
+        if data.get("clear_output"):
+            self._send("clear_output", {"wait": bool(data.get("wait"))})
+            return
+        content = {"data": data.get("data", {}), "metadata": data.get("metadata", {}),
+                   "transient": data.get("transient", {})}
+        self._send("update_display_data" if data.get("update") else "display_data", content)

@@ -1,0 +1,188 @@
+"""The flamebook kernel, started through jupyter_client like any frontend would."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from conftest import wait_for
+from kernel_util import collect, drain, execute, of_type, start, streams
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    km, kc = start()
+    execute(kc, "import flame, os, time, threading\npool = flame.Pool(max=2, idle_shutdown_after=60)\n"
+                "pool.call(os.getpid)")
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+
+
+def value_of(kc, expr):
+    msg_id, (reply, msgs) = execute(kc, expr)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", msg_id)][0]
+
+
+def test_kernelspec_is_installed_with_signal_interrupts():
+    from jupyter_client.kernelspec import KernelSpecManager
+    spec = KernelSpecManager().get_kernel_spec("flamebook")
+    assert spec.display_name == "Python 3 (flamebook)"
+    assert spec.interrupt_mode == "signal"
+    assert spec.argv[1:3] == ["-m", "kernel"]
+
+
+def test_remote_output_streams_into_the_calling_cell_while_it_runs(kernel):
+    km, kc = kernel
+    code = ("def ticks(n):\n    for i in range(n):\n        print(f'tick {i}', flush=True)\n"
+            "        time.sleep(0.5)\n    return n\npool.call(ticks, 3)")
+    msg_id, (reply, msgs) = execute(kc, code)
+    assert reply["content"]["status"] == "ok"
+    lines = streams(msgs, msg_id)
+    assert "".join(t for _, t in lines) == "tick 0\ntick 1\ntick 2\n"
+    assert lines[-1][0] - lines[0][0] >= 0.6, "lines arrive one by one while the cell runs"
+    idle = [t for t, m in msgs if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+            and m["parent_header"]["msg_id"] == msg_id][0]
+    assert lines[0][0] < idle - 0.6
+
+
+def test_output_of_a_call_from_an_earlier_cell_stays_in_that_cell(kernel):
+    km, kc = kernel
+    first, (reply, _) = execute(kc, "def later():\n    time.sleep(1.0)\n    print('from the first cell')\n"
+                                    "fut = pool.submit(later)")
+    assert reply["content"]["status"] == "ok"
+    second, (reply, msgs) = execute(kc, "time.sleep(2.5); print('second cell')")
+    assert streams(msgs, first) and "".join(t for _, t in streams(msgs, first)) == "from the first cell\n"
+    assert "".join(t for _, t in streams(msgs, second)) == "second cell\n"
+
+
+def test_output_of_a_call_from_a_background_thread(kernel):
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, "th = threading.Thread(target=lambda: pool.call(print, 'from a thread'))\n"
+                                      "th.start(); th.join()")
+    assert "".join(t for _, t in streams(msgs, cell)) == "from a thread\n"
+
+
+def test_carriage_return_progress_is_passed_through(kernel):
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, "def bar():\n    import sys\n    for i in range(3):\n"
+                                      "        sys.stderr.write(f'\\r{i}/3'); time.sleep(0.05)\n"
+                                      "    sys.stderr.write('\\n')\npool.call(bar)")
+    assert "".join(t for _, t in streams(msgs, cell, "stderr")) == "\r0/3\r1/3\r2/3\n"
+
+
+def test_rich_display_from_remote_code(kernel):
+    km, kc = kernel
+    code = """
+def show():
+    import sys
+    assert 'IPython' not in sys.modules
+    from IPython.display import display, HTML, Markdown, Image
+    import base64
+    png = base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==')
+    display(HTML('<b>bold</b>'), Markdown('*md*'), Image(data=png))
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    display(fig)
+pool.call(show)
+"""
+    cell, (reply, msgs) = execute(kc, code)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    shown = [m["content"]["data"] for m in of_type(msgs, "display_data", cell)]
+    assert shown[0]["text/html"] == "<b>bold</b>"
+    assert shown[1]["text/markdown"] == "*md*"
+    assert "image/png" in shown[2]
+    assert "image/png" in shown[3] and len(shown[3]["image/png"]) > 1000  # the figure
+
+
+def test_stop_button_interrupts_a_blocking_remote_call(kernel):
+    km, kc = kernel
+    pid = int(value_of(kc, "pool.call(os.getpid)"))
+    msg_id = kc.execute("pool.call(time.sleep, 60)")
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    km.interrupt_kernel()
+    reply, msgs = collect(kc, msg_id, timeout=15)
+    assert time.monotonic() - t0 < 3
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    # the remote sleep was interrupted: the same runner answers at once
+    t0 = time.monotonic()
+    assert int(value_of(kc, "pool.call(os.getpid)")) == pid
+    assert time.monotonic() - t0 < 5
+
+
+def test_remote_exception_renders_like_a_local_one(kernel):
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, "def inner(x):\n    return 1 / x\n\ndef outer():\n    return inner(0)\n"
+                                      "pool.call(outer)")
+    content = reply["content"]
+    assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+    error = of_type(msgs, "error", cell)[0]["content"]
+    text = "\n".join(error["traceback"])
+    assert "Remote traceback" in text
+    assert "in outer" in text and "in inner" in text
+    assert "return 1 / x" in text, "remote frames show the cell's source lines"
+
+
+def test_remote_cell_magic_keeps_a_namespace_and_sends_locals(kernel):
+    km, kc = kernel
+    execute(kc, "y = 10")
+    cell, (reply, msgs) = execute(kc, "%%remote pool\nimport os\nx = 41\nprint('on', os.getpid() != 0)\nx + y")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["51"]
+    assert "".join(t for _, t in streams(msgs, cell)) == "on True\n"
+    cell, (reply, msgs) = execute(kc, "%%remote pool\nx += 1\nx")
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["42"]
+    cell, (reply, msgs) = execute(kc, "%%remote pool\nx")
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["42"]
+    _, (reply, _) = execute(kc, "x")  # x lives on the runner, not here
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
+
+
+def test_pool_shows_itself_and_flame_magic_lists_pools(kernel):
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, "pool")
+    html = of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/html"]
+    assert "flame.Pool" in html and "<table>" in html and "ready" in html and "uptime" in html
+    cell, (reply, msgs) = execute(kc, "%flame")
+    html = of_type(msgs, "display_data", cell)[0]["content"]["data"]["text/html"]
+    assert pool_name_in(html)
+
+
+def pool_name_in(html):
+    return "pool-" in html
+
+
+def _runner_pids(kc):
+    return [int(p) for p in value_of(kc, "[r.pid for r in pool.runners]").strip("[]").split(",") if p.strip()]
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart", "kill"])
+def test_kernel_end_leaves_no_runners(how):
+    km, kc = start()
+    try:
+        execute(kc, "import flame\npool = flame.Pool(max=2)\npool.map(lambda _: __import__('time').sleep(0.2), range(2))")
+        pids = _runner_pids(kc)
+        assert len(pids) == 2
+        if how == "shutdown":
+            km.shutdown_kernel(now=False)
+        elif how == "restart":
+            km.restart_kernel(now=False)
+        else:
+            os.kill(km.provisioner.process.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert wait_for(lambda: all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                                    for p in pids), timeout=10)
+        assert time.monotonic() - t0 < 7
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)

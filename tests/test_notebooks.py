@@ -1,0 +1,35 @@
+"""Every notebook in notebooks/ runs clean, headless, through nbclient with the flamebook kernel."""
+from __future__ import annotations
+
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+def test_notebook_runs_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=300,
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, errors
+
+
+def test_quickstart_streams_and_displays():
+    path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=300).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "training on runner pid" in text and "[##########] 10/10" in text
+    assert "caught ZeroDivisionError" in text
+    shown = [o["data"].get("text/plain") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.get("output_type") in ("display_data", "execute_result")]
+    assert "30" in shown and "100" in shown
