@@ -28,7 +28,7 @@ from .call import Call, CallFuture
 from .errors import (BootError, CallTimeout, PoolClosed, RemoteError, RemoteTraceback, RunnerDied,
                      SerializationError)
 from .runner import Runner, RunnerInfo
-from .wire import KEY_BYTES, Wire, frames_digest, frames_hasher
+from .wire import KEY_BYTES, Wire, _small, frames_digest, frames_hasher
 
 log = logging.getLogger("flame.pool")
 
@@ -117,7 +117,7 @@ class Pool:
         self._key = os.urandom(KEY_BYTES)
         self._wire = Wire(self._key, "parent")
         self._lock = threading.RLock()
-        self._send_lock = threading.Lock()
+        self._sock_lock = threading.Lock()
         self._runners: dict[str, Runner] = {}
         self._waiting: collections.deque[Call] = collections.deque()
         self._calls: dict[str, Call] = {}
@@ -133,7 +133,10 @@ class Pool:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(f"tcp://{backend.bind_host}:0")
         self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        self._outbox: collections.deque = collections.deque()
+        self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._recv_lock = threading.Lock()
+        self._waiters: list = []  # one entry per caller blocked in _wait (list ops are atomic)
+        self._io_watching = True  # the I/O thread is waiting on the socket, not only on its pipe
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -148,7 +151,10 @@ class Pool:
     # ---- public API ----------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
         """Run ``fn(*args, **kwargs)`` on a runner; return a future for its result."""
-        return self._submit(fn, args, kwargs)
+        future = self._submit(fn, args, kwargs)
+        if not self._io_watching and not self._waiters:
+            self._wake()  # nobody is receiving: let the I/O thread watch for this call's result
+        return future
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None) -> CallFuture:
         if not callable(fn):
@@ -157,7 +163,8 @@ class Pool:
         fn_hash = hashlib.blake2b(fn_payload, digest_size=16).hexdigest()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
-                    fn_payload, arg_frames, frames_hasher(arg_frames), deadline, affinity)
+                    fn_payload, arg_frames, None if _small(arg_frames) else frames_hasher(arg_frames),
+                    deadline, affinity)
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"{self.name} is shut down")
@@ -172,7 +179,7 @@ class Pool:
         A KeyboardInterrupt while waiting (Ctrl-C, the notebook's stop button) stops the
         remote work too, then re-raises.
         """
-        future = self.submit(fn, *args, **kwargs)
+        future = self._submit(fn, args, kwargs)  # this thread receives its own result
         try:
             return _result(future)
         except KeyboardInterrupt:
@@ -184,7 +191,7 @@ class Pool:
 
         If one call fails, the others are cancelled and its exception is raised.
         """
-        futures = [self.submit(fn, *xs) for xs in zip(*iterables)]
+        futures = [self._submit(fn, xs, {}) for xs in zip(*iterables)]
         try:
             return [_result(f) for f in futures]
         except BaseException:
@@ -348,11 +355,13 @@ class Pool:
         r.active[call.id] = call
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
         frames = list(call.arg_frames)
+        digest = None
         if not r.knows(call.fn_hash):
             fields["nf"] = 1
             frames.insert(0, call.fn_payload)
-            digest = frames_digest(frames)
-        else:
+            if call.arg_hasher is not None:
+                digest = frames_digest(frames)
+        elif call.arg_hasher is not None:
             digest = call.arg_hasher.digest()
         self._send(r, "call", fields, frames, digest)
         call.arg_frames = call.arg_hasher = None  # sent; let large buffers go
@@ -458,10 +467,17 @@ class Pool:
     # ---- I/O thread ----------------------------------------------------------------------
     def _send(self, r: Runner, kind: str, fields: dict | None = None, frames: list | tuple = (),
               digest: bytes | None = None) -> None:
-        with self._send_lock:
+        """Sign and send at once, from any thread (callers send their own calls: no hand-off)."""
+        with self._sock_lock:
+            if self._sock.closed:
+                return
             msg = self._wire.encode(kind, r.id, fields, frames, digest)
-            self._outbox.append((r.id.encode(), msg))
-        self._wake()
+            self._sock.send_multipart([r.id.encode(), *msg], copy=False)
+            # A socket operation may consume the edge on the socket's FD that would have woken
+            # the I/O thread for an incoming message; if one is waiting, wake it explicitly.
+            pending = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        if pending:
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -469,24 +485,59 @@ class Pool:
         except (BlockingIOError, OSError):
             pass
 
+    def _receive(self) -> list:
+        with self._sock_lock:
+            if self._sock.closed:
+                return []
+            batch = []
+            while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                batch.append(self._sock.recv_multipart(copy=False))
+        return batch
+
+    def _wait(self, future: CallFuture) -> None:
+        """Wait for ``future``, receiving and handling messages in this thread meanwhile.
+
+        A caller blocked in call()/map() takes the receiving role itself (one at a time,
+        leader/followers), so its result needs no hand-off from the I/O thread: that
+        hand-off, a GIL ping-pong between two threads, cost more than the network hop.
+        """
+        if future.done():
+            return
+        self._waiters.append(None)
+        fd = self._sock_fd
+        try:
+            while not future.done():
+                if not self._recv_lock.acquire(timeout=0.05):
+                    continue
+                batch: list = []
+                try:
+                    if future.done() or self._stopped.is_set():
+                        break
+                    batch = self._receive()
+                    if not batch:
+                        # Short timeout: another thread's socket operation may consume the
+                        # edge on the FD; the I/O thread is then woken and receives instead.
+                        zmq.select([fd], [], [], 0.02)
+                        batch = self._receive()
+                finally:
+                    self._recv_lock.release()
+                    for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
+                        self._handle(parts)
+        finally:
+            self._waiters.pop()
+            if not self._waiters and self._calls:
+                self._wake()  # others' calls are out: the I/O thread must watch the socket again
+
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         next_tick = next_beat = time.monotonic()
+        woken = True
         try:
             while not self._stopped.is_set():
-                ready = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
-                if self._wake_r in ready:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
-                self._flush()
-                if self._sock in ready:
-                    while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        self._handle(self._sock.recv_multipart(copy=False))
-                    self._flush()
+                # Handle outside the socket lock: handlers take the pool lock and may send,
+                # and the lock order everywhere is pool lock -> socket lock.
+                batch = self._receive() if woken or not self._waiters else []
+                for parts in batch:
+                    self._handle(parts)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -497,22 +548,26 @@ class Pool:
                                 if r.state == "ready":
                                     self._send(r, "heartbeat")
                     self._check(now)
-                    self._flush()
+                if batch:
+                    continue
+                self._io_watching = not self._waiters
+                fds = [self._wake_r, self._sock_fd] if self._io_watching else [self._wake_r]
+                ready, _, _ = zmq.select(fds, [], [], max(0.0, next_tick - time.monotonic()))
+                woken = self._wake_r in ready
+                if woken:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
         except Exception:
             log.exception("flame: %s I/O thread failed", self.name)
             raise
         finally:
-            self._flush()
-            self._sock.close(linger=0)
+            with self._sock_lock:
+                self._sock.close(linger=0)
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
-
-    def _flush(self) -> None:
-        outbox, sock = self._outbox, self._sock
-        while outbox:
-            ident, msg = outbox.popleft()
-            sock.send_multipart([ident, *msg], copy=False)
 
     def _handle(self, parts: list) -> None:
         ident = parts[0].bytes
@@ -693,18 +748,12 @@ def _local_source(tb: str, fn: Any) -> str:
 
 
 def _result(future: CallFuture) -> Any:
-    """``future.result()``, waiting in short slices so that Ctrl-C is seen at once.
+    """``future.result()``, receiving in this thread meanwhile (see Pool._wait).
 
-    A blocking lock wait is only interrupted when SIGINT lands on the main thread;
-    when the kernel delivers it to another thread (or it is raised with
-    ``_thread.interrupt_main``) the main thread notices only when it next wakes.
+    It waits in short slices, so Ctrl-C is seen at once even when SIGINT lands on
+    another thread or comes from ``_thread.interrupt_main``.
     """
-    while True:
-        try:
-            future.exception(timeout=0.1)
-            break
-        except TimeoutError:
-            continue
+    future.call.pool._wait(future)
     return future.result()
 
 

@@ -38,7 +38,7 @@ class RunnerHandle(abc.ABC):
         """The exit code once the runner has ended (negative: killed by that signal), else None."""
 
     @abc.abstractmethod
-    def stderr_tail(self, lines: int = 20) -> str:
+    def stderr_tail(self, lines: int = 40) -> str:
         """The last lines the runner wrote to its stderr (and stdout), for error messages."""
 
 

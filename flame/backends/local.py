@@ -22,7 +22,7 @@ class LocalHandle(RunnerHandle):
     def exit_status(self) -> int | None:
         return self.proc.poll()
 
-    def stderr_tail(self, lines: int = 20) -> str:
+    def stderr_tail(self, lines: int = 40) -> str:
         return _tail(self.log, lines)
 
 

@@ -1,12 +1,21 @@
 """The node: receive calls, execute them, stream their output, heartbeat the parent.
 
 Threads:
-- the main thread executes calls (so a cancel can interrupt it with SIGINT, which
-  also breaks out of blocking calls such as ``time.sleep``);
-- with ``concurrency > 1``, extra worker threads execute further calls (a cancel
-  reaches them as an asynchronous KeyboardInterrupt);
-- one I/O thread owns the ZeroMQ socket: it receives, signs and sends, flushes
-  call output on a short timer, heartbeats, and runs the terminator.
+- the main thread receives calls and, with ``concurrency == 1``, executes them
+  itself: no hand-off between threads on the per-call path, and a cancel can
+  interrupt it with SIGINT, which also breaks out of blocking calls such as
+  ``time.sleep``;
+- with ``concurrency > 1``, worker threads execute the calls the main thread
+  receives (a cancel reaches them as an asynchronous KeyboardInterrupt);
+- a watch thread, on a short timer, flushes call output, heartbeats the parent,
+  runs the terminator, and receives (cancels, mostly) while the main thread is
+  busy executing.
+
+Both threads use the one ZeroMQ socket, each operation under ``sock_lock``; they
+wait on the socket's file descriptor outside the lock. That descriptor is
+edge-triggered: any socket operation can consume the edge that announces an
+incoming message, so whoever operates on the socket re-checks ``ZMQ_EVENTS``
+afterwards and wakes the main thread when a message is waiting.
 
 Configuration comes from the environment (never argv, so the key never shows in
 ``ps``): FLAME_ADDRESS, FLAME_RUNNER_ID, FLAME_KEY (hex) or FLAME_KEY_FILE,
@@ -20,6 +29,7 @@ import faulthandler
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -64,88 +74,94 @@ class Node:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(self.address)
-        self.outbox: collections.deque = collections.deque()
+        self.sock_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
-        self.calls: Any = __import__("queue").SimpleQueue()
+        #: calls received by the watch thread (or by main for the workers), FIFO
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.capture = Capture()
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.running: dict[str, tuple[int, CallOutput]] = {}
         self.dirty: set[CallOutput] = set()
-        self.flush_due: float | None = None
         self.stopping = False
+        self.busy = False  # the main thread is executing a call and not watching the socket
         self._main_ident = threading.main_thread().ident
+        self._main_call: str | None = None
         self._interrupt_main: str | None = None
 
-    # ---- cross-thread plumbing -------------------------------------------------
+    # ---- sending, from any thread --------------------------------------------------
     def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
-        """Queue a message for the parent (any thread); the I/O thread signs and sends it."""
-        self.outbox.append((kind, fields, frames))
-        self._wake()
+        """Sign and send a message to the parent, at once."""
+        with self.sock_lock:
+            self.sock.send_multipart(self.wire.encode(kind, PARENT, fields, frames), copy=False)
+            pending = self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        if pending and threading.get_ident() != self._main_ident:
+            self._wake()
 
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
-            pass  # the pipe is full, so the I/O thread is already due to wake
+            pass  # the pipe is full, so the main thread is due to wake anyway
+
+    def _receive(self) -> list:
+        with self.sock_lock:
+            batch = []
+            while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                batch.append(self.sock.recv_multipart(copy=False))
+        return batch
 
     def _output_pending(self, out: CallOutput) -> None:
         self.dirty.add(out)
-        if self.flush_due is None:
-            self._wake()
 
-    # ---- I/O thread ------------------------------------------------------------
-    def io_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+    def _post_output(self, call_id: str, kind: str, data: Any) -> None:
+        if kind == "display":
+            self.post("display", {"id": call_id}, (json.dumps(data).encode(),))
+        else:
+            self.post("stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),))
+
+    def publish_display(self, payload: dict) -> None:
+        out = self.capture.current()
+        if out is None:
+            print(payload.get("data", {}).get("text/plain", ""))
+        else:
+            out.display(payload)
+
+    # ---- main thread --------------------------------------------------------------------
+    def main_loop(self) -> None:
         import platform
+        poller = zmq.Poller()
+        poller.register(self.sock.getsockopt(zmq.FD), zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         self.post("hello", {"pid": os.getpid(), "host": socket.gethostname(),
                             "python": platform.python_version(), "cwd": os.getcwd(),
                             "gpus": _visible_gpus()})
-        next_beat = time.monotonic() + self.heartbeat
         while True:
-            now = time.monotonic()
-            due = next_beat if self.flush_due is None else min(next_beat, self.flush_due)
-            ready = dict(poller.poll(max(0.0, due - now) * 1000))
-            if self.sock in ready:
-                # Drain without exceptions: zmq.Again on every wake costs more than the check.
-                while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self.handle(self.sock.recv_multipart(copy=False))
-            if self._wake_r in ready:
+            worked = False
+            while True:  # calls the watch thread took in while this thread was busy
+                try:
+                    item = self.calls.get_nowait()
+                except queue.Empty:
+                    break
+                self._dispatch(item)
+                worked = True
+            for parts in self._receive():
+                self.handle(parts)
+                worked = True
+            if self.stopping and not self.running and self.calls.empty():
+                return
+            if worked:
+                continue
+            # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
+            if self._wake_r in dict(poller.poll(100)):
                 try:
                     os.read(self._wake_r, 65536)
                 except BlockingIOError:
                     pass
-            now = time.monotonic()
-            if self.dirty:
-                if self.flush_due is None:
-                    self.flush_due = now + FLUSH_INTERVAL
-                elif now >= self.flush_due:
-                    self.flush_due = None
-                    dirty, self.dirty = self.dirty, set()
-                    for out in dirty:
-                        out.drain(lambda kind, data, cid=out.call_id: self._post_output(cid, kind, data))
-            if now >= next_beat:
-                next_beat = now + self.heartbeat
-                self.outbox.append(("heartbeat", None, ()))
-            self._send_all()
-            why = self.terminator.verdict()
-            if why is not None:
-                log.warning("flame runner %s exiting: %s", self.id, why)
-                sys.__stderr__.flush()
-                os._exit(EXIT_PARENT_LOST)
-            if self.stopping and not self.running:
-                self._send_all()
-                return
-
-    def _send_all(self) -> None:
-        while self.outbox:
-            kind, fields, frames = self.outbox.popleft()
-            self.sock.send_multipart(self.wire.encode(kind, PARENT, fields, frames), copy=False)
 
     def handle(self, parts: list) -> None:
+        """Act on one received message (main thread, or watch thread while main is busy)."""
         msg = self.wire.decode(parts)
         if msg is None:
             return
@@ -153,15 +169,32 @@ class Node:
         self.terminator.heard()
         kind = head["k"]
         if kind == "call":
-            entry = self._function(head["fn"], frames[0] if head.get("nf") else None)
-            self.calls.put((head["id"], head.get("name", "?"), entry, frames[1 if head.get("nf") else 0:]))
+            nf = head.get("nf")
+            item = (head["id"], head.get("name", "?"), self._function(head["fn"], frames[0] if nf else None),
+                    frames[1 if nf else 0:])
+            if threading.get_ident() == self._main_ident:
+                self._dispatch(item)
+            else:
+                self.calls.put(item)
+                self._wake()
         elif kind == "cancel":
             self.cancel(head["id"])
         elif kind == "shutdown":
             self.stopping = True
-            for _ in range(self.concurrency):
-                self.calls.put(None)
+            self._wake()
         # "welcome" and "heartbeat" only prove the parent is alive.
+
+    def _dispatch(self, item: tuple) -> None:
+        if self.concurrency == 1:
+            self.busy = True
+            try:
+                self.execute(*item)
+            except KeyboardInterrupt:
+                pass  # a cancel that landed just after the call ended
+            finally:
+                self.busy = False
+        else:
+            self.work_queue.put(item)
 
     def _function(self, digest: str, payload: Any) -> list:
         """The LRU of functions by content hash, in the same order the parent keeps it."""
@@ -175,6 +208,29 @@ class Node:
             fns.move_to_end(digest)
         return entry
 
+    # ---- watch thread ----------------------------------------------------------------
+    def watch_loop(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            if self.busy or self.concurrency > 1:
+                # The main thread is not looking at the socket: take in cancels (and anything else).
+                for parts in self._receive():
+                    self.handle(parts)
+            if self.dirty:
+                dirty, self.dirty = self.dirty, set()
+                for out in dirty:
+                    out.drain(lambda kind, data, cid=out.call_id: self._post_output(cid, kind, data))
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.heartbeat
+                self.post("heartbeat")
+            why = self.terminator.verdict()
+            if why is not None:
+                log.warning("flame runner %s exiting: %s", self.id, why)
+                sys.__stderr__.flush()
+                os._exit(EXIT_PARENT_LOST)
+
     def cancel(self, call_id: str) -> None:
         ident = self.running.get(call_id, (None,))[0]
         if ident is None:
@@ -187,33 +243,16 @@ class Node:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
                                                        ctypes.py_object(KeyboardInterrupt))
 
-    def _post_output(self, call_id: str, kind: str, data: Any) -> None:
-        if kind == "display":
-            self.outbox.append(("display", {"id": call_id}, (json.dumps(data).encode(),)))
-        else:
-            self.outbox.append(("stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),)))
-        self._wake()
-
-    def publish_display(self, payload: dict) -> None:
-        out = self.capture.current()
-        if out is None:
-            print(payload.get("data", {}).get("text/plain", ""))
-        else:
-            out.display(payload)
-
-    # ---- executor threads ------------------------------------------------------
+    # ---- executing calls ----------------------------------------------------------------
     def _on_sigint(self, signum: int, frame: Any) -> None:
         target, self._interrupt_main = self._interrupt_main, None
         if target is not None and target == self._main_call:
             raise KeyboardInterrupt
 
-    def work(self) -> None:
+    def worker(self) -> None:
         while True:
             try:
-                item = self.calls.get()
-                if item is None:
-                    return
-                self.execute(*item)
+                self.execute(*self.work_queue.get())
             except KeyboardInterrupt:
                 continue  # a cancel that landed between calls
 
@@ -222,8 +261,7 @@ class Node:
         out = CallOutput(call_id, self._output_pending)
         self.running[call_id] = (ident, out)
         self.capture.by_thread[ident] = out
-        if ident == self._main_ident:
-            self._main_call = call_id
+        main = ident == self._main_ident
         kind, fields, frames = "result", {"id": call_id}, ()
         try:
             try:
@@ -231,9 +269,12 @@ class Node:
                     entry[1] = serialize.loads([entry[0]])
                 fn = entry[1]
                 args, kwargs = serialize.loads(arg_frames)
+                if main:
+                    self._main_call = call_id
                 result = fn(*args, **kwargs)
             finally:
-                self._main_call = None
+                if main:
+                    self._main_call = None
             try:
                 frames = serialize.dumps(result)
             except Exception as exc:
@@ -243,11 +284,10 @@ class Node:
         finally:
             self.capture.by_thread.pop(ident, None)
             self.dirty.discard(out)
-            out.drain(lambda k, data: self._post_output(call_id, k, data))
+            if out.events:
+                out.drain(lambda k, data: self._post_output(call_id, k, data))
             self.running.pop(call_id, None)
         self.post(kind, fields, frames)
-
-    _main_call: str | None = None
 
 
 def _error_fields(call_id: str, exc: BaseException) -> dict:
@@ -269,7 +309,7 @@ def _pickled_error(exc: BaseException) -> tuple:
 
 
 def _read_key(env: dict[str, str]) -> bytes:
-    key = os.environ.pop("FLAME_KEY", None) or env.get("FLAME_KEY")
+    key = env.get("FLAME_KEY")
     if key:
         return bytes.fromhex(key)
     path = env.get("FLAME_KEY_FILE")
@@ -295,11 +335,12 @@ def main() -> None:
     from . import display
     display.install(node.publish_display)
     signal.signal(signal.SIGINT, node._on_sigint)
-    io = threading.Thread(target=node.io_loop, name="flame-node-io", daemon=True)
-    io.start()
-    for i in range(node.concurrency - 1):
-        threading.Thread(target=node.work, name=f"flame-node-worker-{i + 1}", daemon=True).start()
-    node.work()
-    io.join()
-    node.sock.close()
+    threading.Thread(target=node.watch_loop, name="flame-node-watch", daemon=True).start()
+    if node.concurrency > 1:
+        node.work_queue = queue.SimpleQueue()
+        for i in range(node.concurrency):
+            threading.Thread(target=node.worker, name=f"flame-node-worker-{i + 1}", daemon=True).start()
+    node.main_loop()
+    with node.sock_lock:
+        node.sock.close()
     node.ctx.term()
