@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Installs the system packages the tests need (idempotent). Services are started by test fixtures.
+# Installs the Debian packages the tests need (idempotent; needs root on a fresh machine).
+# The services themselves (JupyterLab, sshd, Slurm) are started by the test fixtures.
 set -euo pipefail
 need=()
-command -v make >/dev/null || need+=(make)
-if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+[ -x /usr/bin/chromium ] || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup-services: missing ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi

@@ -184,7 +184,7 @@ class Pool:
             return _result(future)
         except KeyboardInterrupt:
             future.cancel()
-            raise
+            raise _interrupted(future) from None
 
     def map(self, fn: Callable, *iterables: Iterable) -> list:
         """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
@@ -194,6 +194,10 @@ class Pool:
         futures = [self._submit(fn, xs, {}) for xs in zip(*iterables)]
         try:
             return [_result(f) for f in futures]
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            raise _interrupted(futures[0]) from None
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -745,6 +749,11 @@ def _local_source(tb: str, fn: Any) -> str:
                 return f'File "{code.co_filename}", line {line}, in {name}' + (f"\n    {src}" if src else "")
         return m.group(0)
     return re.sub(r'File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
+
+
+def _interrupted(future: CallFuture) -> KeyboardInterrupt:
+    """A KeyboardInterrupt that says what happened, without flame's waiting frames in its traceback."""
+    return KeyboardInterrupt(f"interrupted while waiting for {future.call.name}(); its remote work was stopped")
 
 
 def _result(future: CallFuture) -> Any:

@@ -79,12 +79,12 @@ class FlameMagics(Magics):
             log.warning("%%remote: not sending %s (cannot be pickled)", ", ".join(skipped))
         pinned = self._pinned.get(id(pool))
         future = pool._submit(run_cell, (cell, variables), {}, affinity=pinned)
-        from flame.pool import _result
+        from flame.pool import _interrupted, _result
         try:
             _result(future)
         except KeyboardInterrupt:
             future.cancel()
-            raise
+            raise _interrupted(future) from None
         finally:
             runner = future.call.runner
             if runner is not None:
