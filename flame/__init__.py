@@ -21,6 +21,8 @@ _EXPORTS = {
     "RunnerHandle": "flame.backends.base",
     "LocalBackend": "flame.backends.local",
     "RunnerInfo": "flame.runner",
+    "gpus": "flame.gpu",
+    "GPU": "flame.gpu",
     "OutputSink": "flame.call",
     "set_sink_factory": "flame.call",
     "FlameError": "flame.errors",
@@ -55,4 +57,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)
     from .pool import Pool
+    from .gpu import GPU, gpus
     from .runner import RunnerInfo

@@ -292,7 +292,8 @@ class Pool:
         now = datetime.datetime.now()
         for r in self.runners:
             up = str(now - r.started).split(".")[0]
-            gpus = ", ".join(str(g) for g in r.gpus) or "–"
+            names = {g.get("id"): g.get("name") for g in r.extra.get("gpu_info", [])}
+            gpus = ", ".join(f"{g} ({names[g]})" if names.get(g) else str(g) for g in r.gpus) or "–"
             rows.append(f"<tr><td>{html.escape(r.id)}</td><td>{r.state}</td><td>{html.escape(r.host)}</td>"
                         f"<td>{r.pid or ''}</td><td>{r.active}</td><td>{up}</td><td>{html.escape(gpus)}</td></tr>")
         body = "".join(rows) or '<tr><td colspan="7"><i>no runners</i></td></tr>'
@@ -345,7 +346,11 @@ class Pool:
         if len(self._runners) >= self.max or self._stopped.is_set():
             return False
         room = self.backend.capacity()
-        return room is None or room > 0
+        if room is None:
+            return True
+        # Boots under way have not taken their share of the backend yet (GPU sets, say).
+        starting = sum(1 for r in self._runners.values() if r.state == "booting" and r.handle is None)
+        return room - starting > 0
 
     def _refill_min(self) -> None:
         if self._closed or self._min_paused:
@@ -396,6 +401,8 @@ class Pool:
             r.host = handle.host
             if r.state == "dead":  # the pool gave up on it meanwhile
                 self._terminate(r)
+            elif self.backend.capacity() is not None:
+                self._schedule()  # capacity counted this boot twice meanwhile: look again
 
     def _boot_failed(self, r: Runner, error: BootError) -> None:
         log.warning("flame: %s", error)

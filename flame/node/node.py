@@ -136,7 +136,7 @@ class Node:
         poller.register(self._wake_r, zmq.POLLIN)
         self.post("hello", {"pid": os.getpid(), "host": socket.gethostname(),
                             "python": platform.python_version(), "cwd": os.getcwd(),
-                            "gpus": _visible_gpus()})
+                            "gpus": _visible_gpus(), "gpu_info": _gpu_info()})
         while True:
             worked = False
             while True:  # calls the watch thread took in while this thread was busy
@@ -322,6 +322,34 @@ def _read_key(env: dict[str, str]) -> bytes:
 def _visible_gpus() -> list[str]:
     value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [g for g in value.split(",") if g.strip()] if value.strip() else []
+
+
+def _gpu_info() -> list[dict]:
+    """Name and memory of each GPU this runner was given (NVML, only when it has GPUs)."""
+    ids = _visible_gpus()
+    if not ids:
+        return []
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    info = []
+    try:
+        for gid in ids:
+            try:
+                if gid.isdigit():
+                    h = pynvml.nvmlDeviceGetHandleByIndex(int(gid))
+                else:
+                    h = pynvml.nvmlDeviceGetHandleByUUID(gid)
+                name = pynvml.nvmlDeviceGetName(h)
+                info.append({"id": gid, "name": name.decode() if isinstance(name, bytes) else name,
+                             "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
+            except Exception:
+                info.append({"id": gid, "name": "?", "memory_total": 0})
+    finally:
+        pynvml.nvmlShutdown()
+    return info
 
 
 def main() -> None:

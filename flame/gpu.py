@@ -1,0 +1,81 @@
+"""GPU discovery: NVML (nvidia-ml-py) first, ``nvidia-smi`` as the fallback."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger("flame.gpus")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One visible GPU. ``id`` is what goes into CUDA_VISIBLE_DEVICES for it."""
+
+    index: int
+    id: str
+    name: str
+    memory_total: int  # bytes
+    memory_used: int  # bytes
+    uuid: str = ""
+
+
+def _nvml() -> list[GPU]:
+    import pynvml  # nvidia-ml-py
+    pynvml.nvmlInit()
+    try:
+        found = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            found.append(GPU(i, str(i), name.decode() if isinstance(name, bytes) else name,
+                             int(mem.total), int(mem.used), uuid.decode() if isinstance(uuid, bytes) else uuid))
+        return found
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvidia_smi() -> list[GPU]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise FileNotFoundError("nvidia-smi is not on PATH")
+    out = subprocess.run([exe, "--query-gpu=index,name,memory.total,memory.used,uuid",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         timeout=20, check=True).stdout
+    found = []
+    for line in out.strip().splitlines():
+        index, name, total, used, uuid = [p.strip() for p in line.split(",")]
+        found.append(GPU(int(index), index, name, int(float(total)) << 20, int(float(used)) << 20, uuid))
+    return found
+
+
+def discover() -> tuple[list[GPU], str]:
+    """All GPUs of this machine, and how they were found (or why none were)."""
+    reasons = []
+    for how, probe in (("NVML", _nvml), ("nvidia-smi", _nvidia_smi)):
+        try:
+            return probe(), how
+        except Exception as exc:  # no driver, no library, no binary
+            reasons.append(f"{how}: {type(exc).__name__}: {exc}")
+    return [], "; ".join(reasons)
+
+
+def visible_ids(env: dict | None = None) -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries of ``env`` (this process by default), or None when unset."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def gpus() -> list[GPU]:
+    """The GPUs this process may use: every GPU, or those CUDA_VISIBLE_DEVICES names."""
+    found, _ = discover()
+    allowed = visible_ids()
+    if allowed is None:
+        return found
+    return [g for g in found if g.id in allowed or g.uuid in allowed]
