@@ -22,6 +22,10 @@ _EXPORTS = {
     "LocalBackend": "flame.backends.local",
     "RunnerInfo": "flame.runner",
     "gpus": "flame.gpu",
+    "serve": "flame.attach",
+    "connect": "flame.attach",
+    "AttachError": "flame.attach",
+    "AppGone": "flame.attach",
     "GPU": "flame.gpu",
     "OutputSink": "flame.call",
     "set_sink_factory": "flame.call",
@@ -57,5 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)
     from .pool import Pool
+    from .attach import AppGone, AttachError, connect, serve
     from .gpu import GPU, gpus
     from .runner import RunnerInfo

@@ -9,9 +9,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flamebook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="boot a pool, stream output, let it idle out")
+    srv = sub.add_parser("serve", help="run a script with a flame node inside it: flamebook serve -- python app.py")
+    srv.add_argument("args", nargs=argparse.REMAINDER)
     inst = sub.add_parser("install-kernel", help="register the flamebook Jupyter kernel")
     inst.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from flame.attach import main as serve
+        return serve(args.args)
     if args.command == "install-kernel":
         from .install import main as install
         return install(args.args)

@@ -14,9 +14,15 @@ class FlameKernel(IPythonKernel):
     implementation = "flamebook"
     implementation_version = "0.1.0"
 
+    #: The app this notebook is attached to (a flame.attach.Node), or None: cells run here.
+    attached = None
+
     @property
     def banner(self) -> str:  # type: ignore[override]
-        return super().banner + "\n" + BANNER_EXTRA
+        text = super().banner + "\n" + BANNER_EXTRA
+        if self.attached is not None:
+            text += "\n" + self.where()
+        return text
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -26,9 +32,78 @@ class FlameKernel(IPythonKernel):
         flame.set_sink_factory(lambda: CellSink(self))
         self.shell.register_magics(FlameMagics)
 
+    # ---- attach ----------------------------------------------------------------------
+    def where(self) -> str:
+        node = self.attached
+        if node is None:
+            return "not attached: cells run in this kernel"
+        argv = " ".join(node.info.get("argv") or [])
+        return f"attached to pid {node.pid} on {node.host} ({argv}); %detach to run cells here again"
+
+    def attach(self, target: str) -> str:
+        from flame.attach import connect
+        if self.attached is not None:
+            self.detach()
+        self.attached = connect(target)
+        return self.where()
+
+    def detach(self) -> str:
+        node, self.attached = self.attached, None
+        if node is not None:
+            node.close()
+            return f"detached from pid {node.pid} on {node.host}; cells run in this kernel again"
+        return "not attached"
+
+    async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                         allow_stdin=False, **kwargs):
+        node = self.attached
+        if node is None or code.lstrip().startswith(("%attach", "%detach")):
+            return await super().do_execute(code, silent, store_history, user_expressions,
+                                            allow_stdin, **kwargs)
+        from flame.attach import AppGone
+        shell = self.shell
+        count = shell.execution_count
+        if store_history:
+            shell.execution_count += 1
+        try:
+            node.run(code)
+            return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+        except AppGone as exc:
+            self.detach()
+            error = {"ename": "AppGone", "evalue": f"{exc}; detached: cells run in this kernel again",
+                     "traceback": [f"AppGone: {exc}", "The notebook is detached and runs cells locally again."]}
+        except KeyboardInterrupt as exc:
+            error = {"ename": "KeyboardInterrupt", "evalue": str(exc),
+                     "traceback": [f"KeyboardInterrupt: {exc}"]}
+        except BaseException as exc:  # noqa: BLE001 - a remote cell's error, shown like a local one
+            tb = getattr(exc, "remote_traceback", None) or getattr(exc, "traceback", "") or ""
+            name = getattr(exc, "type_name", None) or type(exc).__name__
+            error = {"ename": name.rsplit(".", 1)[-1], "evalue": str(getattr(exc, "message", exc)),
+                     "traceback": (tb.rstrip().splitlines() if tb else [f"{name}: {exc}"])}
+        if not silent:
+            self.send_response(self.iopub_socket, "error", error)
+        return {"status": "error", "execution_count": count, **error}
+
+    def do_complete(self, code, cursor_pos):
+        if self.attached is not None:
+            try:
+                return self.attached.complete(code, cursor_pos)
+            except Exception:
+                self.log.warning("flamebook: completion from the attached app failed", exc_info=True)
+        return super().do_complete(code, cursor_pos)
+
+    def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        if self.attached is not None:
+            try:
+                return self.attached.inspect(code, cursor_pos, detail_level)
+            except Exception:
+                self.log.warning("flamebook: inspection from the attached app failed", exc_info=True)
+        return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+
     def do_shutdown(self, restart):
         # Stop every runner now rather than at interpreter exit: a restart must not wait
         # for runners of the old session to notice the missing heartbeat.
         from flame.pool import _shutdown_all
         _shutdown_all()
+        self.detach()  # the app keeps running
         return super().do_shutdown(restart)

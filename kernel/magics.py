@@ -32,6 +32,20 @@ class FlameMagics(Magics):
         self._pinned: dict[int, str] = {}  # id(pool) -> runner id holding its %%remote namespace
 
     @line_magic
+    def attach(self, line: str) -> None:
+        """%attach PATH_OR_NAME: run the following cells inside a running app (see flame.serve)."""
+        target = line.strip()
+        if not target:
+            print(self.shell.kernel.where())
+            return
+        print(self.shell.kernel.attach(target))
+
+    @line_magic
+    def detach(self, line: str) -> None:
+        """%detach: run cells in this kernel again. The app keeps running."""
+        print(self.shell.kernel.detach())
+
+    @line_magic
     def flame(self, line: str) -> None:
         """List every flame pool in this kernel, with its runners."""
         pools = live_pools()

@@ -33,3 +33,15 @@ def test_quickstart_streams_and_displays():
     shown = [o["data"].get("text/plain") for c in nb.cells if c.cell_type == "code" for o in c.outputs
              if o.get("output_type") in ("display_data", "execute_result")]
     assert "30" in shown and "100" in shown
+
+
+def test_attach_notebook_runs_cells_in_the_app():
+    path = os.path.join(ROOT, "notebooks", "attach.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=120,
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    outs = [c.outputs for c in nb.cells if c.cell_type == "code"]
+    pid_line = "".join(o.get("text", "") for o in outs[2])
+    assert "running in pid" in pid_line and str(os.getpid()) not in pid_line
+    shown = [o["data"]["text/plain"] for c in outs for o in c if o.get("output_type") == "display_data"]
+    assert "{'apples': 3, 'pears': 5}" in shown

@@ -1,0 +1,367 @@
+"""Attach: an app serves a node (``serve``); a notebook or script connects to it (``connect``)."""
+from __future__ import annotations
+
+import atexit
+import glob
+import itertools
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import zmq
+
+from . import serialize
+from .call import make_sink
+from .errors import FlameError, RemoteError, RemoteTraceback, RunnerDied
+from .wire import KEY_BYTES, Wire
+
+log = logging.getLogger("flame.attach")
+
+#: Seconds without a word from the app after which a client gives it up.
+APP_TIMEOUT = 5.0
+
+
+class AttachError(FlameError):
+    """Could not attach to an app: no such connection file, wrong key, or no answer."""
+
+
+class AppGone(RunnerDied):
+    """The attached app exited (or stopped answering) while a request was in flight."""
+
+
+def attach_dir() -> str:
+    """Where ``serve`` writes connection files by default: $FLAMEBOOK_ATTACH_DIR, else ~/.local/share/flamebook/attach."""
+    return os.environ.get("FLAMEBOOK_ATTACH_DIR") or os.path.join(
+        os.path.expanduser("~"), ".local", "share", "flamebook", "attach")
+
+
+class Served:
+    """What ``serve`` returns: the node running inside this app."""
+
+    def __init__(self, node: Any, connection_file: str) -> None:
+        self._node = node
+        self.connection_file = connection_file
+        self.address = node.address
+
+    def stop(self) -> None:
+        """Stop serving and remove the connection file."""
+        self._node.stop()
+        try:
+            os.unlink(self.connection_file)
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<flame.Served {self.address} file={self.connection_file}>"
+
+
+def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
+          connection_file: str | None = None, name: str | None = None) -> Served:
+    """Serve a node inside this process so notebooks can ``%attach`` to it; returns at once.
+
+    Args:
+        address: ZeroMQ address to bind. Defaults to a free port on 127.0.0.1.
+        namespace: the names attached cells see and change. Defaults to ``__main__.__dict__``.
+        connection_file: where to write address and key (mode 0600). Defaults to
+            ``attach_dir()/NAME-PID.json``.
+        name: label for the default connection file. Defaults to the script's name.
+    """
+    from .node.served import ServedNode
+
+    if namespace is None:
+        namespace = sys.modules["__main__"].__dict__
+    if not isinstance(namespace, dict):
+        raise TypeError(f"namespace must be a dict, got {type(namespace).__name__}")
+    key = os.urandom(KEY_BYTES)
+    node = ServedNode(key, address, namespace)
+    if connection_file is None:
+        label = name or os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+        connection_file = os.path.join(attach_dir(), f"{label}-{os.getpid()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(connection_file)), exist_ok=True)
+    info = {"address": node.address, "key": key.hex(), "pid": os.getpid(), "host": socket.gethostname(),
+            "python": platform.python_version(), "argv": sys.argv}
+    fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.chmod(connection_file, 0o600)
+    node.start()
+    served = Served(node, connection_file)
+    atexit.register(served.stop)
+    log.info("flame: serving %s (connection file %s)", node.address, connection_file)
+    return served
+
+
+def find_connection_file(target: str) -> str:
+    """A path, or a name looked up in ``attach_dir()`` (NAME.json, NAME-*.json, newest first)."""
+    if os.path.isfile(target):
+        return target
+    base = attach_dir()
+    for pattern in (f"{target}", f"{target}.json", f"{target}-*.json", f"*{target}*.json"):
+        found = sorted(glob.glob(os.path.join(base, pattern)), key=os.path.getmtime, reverse=True)
+        if found:
+            return found[0]
+    raise AttachError(f"no connection file {target!r}, and none matching it in {base}")
+
+
+class _Request:
+    __slots__ = ("future", "sink")
+
+    def __init__(self, sink: Any) -> None:
+        self.future: Future = Future()
+        self.sink = sink
+
+
+class Node:
+    """A connection to an app's node (``flame.connect``). Thread-safe."""
+
+    def __init__(self, connection_file: str, timeout: float = 10.0) -> None:
+        path = find_connection_file(connection_file)
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            key = bytes.fromhex(info["key"])
+            self.address: str = info["address"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise AttachError(f"cannot read connection file {path}: {exc}") from exc
+        self.connection_file = path
+        self.me = f"client-{os.urandom(6).hex()}"
+        self._wire = Wire(key, self.me)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.ROUTING_ID, self.me.encode())
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.address)
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count(1)
+        self._last_heard = time.monotonic()
+        self._closed = False
+        self._refused = False
+        self.info: dict = {}
+        self._welcome = self._new_request(None)
+        self._io = threading.Thread(target=self._io_loop, name="flame-connect-io", daemon=True)
+        self._io.start()
+        self._send("hello", {"id": "hello"})
+        try:
+            self.info = self._welcome.future.result(timeout=timeout)
+        except Exception as exc:
+            self.close()
+            if self._refused:
+                raise AttachError(f"the app at {self.address} refused the key in {path}: "
+                                  "wrong key (nothing was unpickled)") from None
+            raise AttachError(f"no answer from {self.address} within {timeout:g} s "
+                              f"(is the app in {path} still running?)") from exc
+        self.pid: int = self.info.get("pid", info.get("pid"))
+        self.host: str = self.info.get("host", info.get("host", "?"))
+
+    def __repr__(self) -> str:
+        return f"<flame.Node pid {getattr(self, 'pid', '?')} on {getattr(self, 'host', '?')} at {self.address}>"
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _new_request(self, sink: Any, rid: str = "hello") -> _Request:
+        req = _Request(sink)
+        self._requests[rid] = req
+        return req
+
+    def _send(self, kind: str, fields: dict, frames: Any = ()) -> None:
+        with self._lock:
+            if self._closed:
+                raise AppGone(f"the connection to {self.address} is closed")
+            self._sock.send_multipart(self._wire.encode(kind, "app", fields, frames), copy=False)
+
+    def _request(self, kind: str, fields: dict, frames: Any = (), sink: Any = None) -> Any:
+        rid = f"q{next(self._ids)}"
+        req = self._new_request(sink, rid)
+        fields["id"] = rid
+        self._send(kind, fields, frames)
+        try:
+            while True:
+                try:
+                    return req.future.result(timeout=0.1)
+                except TimeoutError:
+                    continue
+        except KeyboardInterrupt:
+            if kind in ("run", "call"):
+                self._send("cancel", {"id": rid})
+                try:  # give the app a moment to stop the cell, so the next one finds it idle
+                    req.future.exception(timeout=2.0)
+                except Exception:
+                    pass
+            raise KeyboardInterrupt("interrupted; the app's cell was stopped") from None
+        finally:
+            self._requests.pop(rid, None)
+
+    def run(self, code: str) -> None:
+        """Run ``code`` in the app like a notebook cell; output streams to the current sink."""
+        self._request("run", {"code": code}, sink=make_sink())
+
+    def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the app's worker thread and return its result."""
+        return self._request("call", {}, serialize.dumps((fn, args, kwargs)), sink=make_sink())
+
+    def complete(self, code: str, cursor: int | None = None) -> dict:
+        """Jupyter complete_reply content, computed by the app against its namespace."""
+        return self._request("complete", {"code": code, "cursor": len(code) if cursor is None else cursor})
+
+    def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0) -> dict:
+        """Jupyter inspect_reply content, computed by the app."""
+        return self._request("inspect", {"code": code, "cursor": len(code) if cursor is None else cursor,
+                                         "detail": detail_level})
+
+    def close(self) -> None:
+        """Detach. The app keeps running."""
+        self._closed = True
+        self._io.join(timeout=2)
+
+    # ---- I/O thread ----------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        local = self._is_local()
+        next_beat = time.monotonic()
+        try:
+            while not self._closed:
+                with self._lock:
+                    ready = self._sock.poll(0)
+                    batch = []
+                    while ready and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        batch.append(self._sock.recv_multipart(copy=False))
+                for parts in batch:
+                    self._handle(parts)
+                if not batch:
+                    zmq.select([self._sock.getsockopt(zmq.FD)], [], [], 0.05)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + 1.0
+                    if self.info:
+                        self._send("heartbeat", {})
+                    gone = None
+                    if local and self.info and not _pid_alive(self.info.get("pid")):
+                        gone = f"the app (pid {self.info.get('pid')}) exited"
+                    elif self.info and now - self._last_heard > APP_TIMEOUT:
+                        gone = f"the app at {self.address} stopped answering for {APP_TIMEOUT:g} s"
+                    if gone:
+                        self._fail_all(AppGone(gone))
+                        self._closed = True
+        finally:
+            with self._lock:
+                self._closed = True
+                self._sock.close()
+            self._ctx.term()
+            self._fail_all(AppGone("detached from the app"))
+
+    def _is_local(self) -> bool:
+        return self.address.startswith(("tcp://127.", "tcp://localhost", "ipc://"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for req in list(self._requests.values()):
+            if not req.future.done():
+                req.future.set_exception(exc)
+
+    def _handle(self, parts: list) -> None:
+        msg = self._wire.decode(parts, peer=None)
+        if msg is None:
+            if len(parts) >= 2 and bytes(parts[1]) == b'{"k":"refused"}':
+                self._refused = True
+                self._fail_all(AttachError("refused"))
+            return
+        head, frames = msg
+        if head.get("f") != "app":
+            return
+        self._last_heard = time.monotonic()
+        kind = head["k"]
+        if kind == "welcome":
+            req = self._requests.pop("hello", None)
+            if req is not None:
+                req.future.set_result({k: v for k, v in head.items() if k not in ("k", "f", "t", "q")})
+            return
+        req = self._requests.get(head.get("id", ""))
+        if req is None:
+            return
+        if kind == "stream" and req.sink is not None:
+            req.sink.stream(head.get("n", "stdout"), bytes(frames[0]).decode("utf-8", "replace"))
+        elif kind == "display" and req.sink is not None:
+            req.sink.display(json.loads(bytes(frames[0])))
+        elif kind == "reply":
+            req.future.set_result(head["content"])
+        elif kind == "result":
+            try:
+                req.future.set_result(serialize.loads(frames))
+            except Exception as exc:
+                req.future.set_exception(exc)
+        elif kind == "error":
+            req.future.set_exception(_rebuild(head, frames))
+
+
+def _rebuild(head: dict, frames: list) -> BaseException:
+    tb = head.get("tb", "")
+    if head.get("cancelled"):
+        return KeyboardInterrupt("the app's cell was interrupted")
+    if frames:
+        try:
+            exc = serialize.loads(frames)
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(tb)
+                exc.remote_traceback = tb  # type: ignore[attr-defined]
+                return exc
+        except Exception:
+            pass
+    return RemoteError(head.get("type", "Exception"), head.get("msg", ""), tb)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purposes
+        import psutil
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+def connect(connection_file: str, timeout: float = 10.0) -> Node:
+    """Connect to an app started with ``flame.serve`` (a connection file path or name)."""
+    return Node(connection_file, timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flame.attach SCRIPT [ARGS]``: run an unmodified script with a node inside it."""
+    import types
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if argv and os.path.basename(argv[0]).startswith("python"):
+        argv = argv[1:]  # `flamebook serve -- python app.py`: we are that python
+    if not argv:
+        print("usage: flamebook serve -- python SCRIPT [ARGS]", file=sys.stderr)
+        return 2
+    path = argv[0]
+    with open(path, "rb") as f:
+        source = f.read()
+    main_mod = types.ModuleType("__main__")
+    main_mod.__file__ = path
+    main_mod.__builtins__ = __builtins__
+    sys.modules["__main__"] = main_mod
+    sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    served = serve(namespace=main_mod.__dict__,
+                   name=os.path.splitext(os.path.basename(path))[0])
+    print(f"flamebook: serving {path} for %attach; connection file {served.connection_file}",
+          file=sys.stderr, flush=True)
+    exec(compile(source, path, "exec"), main_mod.__dict__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

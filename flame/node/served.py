@@ -1,0 +1,231 @@
+"""A node inside a running application: the app binds, notebooks attach.
+
+``flame.serve()`` starts this in background threads and returns at once. Cells and
+calls from attached notebooks run one at a time in a worker thread of the app, with
+their output captured per thread (what the app prints on its own is left alone) and
+streamed back; completion and inspection are answered by the I/O thread right away,
+so they work while a cell is running; a cancel interrupts the worker thread with an
+asynchronous KeyboardInterrupt and never touches the app's own threads.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import platform
+import queue
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .. import serialize
+from ..wire import Wire
+from . import display, introspect
+from .capture import Capture, CallOutput
+from .interactive import run_source
+from .node import FLUSH_INTERVAL, _error_fields, _pickled_error
+
+log = logging.getLogger("flame.attach")
+
+APP = "app"
+HEARTBEAT = 1.0
+#: Clients not heard from for this long get no more heartbeats.
+CLIENT_TIMEOUT = 30.0
+REFUSED = b'{"k":"refused"}'
+
+
+class ServedNode:
+    def __init__(self, key: bytes, address: str, namespace: dict) -> None:
+        self.namespace = namespace
+        self.wire = Wire(key, APP)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        if address.endswith(":0"):
+            self.sock.bind(address[:-2] + ":*")
+        else:
+            self.sock.bind(address)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.outbox: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.clients: dict[bytes, float] = {}
+        self.refused: set[bytes] = set()
+        self.work: queue.SimpleQueue = queue.SimpleQueue()
+        self.running: tuple[str, int] | None = None  # (request id, worker thread ident)
+        self.capture = _shared_capture()
+        self.dirty: set[CallOutput] = set()
+        self.outputs: dict[str, tuple[bytes, CallOutput]] = {}
+        self.stopped = threading.Event()
+        self.io = threading.Thread(target=self._io_loop, name="flame-attach-io", daemon=True)
+        self.worker = threading.Thread(target=self._work_loop, name="flame-attach-worker", daemon=True)
+
+    def start(self) -> None:
+        self.io.start()
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.work.put(None)
+        self.io.join(timeout=5)
+
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, ident: bytes, kind: str, fields: dict | None = None, frames: Any = ()) -> None:
+        """Queue a message for a client; only the I/O thread touches the socket.
+
+        Latency matters less here than in a pool, and the app's threads should never
+        contend for a lock with the app's own code paths.
+        """
+        self.outbox.append((ident, kind, fields, frames))
+        if threading.current_thread() is not self.io:
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass
+
+    def _flush(self) -> None:
+        while self.outbox:
+            ident, kind, fields, frames = self.outbox.popleft()
+            peer = ident.decode(errors="replace")
+            self.sock.send_multipart([ident, *self.wire.encode(kind, peer, fields, frames)], copy=False)
+
+    def _output(self, ident: bytes, rid: str, kind: str, data: Any) -> None:
+        if kind == "display":
+            self.send(ident, "display", {"id": rid}, (json.dumps(data).encode(),))
+        else:
+            self.send(ident, "stream", {"id": rid, "n": kind}, (data.encode("utf-8", "replace"),))
+
+    # ---- I/O thread -----------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        next_beat = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self.stopped.is_set():
+                ready = dict(poller.poll(FLUSH_INTERVAL * 1000))
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handle(self.sock.recv_multipart(copy=False))
+                if self.dirty:
+                    dirty, self.dirty = self.dirty, set()
+                    for out in dirty:
+                        ident = self.outputs.get(out.call_id, (None,))[0]
+                        if ident is not None:
+                            out.drain(lambda k, d, i=ident, r=out.call_id: self._output(i, r, k, d))
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT
+                    for ident, seen in list(self.clients.items()):
+                        if now - seen < CLIENT_TIMEOUT:
+                            self.send(ident, "heartbeat")
+                self._flush()
+        except Exception:
+            log.exception("flame: attach I/O thread failed")
+        finally:
+            self.sock.close()
+            self.ctx.term()
+
+    def _handle(self, parts: list) -> None:
+        ident = parts[0].bytes
+        msg = self.wire.decode(parts[1:], peer=ident.decode(errors="replace"))
+        if msg is None:
+            if ident not in self.refused:  # tell a client with the wrong key, once, unsigned
+                self.refused.add(ident)
+                self.sock.send_multipart([ident, b"", REFUSED])
+            return
+        head, frames = msg
+        self.clients[ident] = time.monotonic()
+        kind = head["k"]
+        if kind == "hello":
+            self.send(ident, "welcome", {"pid": os.getpid(), "host": socket.gethostname(),
+                                         "python": platform.python_version(), "argv": sys.argv,
+                                         "cwd": os.getcwd()})
+        elif kind in ("run", "call"):
+            self.work.put((ident, kind, head, frames))
+        elif kind == "cancel":
+            running = self.running
+            if running is not None and running[0] == head["id"]:
+                import ctypes
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running[1]),
+                                                           ctypes.py_object(KeyboardInterrupt))
+        elif kind == "complete":
+            reply = introspect.complete(self.namespace, head["code"], head.get("cursor"))
+            self.send(ident, "reply", {"id": head["id"], "content": reply})
+        elif kind == "inspect":
+            reply = introspect.inspect(self.namespace, head["code"], head.get("cursor"),
+                                       head.get("detail", 0))
+            self.send(ident, "reply", {"id": head["id"], "content": reply})
+
+    # ---- worker thread ---------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            try:
+                self._execute(*item)
+            except KeyboardInterrupt:
+                pass  # a cancel that arrived just after its request ended
+
+    def _execute(self, ident: bytes, kind: str, head: dict, frames: list) -> None:
+        rid = head["id"]
+        me = threading.get_ident()
+        out = CallOutput(rid, self.dirty.add)
+        self.outputs[rid] = (ident, out)
+        self.capture.by_thread[me] = out
+        reply, fields, body = "result", {"id": rid}, ()
+        try:
+            self.running = (rid, me)
+            try:
+                if kind == "run":
+                    run_source(head["code"], self.namespace, filename=f"<cell {rid}>")
+                    result = None
+                else:
+                    fn, args, kwargs = serialize.loads(frames)
+                    result = fn(*args, **kwargs)
+            finally:
+                self.running = None
+            try:
+                body = serialize.dumps(result)
+            except Exception as exc:
+                serialize.raise_unpicklable("the result", result, exc)
+        except BaseException as exc:  # noqa: BLE001 - the app keeps running whatever the cell did
+            reply, fields, body = "error", _error_fields(rid, exc), _pickled_error(exc)
+        finally:
+            self.capture.by_thread.pop(me, None)
+            self.dirty.discard(out)
+            out.drain(lambda k, d: self._output(ident, rid, k, d))
+            self.outputs.pop(rid, None)
+        self.send(ident, reply, fields, body)
+
+
+_capture: Capture | None = None
+
+
+def _shared_capture() -> Capture:
+    """One capture per process: routers go on sys.stdout/sys.stderr once, falling back to the app's."""
+    global _capture
+    if _capture is None:
+        _capture = Capture()
+        _capture.install()
+        display.install(lambda payload: (_capture.current() or _NoCall).display(payload))
+    return _capture
+
+
+class _NoCall:
+    @staticmethod
+    def display(payload: dict) -> None:
+        print(payload.get("data", {}).get("text/plain", ""))

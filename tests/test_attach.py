@@ -1,0 +1,195 @@
+"""Attach a real kernel to a real running app: its objects, completion, inspection, interrupts, failures."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import flame
+from conftest import ROOT, wait_for
+from kernel_util import collect, execute, of_type, start, streams
+
+APP = os.path.join(ROOT, "notebooks", "inventory_app.py")
+
+
+@pytest.fixture
+def app(tmp_path):
+    path = str(tmp_path / "inventory.json")
+    proc = subprocess.Popen([sys.executable, APP, path], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stdout.readline().strip() == "app output, not captured"
+    assert proc.stdout.readline().startswith("serving")
+    yield proc, path
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def kernel():
+    km, kc = start()
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def text_of(msgs, cell):
+    return "".join(t for _, t in streams(msgs, cell))
+
+
+def shown(msgs, cell):
+    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)]
+
+
+def test_serve_writes_a_private_connection_file(app):
+    proc, path = app
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    info = json.load(open(path))
+    assert info["pid"] == proc.pid and info["address"].startswith("tcp://127.0.0.1:")
+    assert len(bytes.fromhex(info["key"])) == 32
+    assert info["key"] not in " ".join(psutil.Process(proc.pid).cmdline())
+
+
+def test_connect_api_from_plain_python(app):
+    proc, path = app
+    node = flame.connect(path)
+    try:
+        assert node.pid == proc.pid
+        node.run("inventory.add('figs', 2)")
+        assert node.call(lambda: __import__("__main__").inventory.items) == {"apples": 3, "figs": 2}
+        assert "items" in node.complete("inventory.it")["matches"]
+        with pytest.raises(ZeroDivisionError):
+            node.run("1 / 0")
+    finally:
+        node.close()
+
+
+def test_attached_cells_run_inside_the_app(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, f"%attach {path}")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert f"attached to pid {proc.pid}" in text_of(msgs, cell)
+    cell, (reply, msgs) = execute(kc, "import os\nprint(os.getpid())\nfirst = ticks\nfirst")
+    assert text_of(msgs, cell) == f"{proc.pid}\n"
+    first = int(shown(msgs, cell)[0])
+    assert first > 0
+    time.sleep(0.3)
+    cell, (reply, msgs) = execute(kc, "ticks > first")  # the app kept doing its own work meanwhile
+    assert shown(msgs, cell) == ["True"]
+    cell, (reply, msgs) = execute(kc, "inventory.items['pears'] = 5\nrestock('apples')\ninventory.items")
+    assert shown(msgs, cell) == ["{'apples': 13, 'pears': 5}"]
+    assert "app heartbeat" not in text_of(msgs, cell), "the app's own output is not captured"
+    # errors render with the remote traceback
+    cell, (reply, msgs) = execute(kc, "restock(None, 'x')")
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "TypeError"
+    assert "in restock" in "\n".join(of_type(msgs, "error", cell)[0]["content"]["traceback"])
+    # completion and inspection come from the app's namespace
+    kc.complete("inventory.it", 12)
+    reply = kc.get_shell_msg(timeout=10)
+    assert "items" in reply["content"]["matches"]
+    kc.inspect("restock", 7)
+    reply = kc.get_shell_msg(timeout=10)
+    assert "Restock an item" in reply["content"]["data"]["text/plain"]
+    # detach: the kernel is local again and the app goes on
+    cell, (reply, msgs) = execute(kc, "%detach")
+    assert "detached" in text_of(msgs, cell)
+    cell, (reply, msgs) = execute(kc, "ticks")
+    assert reply["content"]["ename"] == "NameError"
+    assert proc.poll() is None
+
+
+def test_stop_button_interrupts_the_cell_not_the_app(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    execute(kc, f"%attach {path}")
+    msg_id = kc.execute("n = 0\nwhile True:\n    n += 1")
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    km.interrupt_kernel()
+    reply, msgs = collect(kc, msg_id, timeout=15)
+    assert time.monotonic() - t0 < 3
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    cell, (reply, msgs) = execute(kc, "before = ticks\nimport time; time.sleep(0.3)\nticks > before and n > 0")
+    assert shown(msgs, cell) == ["True"]
+    assert proc.poll() is None
+
+
+def test_completion_works_while_a_cell_runs_in_the_app(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    execute(kc, f"%attach {path}")
+    # ipykernel 7 subshells: a second shell thread answers while the main one runs the cell.
+    msg = kc.session.msg("create_subshell_request", {})
+    kc.control_channel.send(msg)
+    subshell = kc.get_control_msg(timeout=10)["content"]["subshell_id"]
+    long_cell = kc.execute("import time\nt0 = time.time()\nwhile time.time() - t0 < 4:\n    pass")
+    time.sleep(0.5)
+    req = kc.session.msg("complete_request", {"code": "inventory.ad", "cursor_pos": 12})
+    req["header"]["subshell_id"] = subshell
+    kc.shell_channel.send(req)
+    t0 = time.monotonic()
+    while True:
+        reply = kc.get_shell_msg(timeout=10)
+        if reply["parent_header"]["msg_id"] == req["header"]["msg_id"]:
+            break
+    assert time.monotonic() - t0 < 2.5, "answered while the cell was still running"
+    assert "add" in reply["content"]["matches"]
+    collect(kc, long_cell, timeout=15)
+
+
+def test_wrong_key_is_refused_with_a_clear_error(app, kernel, tmp_path):
+    proc, path = app
+    km, kc = kernel
+    info = json.load(open(path))
+    info["key"] = os.urandom(32).hex()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(info))
+    cell, (reply, msgs) = execute(kc, f"%attach {bad}")
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "AttachError" and "wrong key" in reply["content"]["evalue"]
+    cell, (reply, msgs) = execute(kc, "import os; os.getpid()")
+    assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] != str(proc.pid)
+    assert proc.poll() is None
+
+
+def test_app_killed_while_attached_fails_the_cell_and_detaches(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    execute(kc, "local_value = 42")
+    execute(kc, f"%attach {path}")
+    msg_id = kc.execute("import time\nwhile True:\n    time.sleep(0.1)")
+    time.sleep(0.8)
+    proc.kill()
+    t0 = time.monotonic()
+    reply, msgs = collect(kc, msg_id, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "AppGone"
+    cell, (reply, msgs) = execute(kc, "local_value")
+    assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] == "42"
+
+
+def test_flamebook_serve_runs_an_unmodified_script(tmp_path):
+    script = tmp_path / "plain.py"
+    script.write_text("import time\ncounter = {'n': 0}\nprint('started', flush=True)\n"
+                      "while True:\n    counter['n'] += 1\n    time.sleep(0.05)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, FLAMEBOOK_ATTACH_DIR=str(tmp_path / "attach"))
+    proc = subprocess.Popen([sys.executable, "-m", "kernel.cli", "serve", "--", "python", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        os.environ["FLAMEBOOK_ATTACH_DIR"] = env["FLAMEBOOK_ATTACH_DIR"]
+        try:
+            node = flame.connect("plain")  # found by name in the attach directory
+        finally:
+            del os.environ["FLAMEBOOK_ATTACH_DIR"]
+        assert node.call(lambda: __import__("__main__").counter["n"]) > 0
+        node.close()
+    finally:
+        proc.kill()
+        proc.wait()
