@@ -20,6 +20,8 @@ _EXPORTS = {
     "RunnerSpec": "flame.backends.base",
     "RunnerHandle": "flame.backends.base",
     "LocalBackend": "flame.backends.local",
+    "SSHBackend": "flame.backends.ssh",
+    "SlurmBackend": "flame.backends.slurm",
     "RunnerInfo": "flame.runner",
     "gpus": "flame.gpu",
     "serve": "flame.attach",
@@ -57,6 +59,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import Backend, RunnerHandle, RunnerSpec
     from .backends.local import LocalBackend
+    from .backends.slurm import SlurmBackend
+    from .backends.ssh import SSHBackend
     from .call import OutputSink, set_sink_factory
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)

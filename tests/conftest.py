@@ -122,3 +122,28 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
             return True
         time.sleep(interval)
     return predicate()
+
+
+def _need_root_and(*paths):
+    missing = [p for p in paths if not os.path.exists(p)]
+    if os.geteuid() != 0 or missing:
+        pytest.fail(f"this test needs root and {missing or paths} (`make test` installs and runs as root)",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    from services import Sshd
+    _need_root_and("/usr/sbin/sshd")
+    server = Sshd(str(tmp_path_factory.mktemp("services")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    from services import Slurm
+    _need_root_and("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged")
+    cluster = Slurm(str(tmp_path_factory.mktemp("services")))
+    yield cluster
+    cluster.stop()

@@ -227,9 +227,7 @@ class Node:
                 self.post("heartbeat")
             why = self.terminator.verdict()
             if why is not None:
-                log.warning("flame runner %s exiting: %s", self.id, why)
-                sys.__stderr__.flush()
-                os._exit(EXIT_PARENT_LOST)
+                exit_now(why, self.id)
 
     def cancel(self, call_id: str) -> None:
         ident = self.running.get(call_id, (None,))[0]
@@ -288,6 +286,18 @@ class Node:
                 out.drain(lambda k, data: self._post_output(call_id, k, data))
             self.running.pop(call_id, None)
         self.post(kind, fields, frames)
+
+
+def exit_now(why: str, runner_id: str = "") -> None:
+    """Exit at once because the parent is gone. Saying why is best effort: stderr may be a
+    closed pipe (an SSH channel that went away), and that must not keep the runner alive."""
+    try:
+        log.warning("flame runner %s exiting: %s", runner_id, why)
+        sys.__stderr__.flush()
+    except BaseException:
+        pass
+    finally:
+        os._exit(EXIT_PARENT_LOST)
 
 
 def _error_fields(call_id: str, exc: BaseException) -> dict:
@@ -352,9 +362,41 @@ def _gpu_info() -> list[dict]:
     return info
 
 
+def _config_from_stdin() -> None:
+    """``--stdin``: the FLAME_* settings (the key among them) arrive as one JSON line on stdin.
+
+    Used over SSH, where a command line is visible in ``ps`` and servers refuse to pass
+    arbitrary environment variables. stdin then stays open: EOF means the connection
+    to the parent is gone, and the runner exits at once.
+    """
+    # Read byte by byte up to the newline: a buffered reader would swallow what follows.
+    fd = sys.stdin.fileno()
+    chunks = []
+    while True:
+        ch = os.read(fd, 1)
+        if not ch:
+            raise SystemExit("flame.node --stdin: no configuration on stdin")
+        if ch == b"\n":
+            break
+        chunks.append(ch)
+    line = b"".join(chunks)
+    os.environ.update({k: str(v) for k, v in json.loads(line).items()})
+
+    def watch_stdin() -> None:
+        try:
+            while os.read(fd, 65536):
+                pass
+        except OSError:
+            pass
+        exit_now("its connection (stdin) closed")
+    threading.Thread(target=watch_stdin, name="flame-node-stdin", daemon=True).start()
+
+
 def main() -> None:
     faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if "--stdin" in sys.argv[1:]:
+        _config_from_stdin()
     env = dict(os.environ)
     for name in ("FLAME_KEY", "FLAME_KEY_FILE"):
         os.environ.pop(name, None)  # user code and its subprocesses never see the key
