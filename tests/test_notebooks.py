@@ -10,7 +10,9 @@ from nbclient import NotebookClient
 
 from conftest import ROOT
 
-NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+# slurm.ipynb runs against the test cluster in its own test below.
+NOTEBOOKS = sorted(p for p in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))
+                   if not p.endswith("slurm.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
@@ -45,3 +47,13 @@ def test_attach_notebook_runs_cells_in_the_app():
     assert "running in pid" in pid_line and str(os.getpid()) not in pid_line
     shown = [o["data"]["text/plain"] for c in outs for o in c if o.get("output_type") == "display_data"]
     assert "{'apples': 3, 'pears': 5}" in shown
+
+
+def test_slurm_notebook_runs_against_a_real_cluster(slurm):
+    path = os.path.join(ROOT, "notebooks", "slurm.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=300).execute()  # SLURM_CONF is inherited
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "No Slurm cluster" not in text
+    assert "task 0 in job" in text and "jobs used:" in text
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]

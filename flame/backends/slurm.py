@@ -1,0 +1,179 @@
+"""Runners as Slurm jobs: one ``sbatch`` job per runner.
+
+The pool's key goes into a 0600 file (on a file system the compute nodes share; the
+home directory by default) that the job reads, rather than into the job's environment
+or script, which Slurm stores and shows. Runners connect back to ``connect_host``,
+which compute nodes must be able to reach. Job state is read with ``squeue`` (a
+PENDING job's reason goes into BootError) and, once a job has left the queue, its
+exit code with ``scontrol show job``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+from typing import Mapping, Sequence
+
+from .base import Backend, RunnerHandle, RunnerSpec
+
+log = logging.getLogger("flame.backends.slurm")
+
+#: How often one job's state is read from Slurm at most.
+POLL_INTERVAL = 0.5
+_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+
+
+class SlurmHandle(RunnerHandle):
+    def __init__(self, job_id: str, log_path: str, key_path: str) -> None:
+        self.job_id = job_id
+        self.log_path = log_path
+        self.key_path = key_path
+        self.host = "?"
+        self.state = "PENDING"
+        self.reason = ""
+        self.code: int | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def exit_status(self) -> int | None:
+        with self._lock:
+            if self.code is not None or time.monotonic() - self._checked < POLL_INTERVAL:
+                return self.code
+            self._checked = time.monotonic()
+            out = _slurm(["squeue", "-h", "-j", self.job_id, "-o", "%T|%r|%N"], check=False)
+            line = out.strip().splitlines()[0] if out.strip() else ""
+            if line:
+                self.state, self.reason, nodes = (line.split("|") + ["", ""])[:3]
+                if nodes and nodes != "(null)":
+                    self.host = nodes
+                if self.state in _ACTIVE:
+                    return None
+            self.code = self._final_code()
+            return self.code
+
+    def _final_code(self) -> int:
+        info = _slurm(["scontrol", "show", "job", self.job_id], check=False)
+        state = re.search(r"JobState=(\S+)", info)
+        exit_code = re.search(r"ExitCode=(\d+):(\d+)", info)
+        if state:
+            self.state = state.group(1)
+        if exit_code:
+            code, sig = int(exit_code.group(1)), int(exit_code.group(2))
+            if sig:
+                return -sig
+            if code or self.state in ("COMPLETED",):
+                return code
+        return 1 if self.state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else 0
+
+    def stderr_tail(self, lines: int = 40) -> str:
+        head = f"Slurm job {self.job_id}: {self.state}" + (f" ({self.reason})" if self.reason and self.reason != "None" else "")
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        return "\n".join([head, *text.splitlines()[-lines:]])
+
+
+def _slurm(argv: list[str], check: bool = True, input: str | None = None,
+           env: Mapping[str, str] | None = None) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=60,
+                          env=dict(env) if env is not None else None)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+class SlurmBackend(Backend):
+    """One Slurm job per runner."""
+
+    def __init__(self, partition: str | None = None, gpus_per_runner: int = 0, cpus_per_runner: int = 1,
+                 time: str | None = None, account: str | None = None, sbatch_args: Sequence[str] = (),
+                 python: str = "python3", connect_host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
+                 work_dir: str | None = None) -> None:
+        """
+        Args:
+            partition: partition to submit to. Defaults to the cluster's default.
+            gpus_per_runner: GPUs per runner, requested as ``--gres=gpu:N``. Defaults to 0.
+            cpus_per_runner: CPUs per runner (``--cpus-per-task``). Defaults to 1.
+            time: wall-time limit of each job (``--time``). Defaults to the partition's.
+            account: account to charge (``--account``). Defaults to the user's default.
+            sbatch_args: further sbatch options, passed as given. Defaults to none.
+            python: interpreter that runs ``python -m flame.node`` on the compute nodes. Defaults to "python3".
+            connect_host: address of this machine as compute nodes reach it; the pool binds it too.
+                Defaults to 127.0.0.1 (a single-node cluster).
+            env: extra environment variables for every runner. Defaults to none.
+            work_dir: shared directory for job logs and key files (created 0700).
+                Defaults to ~/.flamebook/slurm.
+        """
+        for name, value, low in (("gpus_per_runner", gpus_per_runner, 0), ("cpus_per_runner", cpus_per_runner, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(sbatch_args, str):
+            raise TypeError("sbatch_args must be a list of options, not one string")
+        self.partition, self.account, self.time = partition, account, time
+        self.gpus_per_runner, self.cpus_per_runner = gpus_per_runner, cpus_per_runner
+        self.sbatch_args = list(sbatch_args)
+        self.python = python
+        self.connect_host = connect_host
+        self.bind_host = connect_host
+        self.env = dict(env or {})
+        self.work_dir = work_dir or os.path.join(os.path.expanduser("~"), ".flamebook", "slurm")
+
+    def __repr__(self) -> str:
+        gpus = f", gpus_per_runner={self.gpus_per_runner}" if self.gpus_per_runner else ""
+        return f"SlurmBackend(partition={self.partition!r}{gpus})"
+
+    def connect_address(self, bound: str) -> str:
+        port = bound.rsplit(":", 1)[1]
+        return f"tcp://{self.connect_host}:{port}"
+
+    def sbatch_command(self, spec: RunnerSpec, log_path: str) -> list[str]:
+        argv = ["sbatch", "--parsable", f"--job-name=flame-{spec.runner_id}", f"--output={log_path}",
+                f"--cpus-per-task={self.cpus_per_runner}", "--ntasks=1"]
+        if self.partition:
+            argv.append(f"--partition={self.partition}")
+        if self.gpus_per_runner:
+            argv.append(f"--gres=gpu:{self.gpus_per_runner}")
+        if self.time:
+            argv.append(f"--time={self.time}")
+        if self.account:
+            argv.append(f"--account={self.account}")
+        return argv + self.sbatch_args
+
+    def boot(self, spec: RunnerSpec) -> RunnerHandle:
+        os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+        key_path = os.path.join(self.work_dir, f"{spec.runner_id}.key")
+        log_path = os.path.join(self.work_dir, f"{spec.runner_id}.log")
+        settings = {**self.env, **spec.env}
+        key = settings.pop("FLAME_KEY")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        settings["FLAME_KEY_FILE"] = key_path
+        env = {**os.environ, **settings}
+        script = f"#!/bin/sh\nexec {shlex.quote(self.python)} -m flame.node\n"
+        try:
+            out = _slurm(self.sbatch_command(spec, log_path), input=script, env=env)
+        except Exception:
+            os.unlink(key_path)
+            raise
+        job_id = out.strip().split(";")[0]
+        log.info("flame: runner %s is Slurm job %s", spec.runner_id, job_id)
+        return SlurmHandle(job_id, log_path, key_path)
+
+    def terminate(self, handle: RunnerHandle) -> None:
+        assert isinstance(handle, SlurmHandle)
+        if handle.code is None:
+            _slurm(["scancel", handle.job_id], check=False)
+        for path in (handle.key_path,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,127 @@
+"""SlurmBackend against a real single-node Slurm (slurmctld + slurmd + munge, two fake GPUs)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import flame
+from conftest import ROOT, wait_for
+
+
+def backend(tmp_path, **kw):
+    kw.setdefault("python", sys.executable)
+    return flame.SlurmBackend(env={"PYTHONPATH": ROOT}, work_dir=str(tmp_path / "slurm"), **kw)
+
+
+def no_flame_jobs(slurm):
+    return not [j for j in slurm.jobs() if " flame-" in j]
+
+
+@pytest.fixture(autouse=True)
+def clean_queue(slurm):
+    yield
+    assert wait_for(lambda: no_flame_jobs(slurm), timeout=15), slurm.jobs()
+
+
+def test_cold_boot_call_streamed_output_and_job_name(slurm, tmp_path, make_pool, collect):
+    pool = make_pool(backend=backend(tmp_path), max=1, boot_timeout=60)
+
+    def talk():
+        import os, time
+        for i in range(3):
+            print(f"job says {i}", flush=True)
+            time.sleep(0.3)
+        return os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_JOB_NAME")
+    fut = pool.submit(talk)
+    assert wait_for(lambda: "job says 0" in collect.text(), timeout=60)
+    assert not fut.done()
+    job_id, job_name = fut.result(timeout=30)
+    assert job_id and job_name == f"flame-{pool.runners[0].id}"
+    assert collect.text() == "job says 0\njob says 1\njob says 2\n"
+    assert any(job_id in j and "RUNNING" in j for j in slurm.jobs())
+    key_files = [f for f in os.listdir(tmp_path / "slurm") if f.endswith(".key")]
+    assert key_files and all(os.stat(tmp_path / "slurm" / f).st_mode & 0o777 == 0o600 for f in key_files)
+    pool.shutdown()
+    assert wait_for(lambda: no_flame_jobs(slurm), timeout=15), "shutting the runner down ends its job"
+
+
+def test_runner_killed_mid_call_gives_runner_died(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path), max=1, boot_timeout=60)
+    pid = pool.call(os.getpid)
+    fut = pool.submit(time.sleep, 60)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(flame.RunnerDied, match="Slurm job"):
+        fut.result(timeout=15)
+
+
+def test_idle_shutdown_ends_the_job(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path), max=1, idle_shutdown_after=0.5, boot_timeout=60)
+    pool.call(lambda: None)
+    assert wait_for(lambda: pool.runners == [] and no_flame_jobs(slurm), timeout=15)
+
+
+def test_gpu_runners_get_different_gpus_and_a_third_caller_waits(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path, gpus_per_runner=1), max=3, boot_timeout=60)
+
+    def gpu(seconds):
+        import os, time
+        time.sleep(seconds)
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ["SLURM_JOB_ID"]
+    futures = [pool.submit(gpu, 3.0) for _ in range(3)]
+    # Two jobs run on the node's two GPUs; the third runner's job waits in the queue.
+    assert wait_for(lambda: sorted(j.split()[2] for j in slurm.jobs() if " flame-" in j)
+                    == ["PENDING", "RUNNING", "RUNNING"], timeout=30), slurm.jobs()
+    first_two = [f.result(timeout=60) for f in futures[:2]]
+    assert sorted(g for g, _ in first_two) == ["0", "1"]
+    gpus, job = futures[2].result(timeout=60)  # waited for a free runner
+    assert job in {j for _, j in first_two}, "the third caller ran on one of the two GPU jobs"
+    assert sorted(r.gpus[0] for r in pool.runners if r.state == "ready") == ["0", "1"]
+
+
+def test_impossible_gres_is_a_boot_error_with_slurms_reason(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path, gpus_per_runner=3), max=1)
+    with pytest.raises(flame.BootError, match="Requested node configuration is not available"):
+        pool.call(lambda: 1)
+
+
+def test_job_pending_past_boot_timeout_is_cancelled(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path, sbatch_args=["--begin=now+1hour"]), max=1, boot_timeout=3)
+    with pytest.raises(flame.BootError, match=r"(?s)boot_timeout=3 s.*PENDING \(BeginTime\)"):
+        pool.call(lambda: 1)
+    assert wait_for(lambda: no_flame_jobs(slurm), timeout=10), "the pending job was cancelled"
+
+
+def test_bad_python_path_is_a_boot_error(slurm, tmp_path, make_pool):
+    pool = make_pool(backend=backend(tmp_path, python="/nonexistent/python3"), max=1, boot_timeout=60)
+    with pytest.raises(flame.BootError, match="(?s)exited during boot.*nonexistent"):
+        pool.call(lambda: 1)
+
+
+def test_sigkilled_parent_leaves_no_job(slurm, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import flame, sys, time
+        b = flame.SlurmBackend(python=sys.executable, env={{"PYTHONPATH": {ROOT!r}}},
+                               work_dir={str(tmp_path / "slurm")!r})
+        pool = flame.Pool(b, min=2, max=2, parent_timeout=2, boot_timeout=60)
+        pool.map(lambda _: __import__("time").sleep(0.3), range(2))
+        print("ready", flush=True)
+        time.sleep(600)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    assert parent.stdout.readline().strip() == "ready"
+    assert len([j for j in slurm.jobs() if " flame-" in j]) == 2
+    parent.kill()
+    parent.wait()
+    t0 = time.monotonic()
+    assert wait_for(lambda: no_flame_jobs(slurm), timeout=15)
+    assert time.monotonic() - t0 < 2 + 5
