@@ -193,3 +193,21 @@ def test_flamebook_serve_runs_an_unmodified_script(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_notebook_going_away_never_harms_the_app(app):
+    proc, path = app
+    km, kc = start()
+    execute(kc, f"%attach {path}")
+    kc.execute("import time\nwhile True:\n    time.sleep(0.1)")  # still running in the app...
+    time.sleep(0.5)
+    os.kill(km.provisioner.process.pid, 9)  # ...when the notebook's kernel dies
+    kc.stop_channels()
+    km.cleanup_resources()
+    time.sleep(1.0)
+    assert proc.poll() is None
+    node = flame.connect(path)  # the app still serves; the orphaned cell is interrupted
+    t0 = time.monotonic()
+    assert node.call(lambda: __import__("__main__").ticks) > 0
+    assert time.monotonic() - t0 < 15
+    node.close()

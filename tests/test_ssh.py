@@ -113,3 +113,12 @@ def test_unreachable_host_is_named_and_the_next_host_is_tried(sshd, make_pool, c
     pool2 = make_pool(backend=backend(sshd, hosts=[dead], connect_timeout=3), max=1)
     with pytest.raises(flame.BootError, match=r"root@127\.0\.0\.1:1"):
         pool2.call(lambda: 1)
+
+
+def test_runners_spread_across_hosts(sshd, make_pool):
+    port = sshd.host.rsplit(":", 1)[1]
+    hosts = [sshd.host, f"root@localhost:{port}"]  # two names for the one test server
+    pool = make_pool(backend=backend(sshd, hosts=hosts), max=2)
+    pool.map(lambda _: __import__("time").sleep(0.5), range(2))
+    used = sorted(r.handle.ssh_host.spec for r in pool._runners.values())
+    assert used == sorted(hosts)

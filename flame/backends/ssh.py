@@ -89,6 +89,7 @@ class SSHBackend(Backend):
         self.cwd = cwd
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._conns: dict[str, Any] = {}
         self._tunnels: dict[tuple[str, str], int] = {}
         self._alock: asyncio.Lock | None = None
@@ -135,16 +136,20 @@ class SSHBackend(Backend):
 
     # ---- the contract --------------------------------------------------------------------------
     def boot(self, spec: RunnerSpec) -> RunnerHandle:
-        errors = []
-        for h in sorted(self.hosts, key=lambda x: x.runners):
+        errors: list[str] = []
+        tried: set[str] = set()
+        while len(tried) < len(self.hosts):
+            with self._count_lock:  # boots run in parallel: count a runner when its host is chosen
+                h = min((x for x in self.hosts if x.spec not in tried), key=lambda x: x.runners)
+                h.runners += 1
+            tried.add(h.spec)
             try:
-                handle = self._run(self._boot_on(h, spec), self.connect_timeout + 20)
+                return self._run(self._boot_on(h, spec), self.connect_timeout + 20)
             except Exception as exc:
+                with self._count_lock:
+                    h.runners -= 1
                 errors.append(f"{h.spec}: {type(exc).__name__}: {exc}")
                 log.warning("flame: cannot start a runner on %s (%s); trying the next host", h.spec, exc)
-                continue
-            h.runners += 1
-            return handle
         raise RuntimeError("no SSH host could start a runner: " + "; ".join(errors))
 
     async def _boot_on(self, h: _Host, spec: RunnerSpec) -> SSHHandle:
@@ -191,7 +196,8 @@ class SSHBackend(Backend):
             self._run(self._terminate(handle), 15)
         except Exception as exc:
             log.warning("flame: could not stop runner pid %s on %s: %s", handle.pid, handle.ssh_host, exc)
-        handle.ssh_host.runners = max(0, handle.ssh_host.runners - 1)
+        with self._count_lock:
+            handle.ssh_host.runners = max(0, handle.ssh_host.runners - 1)
 
     async def _terminate(self, handle: SSHHandle) -> None:
         if handle.code is None:

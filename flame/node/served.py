@@ -34,8 +34,10 @@ log = logging.getLogger("flame.attach")
 
 APP = "app"
 HEARTBEAT = 1.0
-#: Clients not heard from for this long get no more heartbeats.
-CLIENT_TIMEOUT = 30.0
+#: A client not heard from for this long is gone (clients heartbeat every second): it gets
+#: no more heartbeats, and a cell it left running is interrupted so the next client finds
+#: the app free.
+CLIENT_TIMEOUT = 5.0
 REFUSED = b'{"k":"refused"}'
 
 
@@ -60,7 +62,7 @@ class ServedNode:
         self.clients: dict[bytes, float] = {}
         self.refused: set[bytes] = set()
         self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.running: tuple[str, int] | None = None  # (request id, worker thread ident)
+        self.running: tuple[str, int, bytes] | None = None  # (request id, worker thread, client)
         self.capture = _shared_capture()
         self.dirty: set[CallOutput] = set()
         self.outputs: dict[str, tuple[bytes, CallOutput]] = {}
@@ -131,6 +133,12 @@ class ServedNode:
                     for ident, seen in list(self.clients.items()):
                         if now - seen < CLIENT_TIMEOUT:
                             self.send(ident, "heartbeat")
+                        else:
+                            del self.clients[ident]
+                            running = self.running
+                            if running is not None and running[2] == ident:
+                                log.warning("flame: the notebook that ran %s is gone; interrupting it", running[0])
+                                self._interrupt(running[1])
                 self._flush()
         except Exception:
             log.exception("flame: attach I/O thread failed")
@@ -158,9 +166,7 @@ class ServedNode:
         elif kind == "cancel":
             running = self.running
             if running is not None and running[0] == head["id"]:
-                import ctypes
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(running[1]),
-                                                           ctypes.py_object(KeyboardInterrupt))
+                self._interrupt(running[1])
         elif kind == "complete":
             reply = introspect.complete(self.namespace, head["code"], head.get("cursor"))
             self.send(ident, "reply", {"id": head["id"], "content": reply})
@@ -168,6 +174,11 @@ class ServedNode:
             reply = introspect.inspect(self.namespace, head["code"], head.get("cursor"),
                                        head.get("detail", 0))
             self.send(ident, "reply", {"id": head["id"], "content": reply})
+
+    @staticmethod
+    def _interrupt(thread_ident: int) -> None:
+        import ctypes
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_ident), ctypes.py_object(KeyboardInterrupt))
 
     # ---- worker thread ---------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -188,7 +199,7 @@ class ServedNode:
         self.capture.by_thread[me] = out
         reply, fields, body = "result", {"id": rid}, ()
         try:
-            self.running = (rid, me)
+            self.running = (rid, me, ident)
             try:
                 if kind == "run":
                     run_source(head["code"], self.namespace, filename=f"<cell {rid}>")
