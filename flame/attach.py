@@ -85,8 +85,13 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
         label = name or os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
         connection_file = os.path.join(attach_dir(), f"{label}-{os.getpid()}.json")
     os.makedirs(os.path.dirname(os.path.abspath(connection_file)), exist_ok=True)
-    info = {"address": node.address, "key": key.hex(), "pid": os.getpid(), "host": socket.gethostname(),
+    address = node.address
+    if "://0.0.0.0:" in address:  # bound to every interface: tell clients a name they can reach
+        address = address.replace("0.0.0.0", socket.gethostname())
+    info = {"address": address, "key": key.hex(), "pid": os.getpid(), "host": socket.gethostname(),
             "python": platform.python_version(), "argv": sys.argv}
+    if node.curve_public is not None:
+        info["curve_server_key"] = node.curve_public.decode()
     fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
@@ -137,6 +142,11 @@ class Node:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, self.me.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
+        if info.get("curve_server_key"):
+            public, secret = zmq.curve_keypair()
+            self._sock.curve_serverkey = info["curve_server_key"].encode()
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
         self._sock.connect(self.address)
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}

@@ -131,6 +131,12 @@ class Pool:
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._curve_public: bytes | None = None
+        if not _is_loopback(backend.bind_host):
+            # Off loopback the HMAC still authenticates every frame; CurveZMQ also encrypts.
+            self._curve_public, secret = zmq.curve_keypair()
+            self._sock.curve_secretkey = secret
+            self._sock.curve_server = True
         self._sock.bind(f"tcp://{backend.bind_host}:0")
         self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._sock_fd = self._sock.getsockopt(zmq.FD)
@@ -384,6 +390,8 @@ class Pool:
             "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(HEARTBEAT),
             "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout),
         }, self.max_concurrency)
+        if self._curve_public is not None:
+            spec.env["FLAME_CURVE_SERVER"] = self._curve_public.decode()  # a public key
         threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
                          daemon=True).start()
         log.info("flame: booting runner %s", rid)
@@ -756,6 +764,10 @@ def _local_source(tb: str, fn: Any) -> str:
                 return f'File "{code.co_filename}", line {line}, in {name}' + (f"\n    {src}" if src else "")
         return m.group(0)
     return re.sub(r'File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _interrupted(future: CallFuture) -> KeyboardInterrupt:

@@ -211,3 +211,24 @@ def test_notebook_going_away_never_harms_the_app(app):
     assert node.call(lambda: __import__("__main__").ticks) > 0
     assert time.monotonic() - t0 < 15
     node.close()
+
+
+def test_app_serving_off_loopback_encrypts(tmp_path):
+    path = str(tmp_path / "wide.json")
+    code = ("import flame, sys, time\nx = 7\nflame.serve(address='tcp://0.0.0.0:0', connection_file=sys.argv[1])\n"
+            "print('up', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        info = json.load(open(path))
+        host = __import__("socket").gethostname()
+        assert info["curve_server_key"] and info["address"].startswith(f"tcp://{host}:")
+        info["address"] = info["address"].replace(host, "127.0.0.1")
+        json.dump(info, open(path, "w"))
+        node = flame.connect(path)
+        assert node.call(lambda: __import__("__main__").x) == 7
+        node.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -113,3 +113,34 @@ def test_key_is_never_on_argv_or_in_logs_and_binding_is_loopback(make_pool):
 def test_short_or_missing_keys_are_refused():
     with pytest.raises(ValueError):
         Wire(b"short", "x")
+
+
+class _OffLoopback(flame.LocalBackend):
+    """Runners on this machine, but the pool listens on every interface."""
+    bind_host = "0.0.0.0"
+
+    def connect_address(self, bound):
+        return "tcp://127.0.0.1:" + bound.rsplit(":", 1)[1]
+
+
+def test_off_loopback_pools_encrypt_with_curve(make_pool):
+    pool = make_pool(backend=_OffLoopback(), max=1)
+    assert pool._sock.curve_server and pool._curve_public
+    assert pool.call(lambda x: x + 1, 41) == 42
+    # A peer that does not speak CURVE gets no handshake: its messages never reach the pool.
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(pool.address)
+    plain.send_multipart([b"x", b"y"])
+    import time
+    time.sleep(0.5)
+    assert pool._wire.dropped == 0, "the plaintext peer's frames were refused by CURVE, not even read"
+    plain.close()
+    ctx.term()
+    assert pool.call(lambda: "still fine") == "still fine"
+
+
+def test_loopback_pools_do_not_pay_for_curve(make_pool):
+    pool = make_pool(max=1)
+    assert pool._curve_public is None and not pool._sock.curve_server

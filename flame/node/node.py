@@ -20,7 +20,7 @@ afterwards and wakes the main thread when a message is waiting.
 Configuration comes from the environment (never argv, so the key never shows in
 ``ps``): FLAME_ADDRESS, FLAME_RUNNER_ID, FLAME_KEY (hex) or FLAME_KEY_FILE,
 FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
-FLAME_PARENT_PID.
+FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback).
 """
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ class Node:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        server_key = env.get("FLAME_CURVE_SERVER")
+        if server_key:  # the parent listens off loopback: encrypt too (CurveZMQ)
+            public, secret = zmq.curve_keypair()
+            self.sock.curve_serverkey = server_key.encode()
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()

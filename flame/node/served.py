@@ -50,6 +50,13 @@ class ServedNode:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.curve_public: bytes | None = None
+        host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+        if not (host.startswith("127.") or host in ("localhost", "[::1]")):
+            # Reachable from other machines: encrypt too (CurveZMQ); the HMAC still authenticates.
+            self.curve_public, secret = zmq.curve_keypair()
+            self.sock.curve_secretkey = secret
+            self.sock.curve_server = True
         if address.endswith(":0"):
             self.sock.bind(address[:-2] + ":*")
         else:
