@@ -96,6 +96,11 @@ def test_attached_cells_run_inside_the_app(app, kernel):
     kc.inspect("restock", 7)
     reply = kc.get_shell_msg(timeout=10)
     assert "Restock an item" in reply["content"]["data"]["text/plain"]
+    # IPython syntax goes through IPython in the app
+    cell, (reply, msgs) = execute(kc, "%time total = sum(inventory.items.values())\n!echo from-a-shell\ntotal")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert "Wall time" in text_of(msgs, cell) and shown(msgs, cell) == ["18"]
+    assert "from-a-shell\n" in text_of(msgs, cell)
     # detach: the kernel is local again and the app goes on
     cell, (reply, msgs) = execute(kc, "%detach")
     assert "detached" in text_of(msgs, cell)
