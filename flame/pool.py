@@ -38,6 +38,8 @@ TICK = 0.05
 HEARTBEAT = 1.0
 #: How long a cancelled call may take to stop before its runner is killed and replaced.
 CANCEL_GRACE = 1.0
+#: Calls sent ahead to a busy runner when every runner is busy and the pool is at max.
+PREFETCH = 1
 #: How long a runner asked to stop may take before it is killed.
 STOP_GRACE = 2.0
 
@@ -315,35 +317,47 @@ class Pool:
     # ---- scheduling (caller holds the lock) ----------------------------------------
     def _schedule(self) -> None:
         waiting = self._waiting
-        pinned = 0
-        while len(waiting) > pinned:
-            best = None
-            for r in self._runners.values():
-                if r.state == "ready" and len(r.active) < self.max_concurrency:
-                    if best is None or len(r.active) < len(best.active):
-                        best = r
-            if best is None:
-                break
-            # FIFO, except that a call pinned to a busy runner lets later calls pass.
-            pinned = 0
-            for call in waiting:
-                mine = self._runners.get(call.affinity) if call.affinity else None
-                if mine is None or mine.state not in ("ready", "booting"):
-                    self._start(call, best)
-                    break
-                if mine.state == "ready" and len(mine.active) < self.max_concurrency:
-                    self._start(call, mine)
-                    break
-                pinned += 1
-            else:
-                break
+        pinned = self._place(self.max_concurrency)
         if len(waiting) > pinned:
             booting = sum(1 for r in self._runners.values() if r.state == "booting")
             need = len(waiting) - pinned - booting * self.max_concurrency
             while need > 0 and self._can_boot():
                 self._boot()
                 need -= self.max_concurrency
+            if len(waiting) > pinned and not booting and not self._can_boot():
+                # Every runner is busy and no more can come: send the next calls ahead, so each
+                # is on its runner the moment the one before it ends (the runner still runs
+                # at most max_concurrency at once).
+                self._place(self.max_concurrency + PREFETCH)
         self._refill_min()
+
+    def _place(self, limit: int) -> int:
+        """Start waiting calls on ready runners holding fewer than ``limit`` calls, least loaded
+        first, in FIFO order except that a call pinned to a busy runner lets later calls pass.
+        Returns how many waiting calls are pinned to busy runners."""
+        waiting = self._waiting
+        pinned = 0
+        while len(waiting) > pinned:
+            best = None
+            for r in self._runners.values():
+                if r.state == "ready" and len(r.active) < limit:
+                    if best is None or len(r.active) < len(best.active):
+                        best = r
+            if best is None:
+                break
+            pinned = 0
+            for call in waiting:
+                mine = self._runners.get(call.affinity) if call.affinity else None
+                if mine is None or mine.state not in ("ready", "booting"):
+                    self._start(call, best)
+                    break
+                if mine.state == "ready" and len(mine.active) < limit:
+                    self._start(call, mine)
+                    break
+                pinned += 1
+            else:
+                break
+        return pinned
 
     def _live_count(self) -> int:
         return sum(1 for r in self._runners.values() if r.state in ("booting", "ready"))
@@ -539,13 +553,31 @@ class Pool:
                         zmq.select([fd], [], [], 0.02)
                         batch = self._receive()
                 finally:
-                    self._recv_lock.release()
-                    for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
-                        self._handle(parts)
+                    try:
+                        for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
+                            self._handle(parts)
+                    finally:
+                        self._recv_lock.release()
         finally:
             self._waiters.pop()
             if not self._waiters and self._calls:
                 self._wake()  # others' calls are out: the I/O thread must watch the socket again
+
+    def _receive_and_handle(self) -> bool:
+        """Receive, check and handle what is waiting, unless another thread is doing so now.
+
+        One thread at a time, from receive through handling: sequence numbers are checked
+        in arrival order, and a call's output is delivered before its result.
+        """
+        if not self._recv_lock.acquire(blocking=False):
+            return False
+        try:
+            batch = self._receive()
+            for parts in batch:
+                self._handle(parts)
+        finally:
+            self._recv_lock.release()
+        return bool(batch)
 
     def _io_loop(self) -> None:
         next_tick = next_beat = time.monotonic()
@@ -554,9 +586,7 @@ class Pool:
             while not self._stopped.is_set():
                 # Handle outside the socket lock: handlers take the pool lock and may send,
                 # and the lock order everywhere is pool lock -> socket lock.
-                batch = self._receive() if woken or not self._waiters else []
-                for parts in batch:
-                    self._handle(parts)
+                got = self._receive_and_handle() if woken or not self._waiters else False
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -567,7 +597,7 @@ class Pool:
                                 if r.state == "ready":
                                     self._send(r, "heartbeat")
                     self._check(now)
-                if batch:
+                if got:
                     continue
                 self._io_watching = not self._waiters
                 fds = [self._wake_r, self._sock_fd] if self._io_watching else [self._wake_r]

@@ -213,3 +213,15 @@ def test_context_manager_stops_runners():
     with flame.Pool(max=2) as pool:
         pids = set(pool.map(lambda _: (__import__("time").sleep(0.2), __import__("os").getpid())[1], range(2)))
     assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_calls_sent_ahead_to_busy_runners_can_still_be_cancelled(make_pool, tmp_path):
+    pool = make_pool(max=1)
+    first = pool.submit(time.sleep, 1.5)
+    marker = tmp_path / "ran"
+    second = pool.submit(lambda p: open(p, "w").write("x"), str(marker))  # sent ahead: pool at max
+    time.sleep(0.3)
+    assert second.cancel()
+    assert first.result(timeout=10) is None, "the running call was not disturbed"
+    assert pool.call(lambda: "after") == "after"
+    assert not marker.exists()

@@ -81,6 +81,7 @@ class Node:
             self.sock.curve_secretkey = secret
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
+        self.recv_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -89,6 +90,8 @@ class Node:
         self.capture = Capture()
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.running: dict[str, tuple[int, CallOutput]] = {}
+        self.queued: set[str] = set()  # received, not started (calls the parent sent ahead)
+        self.cancelled: set[str] = set()  # queued calls cancelled before they started
         self.dirty: set[CallOutput] = set()
         self.stopping = False
         self.busy = False  # the main thread is executing a call and not watching the socket
@@ -144,16 +147,13 @@ class Node:
                             "python": platform.python_version(), "cwd": os.getcwd(),
                             "gpus": _visible_gpus(), "gpu_info": _gpu_info()})
         while True:
-            worked = False
-            while True:  # calls the watch thread took in while this thread was busy
+            worked = self.take_in()
+            while True:
                 try:
                     item = self.calls.get_nowait()
                 except queue.Empty:
                     break
                 self._dispatch(item)
-                worked = True
-            for parts in self._receive():
-                self.handle(parts)
                 worked = True
             if self.stopping and not self.running and self.calls.empty():
                 return
@@ -166,8 +166,19 @@ class Node:
                 except BlockingIOError:
                     pass
 
+    def take_in(self) -> bool:
+        """Receive, check and route what is waiting (main thread, or watch thread while main is busy).
+
+        One thread at a time from receive through routing: sequence numbers are checked in
+        arrival order, and calls enter the one FIFO queue in that order too.
+        """
+        with self.recv_lock:
+            batch = self._receive()
+            for parts in batch:
+                self.handle(parts)
+        return bool(batch)
+
     def handle(self, parts: list) -> None:
-        """Act on one received message (main thread, or watch thread while main is busy)."""
         msg = self.wire.decode(parts)
         if msg is None:
             return
@@ -176,12 +187,10 @@ class Node:
         kind = head["k"]
         if kind == "call":
             nf = head.get("nf")
-            item = (head["id"], head.get("name", "?"), self._function(head["fn"], frames[0] if nf else None),
-                    frames[1 if nf else 0:])
-            if threading.get_ident() == self._main_ident:
-                self._dispatch(item)
-            else:
-                self.calls.put(item)
+            self.queued.add(head["id"])
+            self.calls.put((head["id"], head.get("name", "?"),
+                            self._function(head["fn"], frames[0] if nf else None), frames[1 if nf else 0:]))
+            if threading.get_ident() != self._main_ident:
                 self._wake()
         elif kind == "cancel":
             self.cancel(head["id"])
@@ -220,9 +229,7 @@ class Node:
         while True:
             time.sleep(FLUSH_INTERVAL)
             if self.busy or self.concurrency > 1:
-                # The main thread is not looking at the socket: take in cancels (and anything else).
-                for parts in self._receive():
-                    self.handle(parts)
+                self.take_in()  # the main thread is not looking at the socket: take in cancels
             if self.dirty:
                 dirty, self.dirty = self.dirty, set()
                 for out in dirty:
@@ -238,6 +245,10 @@ class Node:
     def cancel(self, call_id: str) -> None:
         ident = self.running.get(call_id, (None,))[0]
         if ident is None:
+            if call_id in self.queued:  # sent ahead and not started: answer now, skip it later
+                self.cancelled.add(call_id)
+                self.post("error", {"id": call_id, "type": "builtins.KeyboardInterrupt", "msg": "cancelled",
+                                    "tb": "", "cancelled": True})
             return
         if ident == self._main_ident:
             self._interrupt_main = call_id
@@ -261,6 +272,10 @@ class Node:
                 continue  # a cancel that landed between calls
 
     def execute(self, call_id: str, name: str, entry: list, arg_frames: list) -> None:
+        self.queued.discard(call_id)
+        if call_id in self.cancelled:
+            self.cancelled.discard(call_id)
+            return
         ident = threading.get_ident()
         out = CallOutput(call_id, self._output_pending)
         self.running[call_id] = (ident, out)
