@@ -6,7 +6,6 @@ Run: `python benchmarks/bench_kernel.py [--quick]` (needs `python -m kernel inst
 """
 from __future__ import annotations
 
-import queue
 import statistics
 import sys
 import time

@@ -19,7 +19,7 @@ import zmq
 
 from . import serialize
 from .call import make_sink
-from .errors import FlameError, RemoteError, RemoteTraceback, RunnerDied
+from .errors import FlameError, RunnerDied
 from .wire import KEY_BYTES, Wire
 
 log = logging.getLogger("flame.attach")
@@ -309,19 +309,9 @@ class Node:
 
 
 def _rebuild(head: dict, frames: list) -> BaseException:
-    tb = head.get("tb", "")
     if head.get("cancelled"):
         return KeyboardInterrupt("the app's cell was interrupted")
-    if frames:
-        try:
-            exc = serialize.loads(frames)
-            if isinstance(exc, BaseException):
-                exc.__cause__ = RemoteTraceback(tb)
-                exc.remote_traceback = tb  # type: ignore[attr-defined]
-                return exc
-        except Exception:
-            pass
-    return RemoteError(head.get("type", "Exception"), head.get("msg", ""), tb)
+    return serialize.rebuild_error(head, frames, head.get("tb", ""))
 
 
 def _pid_alive(pid: Any) -> bool:

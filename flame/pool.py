@@ -25,8 +25,7 @@ import zmq
 from . import serialize
 from .backends.base import Backend, RunnerSpec
 from .call import Call, CallFuture
-from .errors import (BootError, CallTimeout, PoolClosed, RemoteError, RemoteTraceback, RunnerDied,
-                     SerializationError)
+from .errors import BootError, CallTimeout, PoolClosed, RunnerDied, SerializationError
 from .runner import Runner, RunnerInfo
 from .wire import KEY_BYTES, Wire, _small, frames_digest, frames_hasher
 
@@ -685,17 +684,7 @@ class Pool:
     def _remote_error(self, call: Call, head: dict, frames: list) -> BaseException:
         if head.get("cancelled") and call.state == "cancelling":
             return CancelledError(f"{call.name}() was cancelled")
-        tb = _local_source(head.get("tb", ""), call.fn)
-        if frames:
-            try:
-                exc = serialize.loads(frames)
-                if isinstance(exc, BaseException):
-                    exc.__cause__ = RemoteTraceback(tb)
-                    exc.remote_traceback = tb  # type: ignore[attr-defined]
-                    return exc
-            except Exception:
-                pass
-        return RemoteError(head.get("type", "Exception"), head.get("msg", ""), tb)
+        return serialize.rebuild_error(head, frames, _local_source(head.get("tb", ""), call.fn))
 
     def _check(self, now: float) -> None:
         with self._lock:

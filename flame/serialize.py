@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import cloudpickle
 
-from .errors import SerializationError
+from .errors import RemoteError, RemoteTraceback, SerializationError
 
 #: Buffers at least this large travel as their own zero-copy frame; smaller ones stay in-band,
 #: where one extra frame would cost more than the copy.
@@ -104,3 +104,18 @@ def dumps_call(fn: Any, args: tuple, kwargs: dict) -> tuple[bytes, list]:
 def raise_unpicklable(what: str, obj: Any, exc: BaseException) -> None:
     """Raise a SerializationError that names ``obj``."""
     raise SerializationError(f"cannot send {what}: {describe(obj)}: {type(exc).__name__}: {exc}") from exc
+
+
+def rebuild_error(head: dict, frames: Sequence[Any], tb: str) -> BaseException:
+    """The exception an ``error`` message carries: its own type with the remote traceback
+    chained when it unpickles here, else a RemoteError with type name, message and traceback."""
+    if frames:
+        try:
+            exc = loads(frames)
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(tb)
+                exc.remote_traceback = tb  # type: ignore[attr-defined]
+                return exc
+        except Exception:
+            pass
+    return RemoteError(head.get("type", "Exception"), head.get("msg", ""), tb)

@@ -8,7 +8,7 @@ import sys
 import zmq
 
 from flame import serialize
-from flame.wire import Wire, frames_digest
+from flame.wire import Wire
 from conftest import ROOT
 
 

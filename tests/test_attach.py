@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import psutil
 import pytest
 
 import flame
-from conftest import ROOT, wait_for
+from conftest import ROOT
 from kernel_util import collect, execute, of_type, start, streams
 
 APP = os.path.join(ROOT, "notebooks", "inventory_app.py")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import _thread
 import os
 import stat
-import sys
 import threading
 import time
 

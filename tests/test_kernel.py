@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from conftest import wait_for
-from kernel_util import collect, drain, execute, of_type, start, streams
+from kernel_util import collect, execute, of_type, start, streams
 
 
 @pytest.fixture(scope="module")

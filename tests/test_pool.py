@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 import flame
 from flame import serialize
-from conftest import ROOT, wait_for
+from conftest import wait_for
 
 
 def test_lambda_closure_and_kwargs(make_pool):

@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 
-import psutil
 import pytest
 
 import flame
