@@ -11,6 +11,7 @@ import sys
 import time
 
 from jupyter_client.manager import start_new_kernel
+from table import print_table
 
 
 def pct(xs, q):
@@ -90,13 +91,7 @@ def main(quick: bool = False) -> None:
                  f"{statistics.median(e_fb)*1e3:.2f} / {pct(e_fb, .9)*1e3:.2f}",
                  f"{statistics.median(e_fb) / statistics.median(e_py):.2f}x"))
     rows.append(("remote print -> iopub message (ms)", "", f"{statistics.median(lat)*1e3:.1f} / {pct(lat, .9)*1e3:.1f}", ""))
-    head = ("measure", "python3 (median / p90)", "flamebook (median / p90)", "ratio")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-    print(line(head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
+    print_table(("measure", "python3 (median / p90)", "flamebook (median / p90)", "ratio"), rows)
 
 
 if __name__ == "__main__":

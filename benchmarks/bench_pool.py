@@ -5,7 +5,6 @@ measured in the same run. Run: `python benchmarks/bench_pool.py [--quick]`.
 """
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import zmq
 
 import flame
+from table import print_table, stats
 
 # ---- the floor: ~40 lines of raw pyzmq + cloudpickle, pickle-5 buffers out of band ----------
 ECHO_SERVER = r"""
@@ -93,11 +93,6 @@ def timed(fn, n):
     return out
 
 
-def stats(samples):
-    s = sorted(samples)
-    return statistics.median(s), s[min(len(s) - 1, int(len(s) * 0.9))]
-
-
 def main(quick: bool = False) -> None:
     n_warm, n_cold, n_big, n_tasks = (300, 3, 2, 1000) if quick else (3000, 7, 5, 5000)
     rows = []
@@ -158,14 +153,8 @@ def main(quick: bool = False) -> None:
     row("100 MB numpy round trip", "ms", 1e3, f_big, p_big, e_big)
     rows.append((f"{n_tasks} tiny tasks on 2 runners", "tasks/s", f"{f_tput:.0f}", f"{p_tput:.0f}",
                  f"{e_tput:.0f}", f"{p_tput / f_tput:.2f}x"))
-    head = ("measure", "unit", "floor (median / p90)", "flame (median / p90)",
-            "ProcessPoolExecutor", "flame / floor")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
-    print(line(head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
+    print_table(("measure", "unit", "floor (median / p90)", "flame (median / p90)",
+                 "ProcessPoolExecutor", "flame / floor"), rows)
 
 
 if __name__ == "__main__":

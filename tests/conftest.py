@@ -25,6 +25,14 @@ def runner_processes() -> list[psutil.Process]:
     return found
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(autouse=True)
 def no_runner_left_behind(request):
     before = {p.pid for p in runner_processes()}

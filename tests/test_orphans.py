@@ -10,15 +10,8 @@ import time
 
 import psutil
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, gone, wait_for
 from harness import FakeParent
-
-
-def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_sigkilled_parent_leaves_no_runner(tmp_path):
@@ -40,7 +33,7 @@ def test_sigkilled_parent_leaves_no_runner(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     t0 = time.monotonic()
-    assert wait_for(lambda: all(_gone(p) for p in pids), timeout=8)
+    assert wait_for(lambda: all(gone(p) for p in pids), timeout=8)
     assert time.monotonic() - t0 < 6
 
 

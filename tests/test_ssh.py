@@ -12,19 +12,12 @@ import psutil
 import pytest
 
 import flame
-from conftest import ROOT, wait_for
+from conftest import ROOT, gone, wait_for
 
 
 def backend(sshd, hosts=None, **kw):
     kw.setdefault("python", sys.executable)
     return flame.SSHBackend(hosts or [sshd.host], key=sshd.client_key, known_hosts=None, env={"PYTHONPATH": ROOT}, **kw)
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def under_sshd(pid):
