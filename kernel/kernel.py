@@ -1,7 +1,10 @@
 """FlameKernel: IPython's kernel, with flame pools made native."""
 from __future__ import annotations
 
+import asyncio
+
 from ipykernel.ipkernel import IPythonKernel
+from ipykernel.jsonutil import json_clean
 
 from .outputs import CellSink
 
@@ -83,6 +86,37 @@ class FlameKernel(IPythonKernel):
         if not silent:
             self.send_response(self.iopub_socket, "error", error)
         return {"status": "error", "execution_count": count, **error}
+
+    async def shell_channel_thread_main(self, msg):
+        """While attached, answer completion and inspection on the shell channel thread.
+
+        Frontends (JupyterLab included) send complete_request on the main shell, where it
+        would wait behind a cell that runs in the app. ipykernel 7 hands every shell message
+        to this thread first; requests that the app answers anyway are answered here, at
+        once, and everything else goes on as usual. Without that thread (other ipykernel
+        versions) requests simply take the usual route.
+        """
+        if self.attached is not None and self.session is not None:
+            try:
+                idents, frames = self.session.feed_identities(msg, copy=False)
+                # Peek first: a full deserialize records the signature against replays, and
+                # a message passed on is deserialized again further down.
+                kind = self.session.deserialize(frames, content=False, copy=False)["header"]["msg_type"]
+            except Exception:
+                kind = None
+            if kind in ("complete_request", "inspect_request"):
+                request = self.session.deserialize(frames, content=True, copy=False)
+                content = request["content"]
+                if kind == "complete_request":
+                    ask, args, reply_type = self.do_complete, (content["code"], content["cursor_pos"]), "complete_reply"
+                else:
+                    ask, args, reply_type = self.do_inspect, (content["code"], content["cursor_pos"],
+                                                              content.get("detail_level", 0)), "inspect_reply"
+                answer = await asyncio.to_thread(ask, *args)  # the app answers; this loop stays free
+                reply = self.session.msg(reply_type, json_clean(answer), parent=request)
+                self.shell_channel_thread.manager._send_on_shell_channel(self.session.serialize(reply, ident=idents))
+                return
+        return await super().shell_channel_thread_main(msg)
 
     def do_complete(self, code, cursor_pos):
         if self.attached is not None:

@@ -128,7 +128,7 @@ def test_completion_works_while_a_cell_runs_in_the_app(app, kernel):
     proc, path = app
     km, kc = kernel
     execute(kc, f"%attach {path}")
-    # ipykernel 7 subshells: a second shell thread answers while the main one runs the cell.
+    # Asked on a subshell (ipykernel 7) or, below, plainly: either way answered mid-cell.
     msg = kc.session.msg("create_subshell_request", {})
     kc.control_channel.send(msg)
     subshell = kc.get_control_msg(timeout=10)["content"]["subshell_id"]
@@ -144,6 +144,15 @@ def test_completion_works_while_a_cell_runs_in_the_app(app, kernel):
             break
     assert time.monotonic() - t0 < 2.5, "answered while the cell was still running"
     assert "add" in reply["content"]["matches"]
+    # ...and so does a plain complete_request, as JupyterLab sends it (no subshell named)
+    plain = kc.complete("resto", 5)
+    t0 = time.monotonic()
+    while True:
+        reply = kc.get_shell_msg(timeout=10)
+        if reply["parent_header"]["msg_id"] == plain:
+            break
+    assert time.monotonic() - t0 < 2.0, "answered while the cell was still running"
+    assert reply["content"]["matches"] == ["restock"]
     collect(kc, long_cell, timeout=15)
 
 
