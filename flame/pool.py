@@ -27,7 +27,7 @@ from .backends.base import Backend, RunnerSpec
 from .call import Call, CallFuture
 from .errors import BootError, CallTimeout, PoolClosed, RunnerDied, SerializationError
 from .runner import Runner, RunnerInfo
-from .wire import KEY_BYTES, Wire, _small, frames_digest, frames_hasher
+from .wire import KEY_BYTES, Wire, _small, frames_digest, frames_hasher, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -504,11 +504,11 @@ class Pool:
             if self._sock.closed:
                 return
             msg = self._wire.encode(kind, r.id, fields, frames, digest)
-            self._sock.send_multipart([r.id.encode(), *msg], copy=False)
+            send_parts(self._sock, [r.id.encode(), *msg])
             # A socket operation may consume the edge on the socket's FD that would have woken
             # the I/O thread for an incoming message; if one is waiting, wake it explicitly.
-            pending = self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-        if pending:
+            waiting = pending(self._sock)
+        if waiting:
             self._wake()
 
     def _wake(self) -> None:
@@ -521,10 +521,7 @@ class Pool:
         with self._sock_lock:
             if self._sock.closed:
                 return []
-            batch = []
-            while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                batch.append(self._sock.recv_multipart(copy=False))
-        return batch
+            return recv_ready(self._sock)
 
     def _wait(self, future: CallFuture) -> None:
         """Wait for ``future``, receiving and handling messages in this thread meanwhile.

@@ -49,6 +49,35 @@ def frames_hasher(frames: Iterable[Any], base: Any = None) -> Any:
     return h
 
 
+# Plain ints: pyzmq's enum flags cost a Python-level operation each, several per message.
+_EVENTS, _POLLIN, _SNDMORE = 15, 1, 2  # zmq.EVENTS, zmq.POLLIN, zmq.SNDMORE (libzmq ABI constants)
+
+
+def send_parts(sock: Any, parts: Sequence[Any]) -> None:
+    """``sock.send_multipart(parts, copy=False)`` without the enum arithmetic."""
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        sock.send(part, _SNDMORE if i < last else 0, copy=False)
+
+
+def recv_ready(sock: Any) -> list:
+    """Every complete multipart message waiting on ``sock`` (zmq.Frame parts), without blocking."""
+    batch = []
+    while sock.getsockopt(_EVENTS) & _POLLIN:
+        frame = sock.recv(0, copy=False)
+        parts = [frame]
+        while frame.more:
+            frame = sock.recv(0, copy=False)
+            parts.append(frame)
+        batch.append(parts)
+    return batch
+
+
+def pending(sock: Any) -> bool:
+    """Whether a message is waiting on ``sock``."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
 def _small(frames: Sequence[Any]) -> bool:
     total = 0
     for f in frames:

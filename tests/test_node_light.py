@@ -36,3 +36,10 @@ def test_starting_a_runner_loads_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=30)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_wire_int_flags_match_zmq():
+    import zmq
+
+    from flame import wire
+    assert (wire._EVENTS, wire._POLLIN, wire._SNDMORE) == (int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.SNDMORE))

@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 
 from .. import serialize
-from ..wire import Wire
+from ..wire import Wire, pending, recv_ready, send_parts
 from .capture import Capture, CallOutput
 from .terminator import Terminator
 
@@ -103,9 +103,9 @@ class Node:
     def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
         """Sign and send a message to the parent, at once."""
         with self.sock_lock:
-            self.sock.send_multipart(self.wire.encode(kind, PARENT, fields, frames), copy=False)
-            pending = self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-        if pending and threading.get_ident() != self._main_ident:
+            send_parts(self.sock, self.wire.encode(kind, PARENT, fields, frames))
+            waiting = pending(self.sock)
+        if waiting and threading.get_ident() != self._main_ident:
             self._wake()
 
     def _wake(self) -> None:
@@ -116,10 +116,7 @@ class Node:
 
     def _receive(self) -> list:
         with self.sock_lock:
-            batch = []
-            while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                batch.append(self.sock.recv_multipart(copy=False))
-        return batch
+            return recv_ready(self.sock)
 
     def _output_pending(self, out: CallOutput) -> None:
         self.dirty.add(out)
