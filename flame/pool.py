@@ -125,7 +125,6 @@ class Pool:
         self._runner_ids = itertools.count(1)
         self._closed = False
         self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
-        self._idle = threading.Condition(self._lock)
 
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -243,10 +242,10 @@ class Pool:
             first = not self._closed
             self._closed = True
             pending = list(self._calls.values())
-        if cancel_futures or not wait:
+        if cancel_futures:
             for call in pending:
-                call.future.cancel() if cancel_futures else None
-        if wait and not cancel_futures:
+                call.future.cancel()
+        elif wait:
             for call in pending:
                 try:
                     call.future.exception()
