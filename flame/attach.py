@@ -20,7 +20,7 @@ import zmq
 from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
-from .wire import KEY_BYTES, Wire
+from .wire import KEY_BYTES, Wire, curve_client
 
 log = logging.getLogger("flame.attach")
 
@@ -142,11 +142,7 @@ class Node:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, self.me.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
-        if info.get("curve_server_key"):
-            public, secret = zmq.curve_keypair()
-            self._sock.curve_serverkey = info["curve_server_key"].encode()
-            self._sock.curve_publickey = public
-            self._sock.curve_secretkey = secret
+        curve_client(self._sock, info.get("curve_server_key"))
         self._sock.connect(self.address)
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}

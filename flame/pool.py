@@ -27,7 +27,7 @@ from .backends.base import Backend, RunnerSpec
 from .call import Call, CallFuture
 from .errors import BootError, CallTimeout, PoolClosed, RunnerDied, SerializationError
 from .runner import Runner, RunnerInfo
-from .wire import KEY_BYTES, Wire, _small, frames_digest, frames_hasher, pending, recv_ready, send_parts
+from .wire import KEY_BYTES, Wire, _small, listener, frames_digest, frames_hasher, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -127,16 +127,7 @@ class Pool:
         self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
 
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._curve_public: bytes | None = None
-        if not _is_loopback(backend.bind_host):
-            # Off loopback the HMAC still authenticates every frame; CurveZMQ also encrypts.
-            self._curve_public, secret = zmq.curve_keypair()
-            self._sock.curve_secretkey = secret
-            self._sock.curve_server = True
+        self._sock, self._curve_public = listener(self._ctx, backend.bind_host)
         self._sock.bind(f"tcp://{backend.bind_host}:0")
         self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._sock_fd = self._sock.getsockopt(zmq.FD)
@@ -779,10 +770,6 @@ def _local_source(tb: str, fn: Any) -> str:
                 return f'File "{code.co_filename}", line {line}, in {name}' + (f"\n    {src}" if src else "")
         return m.group(0)
     return re.sub(r'File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _interrupted(future: CallFuture) -> KeyboardInterrupt:

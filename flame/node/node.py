@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 
 from .. import serialize
-from ..wire import Wire, pending, recv_ready, send_parts
+from ..wire import Wire, curve_client, pending, recv_ready, send_parts
 from .capture import Capture, CallOutput
 from .terminator import Terminator
 
@@ -73,12 +73,7 @@ class Node:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        server_key = env.get("FLAME_CURVE_SERVER")
-        if server_key:  # the parent listens off loopback: encrypt too (CurveZMQ)
-            public, secret = zmq.curve_keypair()
-            self.sock.curve_serverkey = server_key.encode()
-            self.sock.curve_publickey = public
-            self.sock.curve_secretkey = secret
+        curve_client(self.sock, env.get("FLAME_CURVE_SERVER"))  # set when the parent is off loopback
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
         self.recv_lock = threading.Lock()

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from .. import serialize
-from ..wire import Wire
+from ..wire import Wire, listener
 from . import display, introspect
 from .capture import Capture, CallOutput
 from .interactive import run_source
@@ -46,17 +46,8 @@ class ServedNode:
         self.namespace = namespace
         self.wire = Wire(key, APP)
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.curve_public: bytes | None = None
         host = address.split("://", 1)[-1].rsplit(":", 1)[0]
-        if not (host.startswith("127.") or host in ("localhost", "[::1]")):
-            # Reachable from other machines: encrypt too (CurveZMQ); the HMAC still authenticates.
-            self.curve_public, secret = zmq.curve_keypair()
-            self.sock.curve_secretkey = secret
-            self.sock.curve_server = True
+        self.sock, self.curve_public = listener(self.ctx, host)
         if address.endswith(":0"):
             self.sock.bind(address[:-2] + ":*")
         else:
