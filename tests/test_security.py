@@ -38,19 +38,26 @@ def test_runner_drops_unsigned_tampered_misaddressed_and_replayed_frames(parent,
     payload = pickle.dumps(_CreateFile(evil), protocol=5)
     args = pickle.dumps(((), {}), protocol=5)
 
-    # 1. unsigned: a plausible header with an empty signature
-    parent.send_raw([b"", b'{"k":"call","f":"parent","t":"t-r1","q":99,"id":"e1","fn":"e","nf":1}',
-                     payload, args])
+    def evil_call(call_id, wire=parent.wire, to="t-r1", extra=()):
+        return wire.encode("call", to, {"id": call_id, "fn": call_id, "nf": 1}, [payload, args, *extra])
+
+    # 1. unsigned: a well-formed message whose signature is blank
+    parent.send_raw([b"\0" * 32 + bytes(evil_call("e1")[0])[32:]])
     # 2. signed with the wrong key
-    rogue = Wire(os.urandom(32), "parent")
-    parent.send_raw(rogue.encode("call", "t-r1", {"id": "e2", "fn": "e", "nf": 1}, [payload, args]))
-    # 3. tampered: a good signature over a harmless function, then the function frame swapped
+    parent.send_raw(evil_call("e2", wire=Wire(os.urandom(32), "parent")))
+    # 3. tampered: a good signature over a harmless function, then the content swapped
     _, good = parent.call_message(len, [1])
-    tampered = list(good)
-    tampered[2] = payload
-    parent.send_raw(tampered)
+    parent.send_raw([bytes(good[0])[:32] + bytes(evil_call("e3")[0])[32:]])
+    # 3b. tampered out-of-band buffer: a large frame changed after signing, or dropped
+    signed = evil_call("e3b", extra=[b"\1" * 100_000])
+    assert len(signed) == 2, "a 100 kB buffer travels out of band"
+    parent.send_raw([signed[0], b"\2" * 100_000])
+    parent.send_raw(signed[:1])
+    # 3c. garbage and truncated frames
+    parent.send_raw([b"garbage"])
+    parent.send_raw([bytes(good[0])[:40]])
     # 4. addressed to another runner
-    parent.send_raw(parent.wire.encode("call", "t-r2", {"id": "e4", "fn": "e", "nf": 1}, [payload, args]))
+    parent.send_raw(evil_call("e4", to="t-r2"))
     # 5. replay: a valid call that appends to a file, sent twice
     log = str(tmp_path / "log")
     call_id, msg = parent.call_message(lambda p: open(p, "a").write("x"), log)
@@ -144,3 +151,25 @@ def test_off_loopback_pools_encrypt_with_curve(make_pool):
 def test_loopback_pools_do_not_pay_for_curve(make_pool):
     pool = make_pool(max=1)
     assert pool._curve_public is None and not pool._sock.curve_server
+
+
+def test_wire_checks_every_byte_and_frame_before_loading_anything():
+    key = os.urandom(32)
+    sender, receiver = Wire(key, "a"), Wire(key, "b")
+    frames = [b"x" * 10, b"y" * 200_000]
+    msg = sender.encode("call", "b", {"id": "c1"}, frames)
+    assert len(msg) == 2, "the small frame rides inline, the large one out of band"
+    first = bytes(msg[0])
+    for i in range(len(first)):  # any changed byte of signature, header or inline frame
+        bad = bytearray(first)
+        bad[i] ^= 1
+        assert receiver.decode([bytes(bad), msg[1]]) is None
+    big = bytearray(msg[1])
+    big[-1] ^= 1
+    assert receiver.decode([first, bytes(big)]) is None
+    assert receiver.decode([first]) is None  # an out-of-band frame dropped
+    assert receiver.decode([first, msg[1], b"extra"]) is None  # or one added
+    head, got = receiver.decode(msg)
+    assert head["id"] == "c1" and [bytes(f) for f in got] == frames
+    assert receiver.decode(msg) is None  # replayed
+    assert receiver.dropped == len(first) + 4
