@@ -17,8 +17,15 @@ from .errors import RemoteError, RemoteTraceback, SerializationError
 OOB_MIN_BYTES = 64 * 1024
 
 
+#: Types plain pickle handles exactly as cloudpickle would, several times faster.
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+_NO_ARGS = pickle.dumps(((), {}), protocol=5)
+
+
 def dumps(obj: Any) -> list:
     """Pickle ``obj`` into ``[payload, *buffers]`` (buffers are sent without copying)."""
+    if type(obj) in _PLAIN:
+        return [pickle.dumps(obj, protocol=5)]
     buffers: list = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -86,19 +93,35 @@ def _pickles(value: Any) -> bool:
         return False
 
 
-def dumps_call(fn: Any, args: tuple, kwargs: dict) -> tuple[bytes, list]:
-    """Pickle a call: the function alone (so it can be cached by content) and its arguments."""
+def dumps_function(fn: Any) -> bytes:
+    """Pickle a function by value (cloudpickle); a SerializationError names what it captured that does not pickle."""
     try:
-        fn_payload = cloudpickle.dumps(fn, protocol=5)
+        return cloudpickle.dumps(fn, protocol=5)
     except Exception as exc:
         raise SerializationError(f"cannot send {culprit(fn, (), {})}: "
                                  f"{type(exc).__name__}: {exc}") from exc
+
+
+def dumps_args(fn: Any, args: tuple, kwargs: dict) -> list:
+    """Pickle a call's arguments into frames; a SerializationError names the one that does not pickle."""
+    if not kwargs:
+        if not args:
+            return [_NO_ARGS]
+        for value in args:
+            if type(value) not in _PLAIN:
+                break
+        else:
+            return [pickle.dumps((args, {}), protocol=5)]
     try:
-        arg_frames = dumps((args, kwargs))
+        return dumps((args, kwargs))
     except Exception as exc:
         raise SerializationError(f"cannot send {culprit(fn, args, kwargs)}: "
                                  f"{type(exc).__name__}: {exc}") from exc
-    return fn_payload, arg_frames
+
+
+def dumps_call(fn: Any, args: tuple, kwargs: dict) -> tuple[bytes, list]:
+    """Pickle a call: the function alone (so it can be cached by content) and its arguments."""
+    return dumps_function(fn), dumps_args(fn, args, kwargs)
 
 
 def raise_unpicklable(what: str, obj: Any, exc: BaseException) -> None:
