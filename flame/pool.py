@@ -10,10 +10,11 @@ import asyncio
 import atexit
 import collections
 import datetime
-import hashlib
 import itertools
 import logging
+import math
 import os
+import select
 import threading
 import time
 import weakref
@@ -27,7 +28,8 @@ from .backends.base import Backend, RunnerSpec
 from .call import Call, CallFuture
 from .errors import BootError, CallTimeout, PoolClosed, RunnerDied, SerializationError
 from .runner import Runner, RunnerInfo
-from .wire import KEY_BYTES, Wire, _small, listener, frames_digest, frames_hasher, pending, recv_ready, send_parts
+from .functions import FunctionCache
+from .wire import INLINE_MAX, KEY_BYTES, Wire, listener, out_of_band_hasher, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -117,6 +119,7 @@ class Pool:
 
         self._key = os.urandom(KEY_BYTES)
         self._wire = Wire(self._key, "parent")
+        self._functions = FunctionCache(dumps=serialize.dumps_function)
         self._lock = threading.RLock()
         self._sock_lock = threading.Lock()
         self._runners: dict[str, Runner] = {}
@@ -131,6 +134,9 @@ class Pool:
         self._sock.bind(f"tcp://{backend.bind_host}:0")
         self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._sock_fd = self._sock.getsockopt(zmq.FD)
+        # Polled only by the thread holding _recv_lock (a poll object must not be shared).
+        self._sock_poll = select.poll()
+        self._sock_poll.register(self._sock_fd, select.POLLIN)
         self._recv_lock = threading.Lock()
         self._waiters: list = []  # one entry per caller blocked in _wait (list ops are atomic)
         self._io_watching = True  # the I/O thread is waiting on the socket, not only on its pipe
@@ -156,11 +162,12 @@ class Pool:
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None) -> CallFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        fn_payload, arg_frames = serialize.dumps_call(fn, args, kwargs)
-        fn_hash = hashlib.blake2b(fn_payload, digest_size=16).hexdigest()
+        fn_payload, fn_hash = self._functions.get(fn)
+        arg_frames = serialize.dumps_args(fn, args, kwargs)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
-                    fn_payload, arg_frames, None if _small(arg_frames) else frames_hasher(arg_frames),
+                    fn_payload, arg_frames, (out_of_band_hasher(arg_frames)
+                     if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
                     deadline, affinity)
         with self._lock:
             if self._closed:
@@ -373,14 +380,14 @@ class Pool:
         r.active[call.id] = call
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
         frames = list(call.arg_frames)
-        digest = None
+        # The out-of-band frames are the arguments' (hashed at submit, outside the lock),
+        # unless a function too large to ride inline pushes every frame out of band.
+        digest = call.arg_hasher.digest() if call.arg_hasher is not None else None
         if not r.knows(call.fn_hash):
             fields["nf"] = 1
             frames.insert(0, call.fn_payload)
-            if call.arg_hasher is not None:
-                digest = frames_digest(frames)
-        elif call.arg_hasher is not None:
-            digest = call.arg_hasher.digest()
+            if len(call.fn_payload) >= INLINE_MAX:
+                digest = None
         self._send(r, "call", fields, frames, digest)
         call.arg_frames = call.arg_hasher = None  # sent; let large buffers go
 
@@ -523,7 +530,7 @@ class Pool:
         if future.done():
             return
         self._waiters.append(None)
-        fd = self._sock_fd
+        poll = self._sock_poll.poll
         try:
             while not future.done():
                 if not self._recv_lock.acquire(timeout=0.05):
@@ -536,7 +543,7 @@ class Pool:
                     if not batch:
                         # Short timeout: another thread's socket operation may consume the
                         # edge on the FD; the I/O thread is then woken and receives instead.
-                        zmq.select([fd], [], [], 0.02)
+                        poll(20)
                         batch = self._receive()
                 finally:
                     try:
@@ -568,6 +575,12 @@ class Pool:
     def _io_loop(self) -> None:
         next_tick = next_beat = time.monotonic()
         woken = True
+        # Two poll sets: while callers wait in _wait they receive themselves, and the I/O
+        # thread must not wake (and contend for the GIL) on every message.
+        watch_all, watch_wake = select.poll(), select.poll()
+        for p in (watch_all, watch_wake):
+            p.register(self._wake_r, select.POLLIN)
+        watch_all.register(self._sock_fd, select.POLLIN)
         try:
             while not self._stopped.is_set():
                 # Handle outside the socket lock: handlers take the pool lock and may send,
@@ -586,14 +599,17 @@ class Pool:
                 if got:
                     continue
                 self._io_watching = not self._waiters
-                fds = [self._wake_r, self._sock_fd] if self._io_watching else [self._wake_r]
-                ready, _, _ = zmq.select(fds, [], [], max(0.0, next_tick - time.monotonic()))
-                woken = self._wake_r in ready
-                if woken:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
+                # Round up: a timeout truncated to 0 ms would spin until the tick.
+                wait_ms = math.ceil(max(0.0, next_tick - time.monotonic()) * 1000)
+                ready = (watch_all if self._io_watching else watch_wake).poll(wait_ms)
+                woken = False
+                for fd, _ in ready:
+                    if fd == self._wake_r:
+                        woken = True
+                        try:
+                            os.read(self._wake_r, 65536)
+                        except BlockingIOError:
+                            pass
         except Exception:
             log.exception("flame: %s I/O thread failed", self.name)
             raise
@@ -646,7 +662,7 @@ class Pool:
                     self._finish(call, exc=outcome)
                 else:
                     self._finish(call, result=outcome)
-                if r.state == "ready":
+                if r.state == "ready" and self._waiting:
                     self._schedule()
                 return
         if kind == "stream":

@@ -81,7 +81,7 @@ class Node:
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         #: calls received by the watch thread (or by main for the workers), FIFO
-        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.calls: collections.deque = collections.deque()
         self.capture = Capture()
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.running: dict[str, tuple[int, CallOutput]] = {}
@@ -132,31 +132,31 @@ class Node:
     # ---- main thread --------------------------------------------------------------------
     def main_loop(self) -> None:
         import platform
-        poller = zmq.Poller()
-        poller.register(self.sock.getsockopt(zmq.FD), zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        import select
+        poller = select.poll()
+        poller.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_r, calls = self._wake_r, self.calls
         self.post("hello", {"pid": os.getpid(), "host": socket.gethostname(),
                             "python": platform.python_version(), "cwd": os.getcwd(),
                             "gpus": _visible_gpus(), "gpu_info": _gpu_info()})
         while True:
-            worked = self.take_in()
-            while True:
-                try:
-                    item = self.calls.get_nowait()
-                except queue.Empty:
-                    break
-                self._dispatch(item)
-                worked = True
-            if self.stopping and not self.running and self.calls.empty():
-                return
-            if worked:
+            # take_in drains the socket, re-arming its edge-triggered descriptor; after calls
+            # ran, loop to take in what arrived meanwhile before sleeping on it.
+            self.take_in()
+            if calls:
+                while calls:
+                    self._dispatch(calls.popleft())
                 continue
+            if self.stopping and not self.running:
+                return
             # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
-            if self._wake_r in dict(poller.poll(100)):
-                try:
-                    os.read(self._wake_r, 65536)
-                except BlockingIOError:
-                    pass
+            for fd, _ in poller.poll(100):
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 65536)
+                    except BlockingIOError:
+                        pass
 
     def take_in(self) -> bool:
         """Receive, check and route what is waiting (main thread, or watch thread while main is busy).
@@ -180,8 +180,8 @@ class Node:
         if kind == "call":
             nf = head.get("nf")
             self.queued.add(head["id"])
-            self.calls.put((head["id"], head.get("name", "?"),
-                            self._function(head["fn"], frames[0] if nf else None), frames[1 if nf else 0:]))
+            self.calls.append((head["id"], head.get("name", "?"),
+                               self._function(head["fn"], frames[0] if nf else None), frames[1 if nf else 0:]))
             if threading.get_ident() != self._main_ident:
                 self._wake()
         elif kind == "cancel":
