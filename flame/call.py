@@ -96,6 +96,16 @@ class CallFuture(Future):
     def __init__(self, call: Call) -> None:
         super().__init__()
         self.call = call
+        #: done(), readable without taking the future's lock (the pool polls it while receiving)
+        self.settled = False
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self.settled = True
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self.settled = True
 
     def cancel(self) -> bool:
         # The future stays PENDING while the call runs remotely, so Future.cancel() can
@@ -103,6 +113,9 @@ class CallFuture(Future):
         if self.done():
             return False
         self.call.pool._cancel(self.call)
-        return super().cancel()
+        cancelled = super().cancel()
+        if cancelled:
+            self.settled = True
+        return cancelled
 
 

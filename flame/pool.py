@@ -134,9 +134,14 @@ class Pool:
         self._sock.bind(f"tcp://{backend.bind_host}:0")
         self.address = backend.connect_address(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._sock_fd = self._sock.getsockopt(zmq.FD)
-        # Polled only by the thread holding _recv_lock (a poll object must not be shared).
-        self._sock_poll = select.poll()
+        # The caller receiving in _wait polls the socket and its own wake-up pipe: another
+        # thread's socket operation may consume the edge it waits for (see _send).
+        self._lead_r, self._lead_w = os.pipe()
+        os.set_blocking(self._lead_r, False)
+        os.set_blocking(self._lead_w, False)
+        self._sock_poll = select.poll()  # used only by the thread holding _recv_lock
         self._sock_poll.register(self._sock_fd, select.POLLIN)
+        self._sock_poll.register(self._lead_r, select.POLLIN)
         self._recv_lock = threading.Lock()
         self._waiters: list = []  # one entry per caller blocked in _wait (list ops are atomic)
         self._io_watching = True  # the I/O thread is waiting on the socket, not only on its pipe
@@ -173,6 +178,11 @@ class Pool:
             if self._closed:
                 raise PoolClosed(f"{self.name} is shut down")
             self._calls[call.id] = call
+            if not self._waiting and affinity is None:
+                runner = self._least_loaded(self.max_concurrency)
+                if runner is not None:  # the common case: straight to a runner with room
+                    self._start(call, runner)
+                    return call.future
             self._waiting.append(call)
             self._schedule()
         return call.future
@@ -334,26 +344,33 @@ class Pool:
         waiting = self._waiting
         pinned = 0
         while len(waiting) > pinned:
-            best = None
-            for r in self._runners.values():
-                if r.state == "ready" and len(r.active) < limit:
-                    if best is None or len(r.active) < len(best.active):
-                        best = r
+            best = self._least_loaded(limit)
             if best is None:
                 break
             pinned = 0
             for call in waiting:
                 mine = self._runners.get(call.affinity) if call.affinity else None
                 if mine is None or mine.state not in ("ready", "booting"):
+                    waiting.remove(call)
                     self._start(call, best)
                     break
                 if mine.state == "ready" and len(mine.active) < limit:
+                    waiting.remove(call)
                     self._start(call, mine)
                     break
                 pinned += 1
             else:
                 break
         return pinned
+
+    def _least_loaded(self, limit: int) -> Runner | None:
+        """The ready runner with the fewest calls, if it holds fewer than ``limit``."""
+        best = None
+        for r in self._runners.values():
+            if r.state == "ready" and len(r.active) < limit:
+                if best is None or len(r.active) < len(best.active):
+                    best = r
+        return best
 
     def _live_count(self) -> int:
         return sum(1 for r in self._runners.values() if r.state in ("booting", "ready"))
@@ -375,7 +392,6 @@ class Pool:
             self._boot()
 
     def _start(self, call: Call, r: Runner) -> None:
-        self._waiting.remove(call)
         call.state, call.runner = "running", r
         r.active[call.id] = call
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
@@ -503,14 +519,19 @@ class Pool:
             msg = self._wire.encode(kind, r.id, fields, frames, digest)
             send_parts(self._sock, [r.id.encode(), *msg])
             # A socket operation may consume the edge on the socket's FD that would have woken
-            # the I/O thread for an incoming message; if one is waiting, wake it explicitly.
-            waiting = pending(self._sock)
+            # whoever polls it (the I/O thread, or a caller in _wait) for an incoming message;
+            # if one is waiting, wake them explicitly. With nobody polling, the next receiver
+            # checks the socket before it polls.
+            waiters = bool(self._waiters)
+            waiting = (waiters or self._io_watching) and pending(self._sock)
         if waiting:
             self._wake()
+            if waiters:
+                self._wake(self._lead_w)
 
-    def _wake(self) -> None:
+    def _wake(self, fd: int | None = None) -> None:
         try:
-            os.write(self._wake_w, b"\0")
+            os.write(self._wake_w if fd is None else fd, b"\0")
         except (BlockingIOError, OSError):
             pass
 
@@ -527,23 +548,27 @@ class Pool:
         leader/followers), so its result needs no hand-off from the I/O thread: that
         hand-off, a GIL ping-pong between two threads, cost more than the network hop.
         """
-        if future.done():
+        if future.settled:
             return
         self._waiters.append(None)
-        poll = self._sock_poll.poll
+        poll, lead_r = self._sock_poll.poll, self._lead_r
         try:
-            while not future.done():
+            while not future.settled:
                 if not self._recv_lock.acquire(timeout=0.05):
                     continue
                 batch: list = []
                 try:
-                    if future.done() or self._stopped.is_set():
+                    if future.settled or self._stopped.is_set():
                         break
                     batch = self._receive()
                     if not batch:
-                        # Short timeout: another thread's socket operation may consume the
-                        # edge on the FD; the I/O thread is then woken and receives instead.
-                        poll(20)
+                        # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
+                        for fd, _ in poll(20):
+                            if fd == lead_r:
+                                try:
+                                    os.read(lead_r, 65536)
+                                except OSError:  # empty, or closed by a shutdown meanwhile
+                                    pass
                         batch = self._receive()
                 finally:
                     try:
@@ -617,8 +642,8 @@ class Pool:
             with self._sock_lock:
                 self._sock.close(linger=0)
             self._ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
+                os.close(fd)
 
     def _handle(self, parts: list) -> None:
         ident = parts[0].bytes

@@ -97,10 +97,13 @@ class Node:
     # ---- sending, from any thread --------------------------------------------------
     def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
         """Sign and send a message to the parent, at once."""
+        # The main thread checks the socket before it next polls; any other thread's send may
+        # consume the edge the main thread polls for, so it wakes main if a message waits.
+        other = threading.get_ident() != self._main_ident
         with self.sock_lock:
             send_parts(self.sock, self.wire.encode(kind, PARENT, fields, frames))
-            waiting = pending(self.sock)
-        if waiting and threading.get_ident() != self._main_ident:
+            waiting = other and pending(self.sock)
+        if waiting:
             self._wake()
 
     def _wake(self) -> None:
