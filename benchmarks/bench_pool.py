@@ -1,7 +1,8 @@
 """flame.Pool against its floor (raw pyzmq + cloudpickle echo) and ProcessPoolExecutor.
 
 Prints one table: median and p90 of each measure, and flame's ratio to the floor
-measured in the same run. Run: `python benchmarks/bench_pool.py [--quick]`.
+measured in the same run, the systems taking turns so that the machine's drift hits
+all of them alike. Run: `python benchmarks/bench_pool.py [--quick]`.
 """
 from __future__ import annotations
 
@@ -93,66 +94,78 @@ def timed(fn, n):
     return out
 
 
+def interleaved(systems: dict, measure, rounds: int) -> dict:
+    """Run ``measure(system)`` for each system in turn, ``rounds`` times, pooling the samples.
+
+    Alternating keeps the comparison fair on a shared machine, whose speed drifts over
+    seconds: every system sees the same drift.
+    """
+    out: dict = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, system in systems.items():
+            out[name].extend(measure(system))
+    return out
+
+
 def main(quick: bool = False) -> None:
-    n_warm, n_cold, n_big, n_tasks = (300, 3, 2, 1000) if quick else (3000, 7, 5, 5000)
-    rows = []
+    n_warm, rounds, n_cold, n_big, n_tasks, t_rounds = ((300, 3, 3, 2, 1000, 1) if quick
+                                                        else (6000, 20, 7, 5, 5000, 5))
     big = np.ones(100 * 1024 * 1024 // 8)
+    echo = lambda a: a  # noqa: E731 - a lambda, sent by value like a notebook's
 
-    # warm no-op call
-    floor = Floor(1)
-    floor.call(noop)
-    f_warm = timed(lambda: floor.call(noop), n_warm)
-    f_big = timed(lambda: floor.call(lambda a: a, big), n_big)
-    floor.close()
-    floor = Floor(2)
-    t = time.perf_counter(); floor.map(tiny, range(n_tasks)); f_tput = n_tasks / (time.perf_counter() - t)
-    floor.close()
+    # warm calls and the 100 MB round trip: one worker each
+    floor, pool, ex = Floor(1), flame.Pool(max=1), ProcessPoolExecutor(1)
+    calls = {"floor": lambda fn, *a: floor.call(fn, *a), "flame": pool.call,
+             "ppe": lambda fn, *a: ex.submit(fn, *a).result()}
+    for call in calls.values():
+        call(noop)
+    warm = interleaved(calls, lambda call: timed(lambda: call(noop), n_warm // rounds), rounds)
+    calls["ppe"] = lambda fn, *a: ex.submit(np.copy, *a).result()  # ProcessPoolExecutor can't send lambdas
+    big_rt = interleaved(calls, lambda call: timed(lambda: call(echo, big), 1), n_big)
+    floor.close(), pool.shutdown(), ex.shutdown()
 
+    # throughput: tiny tasks on two workers
+    floor, pool, ex = Floor(2), flame.Pool(max=2), ProcessPoolExecutor(2)
+    maps = {"floor": floor.map, "flame": pool.map, "ppe": lambda fn, xs: list(ex.map(fn, xs))}
+    for run in maps.values():
+        run(tiny, range(4))
+
+    def rate(run):
+        t = time.perf_counter()
+        run(tiny, range(n_tasks))
+        return [n_tasks / (time.perf_counter() - t)]
+    tput = interleaved(maps, rate, t_rounds)
+    floor.close(), pool.shutdown(), ex.shutdown()
+
+    # cold start: from nothing to the first result
     def cold(start, first, stop):
-        out = []
-        for _ in range(n_cold):
+        def once(_):
             t = time.perf_counter()
             handle = start()
             first(handle)
-            out.append(time.perf_counter() - t)
+            took = time.perf_counter() - t
             stop(handle)
-        return out
-    f_cold = cold(lambda: Floor(1), lambda fl: fl.call(noop), lambda fl: fl.close())
+            return [took]
+        return once
+    starts = {"floor": cold(lambda: Floor(1), lambda fl: fl.call(noop), lambda fl: fl.close()),
+              "flame": cold(lambda: flame.Pool(max=1), lambda p: p.call(noop), lambda p: p.shutdown()),
+              "ppe": cold(lambda: ProcessPoolExecutor(1), lambda ex: ex.submit(noop).result(),
+                          lambda ex: ex.shutdown())}
+    cold_start = interleaved(starts, lambda once: once(None), n_cold)
 
-    with flame.Pool(max=1) as pool:
-        pool.call(noop)
-        p_warm = timed(lambda: pool.call(noop), n_warm)
-        p_big = timed(lambda: pool.call(lambda a: a, big), n_big)
-    with flame.Pool(max=2) as pool:
-        pool.map(tiny, range(4))
-        t = time.perf_counter(); pool.map(tiny, range(n_tasks)); p_tput = n_tasks / (time.perf_counter() - t)
+    rows = []
 
-    p_cold = cold(lambda: flame.Pool(max=1), lambda p: p.call(noop), lambda p: p.shutdown())
-
-    with ProcessPoolExecutor(1) as ex:
-        ex.submit(noop).result()
-        e_warm = timed(lambda: ex.submit(noop).result(), n_warm)
-        e_big = timed(lambda: ex.submit(np.copy, big).result(), n_big)
-    with ProcessPoolExecutor(2) as ex:
-        list(ex.map(tiny, range(4)))
-        t = time.perf_counter(); list(ex.map(tiny, range(n_tasks))); e_tput = n_tasks / (time.perf_counter() - t)
-
-    e_cold = cold(lambda: ProcessPoolExecutor(1), lambda ex: ex.submit(noop).result(),
-                  lambda ex: ex.shutdown())
-
-    def row(name, unit, scale, f, p, e, lower_better=True):
-        fm, f9 = stats(f)
-        pm, p9 = stats(p)
-        em, e9 = stats(e)
-        ratio = pm / fm
+    def row(name, unit, scale, samples):
+        (fm, f9), (pm, p9), (em, e9) = (stats(samples[k]) for k in ("floor", "flame", "ppe"))
         rows.append((name, unit, f"{fm*scale:.1f} / {f9*scale:.1f}", f"{pm*scale:.1f} / {p9*scale:.1f}",
-                     f"{em*scale:.1f} / {e9*scale:.1f}", f"{ratio:.2f}x"))
+                     f"{em*scale:.1f} / {e9*scale:.1f}", f"{pm / fm:.2f}x"))
 
-    row("warm no-op call", "µs", 1e6, f_warm, p_warm, e_warm)
-    row("cold start to first result", "ms", 1e3, f_cold, p_cold, e_cold)
-    row("100 MB numpy round trip", "ms", 1e3, f_big, p_big, e_big)
-    rows.append((f"{n_tasks} tiny tasks on 2 runners", "tasks/s", f"{f_tput:.0f}", f"{p_tput:.0f}",
-                 f"{e_tput:.0f}", f"{p_tput / f_tput:.2f}x"))
+    row("warm no-op call", "µs", 1e6, warm)
+    row("cold start to first result", "ms", 1e3, cold_start)
+    row("100 MB numpy round trip", "ms", 1e3, big_rt)
+    (fm, _), (pm, _), (em, _) = (stats(tput[k]) for k in ("floor", "flame", "ppe"))
+    rows.append((f"{n_tasks} tiny tasks on 2 runners", "tasks/s", f"{fm:.0f}", f"{pm:.0f}", f"{em:.0f}",
+                 f"{pm / fm:.2f}x"))
     print_table(("measure", "unit", "floor (median / p90)", "flame (median / p90)",
                  "ProcessPoolExecutor", "flame / floor"), rows)
 

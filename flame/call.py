@@ -61,12 +61,12 @@ _ids = itertools.count(1)
 class Call:
     """A call from submit until its future is done and its runner slot is free."""
 
-    __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_hasher", "future",
+    __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity",
                  "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
-                 arg_frames: list, arg_hasher: Any, deadline: float | None,
+                 arg_frames: list, arg_digest: bytes | None, deadline: float | None,
                  affinity: str | None = None) -> None:
         self.id = f"c{next(_ids)}"
         self.pool = pool
@@ -77,7 +77,7 @@ class Call:
         self.fn_hash = fn_hash
         self.fn_payload = fn_payload
         self.arg_frames = arg_frames
-        self.arg_hasher = arg_hasher
+        self.arg_digest = arg_digest
         self.future: CallFuture = CallFuture(self)
         self.sink = make_sink()
         self.deadline = deadline

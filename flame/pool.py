@@ -29,7 +29,7 @@ from .call import Call, CallFuture
 from .errors import BootError, CallTimeout, PoolClosed, RunnerDied, SerializationError
 from .runner import Runner, RunnerInfo
 from .functions import FunctionCache
-from .wire import INLINE_MAX, KEY_BYTES, Wire, listener, out_of_band_hasher, pending, recv_ready, send_parts
+from .wire import INLINE_MAX, KEY_BYTES, Wire, listener, out_of_band_digest, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -171,7 +171,7 @@ class Pool:
         arg_frames = serialize.dumps_args(fn, args, kwargs)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
-                    fn_payload, arg_frames, (out_of_band_hasher(arg_frames)
+                    fn_payload, arg_frames, (out_of_band_digest(arg_frames)
                      if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
                     deadline, affinity)
         with self._lock:
@@ -398,14 +398,14 @@ class Pool:
         frames = list(call.arg_frames)
         # The out-of-band frames are the arguments' (hashed at submit, outside the lock),
         # unless a function too large to ride inline pushes every frame out of band.
-        digest = call.arg_hasher.digest() if call.arg_hasher is not None else None
+        digest = call.arg_digest
         if not r.knows(call.fn_hash):
             fields["nf"] = 1
             frames.insert(0, call.fn_payload)
             if len(call.fn_payload) >= INLINE_MAX:
                 digest = None
         self._send(r, "call", fields, frames, digest)
-        call.arg_frames = call.arg_hasher = None  # sent; let large buffers go
+        call.arg_frames = call.arg_digest = None  # sent; let large buffers go
 
     def _boot(self) -> None:
         rid = f"{self.name}-r{next(self._runner_ids)}"

@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import pickle
 import logging
+import os
 import struct
+import threading
 from typing import Any, Iterable, Sequence
 
 log = logging.getLogger("flame.wire")
@@ -29,25 +31,43 @@ _LEN = struct.Struct("!Q")
 INLINE_MAX = 64 * 1024
 
 
-def frames_digest(frames: Iterable[Any], base: Any = None) -> bytes:
-    """SHA-256 over the length-prefixed bytes of every frame (bytes, memoryview, zmq.Frame).
+#: Frames at least this large are hashed in chunks, on several threads at once.
+PARALLEL_MIN = 8 * 1024 * 1024
+_CHUNK = 2 * 1024 * 1024
+_THREADS = max(1, min(8, os.cpu_count() or 1))
 
-    ``base`` is a :func:`frames_hasher` result to continue from, so the digest of a
-    large argument can be computed once, outside any lock, and extended later.
+
+def frames_digest(frames: Iterable[Any]) -> bytes:
+    """SHA-256 over each frame's length and bytes (bytes, memoryview, zmq.Frame).
+
+    A frame of PARALLEL_MIN bytes or more contributes the SHA-256 of each of its chunks
+    instead of its bytes: hashlib releases the GIL, so the chunks are hashed on every
+    core, and a 100 MB array is signed and checked several times faster.
     """
-    return frames_hasher(frames, base).digest()
-
-
-def frames_hasher(frames: Iterable[Any], base: Any = None) -> Any:
-    """The running SHA-256 behind :func:`frames_digest` (``base`` is copied, not changed)."""
-    h = hashlib.sha256() if base is None else base.copy()
+    h = hashlib.sha256()
     for f in frames:
         view = memoryview(f)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         h.update(_LEN.pack(view.nbytes))
-        h.update(view)
-    return h
+        h.update(view if view.nbytes < PARALLEL_MIN else _chunk_digests(view))
+    return h.digest()
+
+
+def _chunk_digests(view: memoryview) -> bytes:
+    chunks = [view[i:i + _CHUNK] for i in range(0, view.nbytes, _CHUNK)]
+    digests: list = [b""] * len(chunks)
+
+    def work(first: int) -> None:
+        for i in range(first, len(chunks), _THREADS):
+            digests[i] = hashlib.sha256(chunks[i]).digest()
+    helpers = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(1, _THREADS)]
+    for t in helpers:
+        t.start()
+    work(0)
+    for t in helpers:
+        t.join()
+    return b"".join(digests)
 
 
 # Plain ints: pyzmq's enum flags cost a Python-level operation each, several per message.
@@ -124,13 +144,13 @@ def split(frames: Sequence[Any]) -> int:
     return len(frames)
 
 
-def out_of_band_hasher(frames: Sequence[Any]) -> Any:
-    """The running digest of the frames that :func:`split` sends out of band, or None if none.
+def out_of_band_digest(frames: Sequence[Any]) -> bytes | None:
+    """The digest of the frames that :func:`split` sends out of band, or None if none.
 
-    Computed once, outside locks, for a large argument; pass ``.digest()`` to :meth:`Wire.encode`.
+    Computed once, outside locks, for a large argument; pass it to :meth:`Wire.encode`.
     """
     k = split(frames)
-    return frames_hasher(frames[k:]) if k < len(frames) else None
+    return frames_digest(frames[k:]) if k < len(frames) else None
 
 
 _HEAD = struct.Struct("!I")
@@ -167,7 +187,7 @@ class Wire:
                frames: Sequence[Any] = (), digest: bytes | None = None) -> list:
         """Build a signed message.
 
-        ``digest`` is the out-of-band frames' digest when precomputed (:func:`out_of_band_hasher`).
+        ``digest`` is the out-of-band frames' digest when precomputed (:func:`out_of_band_digest`).
         """
         self._seq += 1
         head = {"k": kind, "f": self.me, "t": to, "q": self._seq}
