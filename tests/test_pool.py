@@ -177,6 +177,63 @@ def test_concurrent_calls_keep_their_output_apart(make_pool, collect):
         assert text == "".join(f"{tag}{i}\n" for i in range(20))
 
 
+def test_subprocess_and_c_level_output_reach_the_call(make_pool, collect):
+    pool = make_pool(max=1)
+
+    def noisy():
+        import os
+        import subprocess
+        import sys
+        os.system("echo from a shell; echo shell error >&2")
+        subprocess.run([sys.executable, "-c", "print('from a child')"], check=True)
+        os.write(1, b"written to fd 1\n")  # as C code writes, under sys.stdout
+        os.write(2, b"written to fd 2\n")
+        return "done"
+    # Drained when the call ends: everything is there the moment the result is.
+    assert pool.call(noisy) == "done"
+    out, err = collect.text(), collect.text("stderr")
+    for line in ("from a shell\n", "from a child\n", "written to fd 1\n"):
+        assert line in out
+    assert "shell error\n" in err and "written to fd 2\n" in err
+    # stderr also stays in the runner's log, for the error a crash would show.
+    handle = next(iter(pool._runners.values())).handle
+    assert "written to fd 2" in handle.stderr_tail() and "written to fd 1" not in handle.stderr_tail()
+
+
+def test_threads_a_call_starts_write_to_that_call(make_pool, collect):
+    pool = make_pool(max=1, max_concurrency=2)
+
+    def with_helpers(tag):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        t = threading.Thread(target=lambda: print(f"{tag} from a thread"))
+        t.start()
+        t.join()
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda i: print(f"{tag} worker {i}"), range(2)))
+        return tag
+    futures = [pool.submit(with_helpers, tag) for tag in "ab"]
+    assert [f.result(timeout=30) for f in futures] == ["a", "b"]
+    for tag, sink in zip("ab", collect.made):
+        lines = sorted("".join(t for _, k, t in sink.events if k == "stdout").splitlines())
+        assert lines == [f"{tag} from a thread", f"{tag} worker 0", f"{tag} worker 1"]
+
+
+def test_output_after_its_call_ended_goes_to_the_log_not_the_next_call(make_pool, collect):
+    pool = make_pool(max=1)
+
+    def leave_a_thread():
+        import threading
+        import time
+        threading.Thread(target=lambda: (time.sleep(0.3), print("late line")), daemon=True).start()
+        return "left"
+    assert pool.call(leave_a_thread) == "left"
+    handle = next(iter(pool._runners.values())).handle
+    assert wait_for(lambda: "late line" in handle.stderr_tail())  # the runner's log
+    assert pool.call(lambda: "next") == "next"
+    assert "late line" not in collect.text()
+
+
 def test_default_sink_writes_to_callers_stdout(make_pool, capsys):
     pool = make_pool(max=1)
     pool.call(lambda: print("hello from the runner"))

@@ -57,7 +57,7 @@ EXIT_PARENT_LOST = 3
 
 
 class Node:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], capture: Capture | None = None) -> None:
         self.id = env["FLAME_RUNNER_ID"]
         self.address = env["FLAME_ADDRESS"]
         self.concurrency = int(env.get("FLAME_CONCURRENCY", "1"))
@@ -82,7 +82,7 @@ class Node:
         os.set_blocking(self._wake_r, False)
         #: calls received by the watch thread (or by main for the workers), FIFO
         self.calls: collections.deque = collections.deque()
-        self.capture = Capture()
+        self.capture = capture or Capture(runner=True)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.running: dict[str, tuple[int, CallOutput]] = {}
         self.queued: set[str] = set()  # received, not started (calls the parent sent ahead)
@@ -274,7 +274,7 @@ class Node:
         ident = threading.get_ident()
         out = CallOutput(call_id, self._output_pending)
         self.running[call_id] = (ident, out)
-        self.capture.by_thread[ident] = out
+        self.capture.begin(ident, out)
         main = ident == self._main_ident
         kind, fields, frames = "result", {"id": call_id}, ()
         try:
@@ -296,7 +296,7 @@ class Node:
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
             kind, fields, frames = "error", _error_fields(call_id, exc), _pickled_error(exc)
         finally:
-            self.capture.by_thread.pop(ident, None)
+            self.capture.end(ident, out)
             self.dirty.discard(out)
             if out.events:
                 out.drain(lambda k, data: self._post_output(call_id, k, data))
@@ -410,14 +410,16 @@ def _config_from_stdin() -> None:
 
 def main() -> None:
     faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if "--stdin" in sys.argv[1:]:
         _config_from_stdin()
     env = dict(os.environ)
     for name in ("FLAME_KEY", "FLAME_KEY_FILE"):
         os.environ.pop(name, None)  # user code and its subprocesses never see the key
-    node = Node(env)
-    node.capture.install()
+    capture = Capture(runner=True)
+    capture.install()  # from here on, file descriptors 1 and 2 lead to the running call
+    faulthandler.enable(file=capture.log_stream)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=capture.log_stream)
+    node = Node(env, capture)
     from . import display
     display.install(node.publish_display)
     signal.signal(signal.SIGINT, node._on_sigint)
