@@ -721,8 +721,10 @@ class Pool:
                 if code is not None:
                     self._runner_exited(r, code)
                 elif r.state == "booting" and now > r.boot_deadline:
+                    refused = self._wire.refused.get(r.id)
                     self._boot_failed(r, BootError(
                         f"runner {r.id} did not connect within boot_timeout={self.boot_timeout:g} s"
+                        + (f"; its messages were refused: {refused}" if refused else "")
                         + _stderr_note(r), r.handle.stderr_tail() if r.handle else ""))
                 elif r.state == "stopping" and r.stop_deadline is not None and now > r.stop_deadline:
                     self._drop_runner(r, None)

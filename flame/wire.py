@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import pickle
 import logging
 import os
+import pickle
 import struct
 import threading
 from typing import Any, Iterable, Sequence
@@ -154,14 +154,16 @@ def out_of_band_digest(frames: Sequence[Any]) -> bytes | None:
 
 
 _HEAD = struct.Struct("!I")
-_SIG = 32  # bytes of HMAC-SHA256
+#: Starts every message: a peer running another flamebook version is named as such, not as a forger.
+MAGIC = b"FL\x02"
+_SIG = len(MAGIC) + 32  # then HMAC-SHA256
 
 
 class Wire:
     """Signs outgoing and checks incoming messages for one endpoint named ``me``.
 
-    A message is ``[first, *out_of_band]``.  ``first`` is the signature (32 bytes), then
-    the header's length and the header (a pickled dict, loaded only once the signature is
+    A message is ``[first, *out_of_band]``.  ``first`` is MAGIC (the format's version),
+    the signature (32 bytes), then the header's length and the header (a pickled dict, loaded only once the signature is
     checked), then each inline frame with its length.  The signature is HMAC-SHA256 over
     everything in ``first`` after it, followed, when there are out-of-band frames, by their
     SHA-256 digest; the header counts them ("o"), so none can be dropped or added.
@@ -182,6 +184,8 @@ class Wire:
         self._seq = 0
         self._last: dict[str, int] = {}
         self.dropped = 0
+        #: why the last message from each named peer was dropped, for error messages
+        self.refused: dict[str, str] = {}
 
     def encode(self, kind: str, to: str, fields: dict | None = None,
                frames: Sequence[Any] = (), digest: bytes | None = None) -> list:
@@ -203,9 +207,9 @@ class Wire:
             body.append(f)
         signed = b"".join(body)
         if k == len(frames):
-            return [self._mac(signed) + signed]
+            return [MAGIC + self._mac(signed) + signed]
         oob = frames[k:]
-        return [self._mac(signed, digest or frames_digest(oob)) + signed, *oob]
+        return [MAGIC + self._mac(signed, digest or frames_digest(oob)) + signed, *oob]
 
     def _mac(self, *data: Any) -> bytes:
         inner = self._inner.copy()
@@ -223,14 +227,17 @@ class Wire:
         memoryviews of the first frame, out-of-band ones as received.
         """
         if not parts:
-            return self._drop("no frames")
+            return self._drop("no frames", peer)
         first = memoryview(parts[0])
+        if first[:len(MAGIC)] != MAGIC:
+            return self._drop("not flamebook's wire format, or another version of it: is the same "
+                              "flamebook installed on both sides?", peer)
         if first.nbytes < _SIG + _HEAD.size:
-            return self._drop("too short")
+            return self._drop("too short", peer)
         signed = first[_SIG:]
         mac = self._mac(signed) if len(parts) == 1 else self._mac(signed, frames_digest(parts[1:]))
-        if not hmac.compare_digest(mac, first[:_SIG]):
-            return self._drop("bad signature")
+        if not hmac.compare_digest(mac, first[len(MAGIC):_SIG]):
+            return self._drop("bad signature", peer)
         try:
             end = _HEAD.size + _HEAD.unpack_from(signed)[0]
             head = pickle.loads(signed[_HEAD.size:end])  # signed by a holder of the key
@@ -246,22 +253,28 @@ class Wire:
             if head.pop("o", 0) != len(parts) - 1:
                 raise ValueError("out-of-band frame count")
         except Exception:
-            return self._drop("malformed message")
+            return self._drop("malformed message", peer)
         frames.extend(parts[1:])
         if head.get("t") != self.me:
-            return self._drop(f"addressed to {head.get('t')!r}, not {self.me!r}")
+            return self._drop(f"addressed to {head.get('t')!r}, not {self.me!r}", peer)
         if peer is not None and sender != peer:
-            return self._drop(f"sender {sender!r} arrived on connection {peer!r}")
+            return self._drop(f"sender {sender!r} arrived on connection {peer!r}", peer)
         if not isinstance(seq, int) or seq <= self._last.get(sender, 0):
-            return self._drop(f"replayed or reordered sequence number from {sender!r}")
+            return self._drop(f"replayed or reordered sequence number from {sender!r}", peer)
         self._last[sender] = seq
         return head, frames
 
     def forget(self, peer: str) -> None:
         """Drop the replay state of a peer that is gone."""
         self._last.pop(peer, None)
+        self.refused.pop(peer, None)
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str, peer: str | None = None) -> None:
         self.dropped += 1
-        log.warning("flame: dropped a message (%s); %d dropped so far", why, self.dropped)
+        if peer is not None:
+            if len(self.refused) > 1000:  # peers are named by whoever connects: keep it bounded
+                self.refused.clear()
+            self.refused[peer] = why
+        log.warning("flame: dropped a message%s (%s); %d dropped so far",
+                    f" from {peer!r}" if peer else "", why, self.dropped)
         return None

@@ -212,6 +212,16 @@ def test_boot_timeout_kills_the_runner(make_pool, tmp_path):
     assert wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in sleepers))
 
 
+def test_runner_of_another_flamebook_version_is_named_as_such(make_pool, tmp_path):
+    import sys
+    older = "import flame.wire as w; w.MAGIC = b'FL\\x01'; from flame.node.node import main; main()"
+    python = _fake_python(tmp_path, f'exec {sys.executable} -c "{older}"')
+    pool = make_pool(backend=flame.LocalBackend(python=python), max=1, boot_timeout=3.0)
+    with pytest.raises(flame.BootError, match="another version of it") as info:
+        pool.call(lambda: 1)
+    assert "same flamebook installed on both sides" in str(info.value)
+
+
 def test_min_pool_with_broken_boot_does_not_loop(make_pool):
     pool = make_pool(backend=flame.LocalBackend(python="/nonexistent/python3"), min=2, max=2)
     time.sleep(1.0)

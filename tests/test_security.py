@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 import flame
-from flame.wire import Wire
+from flame.wire import MAGIC, Wire
 from harness import FakeParent
 
 
@@ -41,13 +41,15 @@ def test_runner_drops_unsigned_tampered_misaddressed_and_replayed_frames(parent,
     def evil_call(call_id, wire=parent.wire, to="t-r1", extra=()):
         return wire.encode("call", to, {"id": call_id, "fn": call_id, "nf": 1}, [payload, args, *extra])
 
+    sig_end = len(MAGIC) + 32  # each first frame: MAGIC, signature, signed part
+
     # 1. unsigned: a well-formed message whose signature is blank
-    parent.send_raw([b"\0" * 32 + bytes(evil_call("e1")[0])[32:]])
+    parent.send_raw([MAGIC + b"\0" * 32 + bytes(evil_call("e1")[0])[sig_end:]])
     # 2. signed with the wrong key
     parent.send_raw(evil_call("e2", wire=Wire(os.urandom(32), "parent")))
     # 3. tampered: a good signature over a harmless function, then the content swapped
     _, good = parent.call_message(len, [1])
-    parent.send_raw([bytes(good[0])[:32] + bytes(evil_call("e3")[0])[32:]])
+    parent.send_raw([bytes(good[0])[:sig_end] + bytes(evil_call("e3")[0])[sig_end:]])
     # 3b. tampered out-of-band buffer: a large frame changed after signing, or dropped
     signed = evil_call("e3b", extra=[b"\1" * 100_000])
     assert len(signed) == 2, "a 100 kB buffer travels out of band"
