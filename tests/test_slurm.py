@@ -124,3 +124,23 @@ def test_sigkilled_parent_leaves_no_job(slurm, tmp_path):
     t0 = time.monotonic()
     assert wait_for(lambda: no_flame_jobs(slurm), timeout=15)
     assert time.monotonic() - t0 < 2 + 5
+
+
+def test_one_squeue_reads_every_job_of_the_backend(slurm, tmp_path, make_pool, monkeypatch):
+    import shutil
+    from flame.backends.slurm import POLL_INTERVAL
+    shim, log = tmp_path / "bin", tmp_path / "squeue.calls"
+    shim.mkdir()
+    (shim / "squeue").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {shutil.which("squeue")} "$@"\n')
+    (shim / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    pool = make_pool(backend=backend(tmp_path), max=2, boot_timeout=60)
+    started = time.monotonic()
+    futures = [pool.submit(time.sleep, 2) for _ in range(2)]
+    for f in futures:
+        f.result(timeout=60)
+    elapsed = time.monotonic() - started
+    polls = [line for line in log.read_text().splitlines() if "%i|%T|%r|%N" in line]
+    jobs_per_poll = [len(line.split("-j ")[1].split()[0].split(",")) for line in polls]
+    assert 2 in jobs_per_poll, "both runners' jobs read by one squeue"
+    assert len(polls) <= elapsed / POLL_INTERVAL + 4, "one squeue per interval, not one per job"

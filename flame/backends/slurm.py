@@ -3,9 +3,9 @@
 The pool's key goes into a 0600 file (on a file system the compute nodes share; the
 home directory by default) that the job reads, rather than into the job's environment
 or script, which Slurm stores and shows. Runners connect back to ``connect_host``,
-which compute nodes must be able to reach. Job state is read with ``squeue`` (a
-PENDING job's reason goes into BootError) and, once a job has left the queue, its
-exit code with ``scontrol show job``.
+which compute nodes must be able to reach. Job state is read with one ``squeue`` for
+all of a backend's jobs (a PENDING job's reason goes into BootError) and, once a job
+has left the queue, its exit code with ``scontrol show job``.
 """
 from __future__ import annotations
 
@@ -22,13 +22,57 @@ from .base import Backend, RunnerHandle, RunnerSpec
 
 log = logging.getLogger("flame.backends.slurm")
 
-#: How often one job's state is read from Slurm at most.
+#: How often the state of a backend's jobs is read from Slurm, at most.
 POLL_INTERVAL = 0.5
 _ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
 
+class _JobTracker:
+    """Reads the state of every live job of one backend with one ``squeue`` per POLL_INTERVAL,
+    so that a pool of hundreds of runners costs the controller no more than one runner."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, SlurmHandle] = {}
+        self._checked = 0.0
+
+    def add(self, handle: "SlurmHandle") -> None:
+        with self._lock:
+            self._jobs[handle.job_id] = handle
+            self._checked = 0.0  # read the new job at the next check
+
+    def discard(self, handle: "SlurmHandle") -> None:
+        with self._lock:
+            self._jobs.pop(handle.job_id, None)
+
+    def refresh(self) -> None:
+        with self._lock:
+            if not self._jobs or time.monotonic() - self._checked < POLL_INTERVAL:
+                return
+            self._checked = time.monotonic()
+            proc = subprocess.run(["squeue", "-h", "-j", ",".join(self._jobs), "-o", "%i|%T|%r|%N"],
+                                  capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+                log.warning("flame: squeue failed, job states not updated: %s", proc.stderr.strip())
+                return  # a busy controller is no reason to declare runners dead
+            queued = {}
+            for line in proc.stdout.splitlines():
+                job_id, state, reason, nodes = (line.split("|") + ["", "", ""])[:4]
+                queued[job_id] = (state, reason, nodes)
+            for job_id, handle in list(self._jobs.items()):
+                state, reason, nodes = queued.get(job_id, ("", "", ""))
+                if state:
+                    handle.state, handle.reason = state, reason
+                    if nodes and nodes != "(null)":
+                        handle.host = nodes
+                    if state in _ACTIVE:
+                        continue
+                handle.code = handle._final_code()  # left the queue: its exit code, once
+                del self._jobs[job_id]
+
+
 class SlurmHandle(RunnerHandle):
-    def __init__(self, job_id: str, log_path: str, key_path: str) -> None:
+    def __init__(self, job_id: str, log_path: str, key_path: str, tracker: _JobTracker) -> None:
         self.job_id = job_id
         self.log_path = log_path
         self.key_path = key_path
@@ -36,24 +80,13 @@ class SlurmHandle(RunnerHandle):
         self.state = "PENDING"
         self.reason = ""
         self.code: int | None = None
-        self._checked = 0.0
-        self._lock = threading.Lock()
+        self._tracker = tracker
+        tracker.add(self)
 
     def exit_status(self) -> int | None:
-        with self._lock:
-            if self.code is not None or time.monotonic() - self._checked < POLL_INTERVAL:
-                return self.code
-            self._checked = time.monotonic()
-            out = _slurm(["squeue", "-h", "-j", self.job_id, "-o", "%T|%r|%N"], check=False)
-            line = out.strip().splitlines()[0] if out.strip() else ""
-            if line:
-                self.state, self.reason, nodes = (line.split("|") + ["", ""])[:3]
-                if nodes and nodes != "(null)":
-                    self.host = nodes
-                if self.state in _ACTIVE:
-                    return None
-            self.code = self._final_code()
-            return self.code
+        if self.code is None:
+            self._tracker.refresh()
+        return self.code
 
     def _final_code(self) -> int:
         info = _slurm(["scontrol", "show", "job", self.job_id], check=False)
@@ -125,6 +158,7 @@ class SlurmBackend(Backend):
         self.bind_host = connect_host
         self.env = dict(env or {})
         self.work_dir = work_dir or os.path.join(os.path.expanduser("~"), ".flamebook", "slurm")
+        self._tracker = _JobTracker()
 
     def __repr__(self) -> str:
         gpus = f", gpus_per_runner={self.gpus_per_runner}" if self.gpus_per_runner else ""
@@ -166,12 +200,13 @@ class SlurmBackend(Backend):
             raise
         job_id = out.strip().split(";")[0]
         log.info("flame: runner %s is Slurm job %s", spec.runner_id, job_id)
-        return SlurmHandle(job_id, log_path, key_path)
+        return SlurmHandle(job_id, log_path, key_path, self._tracker)
 
     def terminate(self, handle: RunnerHandle) -> None:
         assert isinstance(handle, SlurmHandle)
         if handle.code is None:
             _slurm(["scancel", handle.job_id], check=False)
+        self._tracker.discard(handle)
         for path in (handle.key_path,):
             try:
                 os.unlink(path)
