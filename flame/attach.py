@@ -245,7 +245,10 @@ class Node:
                 if now >= next_beat:
                     next_beat = now + 1.0
                     if self.info:
-                        self._send("heartbeat", {})
+                        try:
+                            self._send("heartbeat", {})
+                        except AppGone:
+                            break  # closed by the user meanwhile
                     gone = None
                     if local and self.info and not _pid_alive(self.info.get("pid")):
                         gone = f"the app (pid {self.info.get('pid')}) exited"
