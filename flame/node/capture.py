@@ -80,7 +80,8 @@ class Capture:
 
     def end(self, ident: int, out: CallOutput) -> None:
         if self._fds is not None and len(self._open) == 1:
-            self._fds.drain_ready()  # what a subprocess wrote just before the call returned is its
+            # What a subprocess wrote just before the call returned belongs to the call.
+            self._fds.drain_ready()
         self.by_thread.pop(ident, None)
         self._open.pop(out, None)
         out.closed = True
