@@ -123,6 +123,16 @@ def collect():
     flame.set_sink_factory(None)
 
 
+def kill_runner_mid_call(pool):
+    """SIGKILL the pool's runner while it runs a call; the future of that call."""
+    import signal
+    pid = pool.call(os.getpid)
+    fut = pool.submit(time.sleep, 60)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    return fut
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

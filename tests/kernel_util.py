@@ -34,6 +34,16 @@ def collect(kc, msg_id: str, timeout: float = 60.0):
     raise TimeoutError(f"no idle status for {msg_id} within {timeout} s")
 
 
+def press_stop(km, kc, msg_id: str):
+    """Press the stop button a second into the cell ``msg_id``; its reply and messages, and how
+    long the kernel took to answer after the interrupt."""
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    km.interrupt_kernel()
+    reply, msgs = collect(kc, msg_id, timeout=15)
+    return reply, msgs, time.monotonic() - t0
+
+
 def drain(kc, seconds: float):
     """All iopub messages that arrive within ``seconds``."""
     msgs = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import time
 import pytest
 
 import flame
-from conftest import ROOT, wait_for
+from conftest import ROOT, kill_runner_mid_call, wait_for
 
 
 def backend(tmp_path, **kw):
@@ -52,11 +51,7 @@ def test_cold_boot_call_streamed_output_and_job_name(slurm, tmp_path, make_pool,
 
 
 def test_runner_killed_mid_call_gives_runner_died(slurm, tmp_path, make_pool):
-    pool = make_pool(backend=backend(tmp_path), max=1, boot_timeout=60)
-    pid = pool.call(os.getpid)
-    fut = pool.submit(time.sleep, 60)
-    time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
+    fut = kill_runner_mid_call(make_pool(backend=backend(tmp_path), max=1, boot_timeout=60))
     with pytest.raises(flame.RunnerDied, match="Slurm job"):
         fut.result(timeout=15)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ import psutil
 import pytest
 
 import flame
-from conftest import ROOT, gone, wait_for
+from conftest import ROOT, gone, kill_runner_mid_call, wait_for
 
 
 def backend(sshd, hosts=None, **kw):
@@ -46,10 +45,7 @@ def test_cold_boot_call_and_streamed_output(sshd, make_pool, collect):
 
 def test_runner_killed_mid_call_gives_runner_died(sshd, make_pool):
     pool = make_pool(backend=backend(sshd), max=1)
-    pid = pool.call(os.getpid)
-    fut = pool.submit(time.sleep, 60)
-    time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
+    fut = kill_runner_mid_call(pool)
     with pytest.raises(flame.RunnerDied, match="SIGKILL"):
         fut.result(timeout=10)
     assert pool.call(lambda: "healed") == "healed"
