@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "flame.pool",
+    "pools": "flame.pool",
+    "shutdown_all": "flame.pool",
+    "CallFuture": "flame.call",
     "Backend": "flame.backends.base",
     "RunnerSpec": "flame.backends.base",
     "RunnerHandle": "flame.backends.base",
@@ -26,8 +29,11 @@ _EXPORTS = {
     "gpus": "flame.gpu",
     "serve": "flame.attach",
     "connect": "flame.attach",
+    "serve_script": "flame.attach",
     "AttachError": "flame.attach",
     "AppGone": "flame.attach",
+    "AppConnection": "flame.attach",
+    "Serving": "flame.attach",
     "GPU": "flame.gpu",
     "OutputSink": "flame.call",
     "set_sink_factory": "flame.call",
@@ -61,10 +67,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backends.local import LocalBackend
     from .backends.slurm import SlurmBackend
     from .backends.ssh import SSHBackend
-    from .call import OutputSink, set_sink_factory
+    from .call import CallFuture, OutputSink, set_sink_factory
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)
-    from .pool import Pool
-    from .attach import AppGone, AttachError, connect, serve
+    from .pool import Pool, pools, shutdown_all
+    from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
     from .runner import RunnerInfo

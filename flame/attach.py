@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from typing import Any, Callable
 
 import zmq
@@ -20,7 +21,8 @@ import zmq
 from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
-from .wire import KEY_BYTES, Wire, curve_client
+from .keys import new_key, write_private
+from .wire import Wire, curve_client, introduction, read_output
 
 log = logging.getLogger("flame.attach")
 
@@ -42,7 +44,7 @@ def attach_dir() -> str:
         os.path.expanduser("~"), ".local", "share", "flamebook", "attach")
 
 
-class Served:
+class Serving:
     """What ``serve`` returns: the node running inside this app."""
 
     def __init__(self, node: Any, connection_file: str) -> None:
@@ -59,11 +61,11 @@ class Served:
             pass
 
     def __repr__(self) -> str:
-        return f"<flame.Served {self.address} file={self.connection_file}>"
+        return f"<flame.Serving {self.address} file={self.connection_file}>"
 
 
 def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
-          connection_file: str | None = None, name: str | None = None) -> Served:
+          connection_file: str | None = None, name: str | None = None) -> Serving:
     """Serve a node inside this process so notebooks can ``%attach`` to it; returns at once.
 
     Args:
@@ -73,14 +75,14 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
             ``attach_dir()/NAME-PID.json``.
         name: label for the default connection file. Defaults to the script's name.
     """
-    from .node.served import ServedNode
+    from .node.served import AppNode
 
     if namespace is None:
         namespace = sys.modules["__main__"].__dict__
     if not isinstance(namespace, dict):
         raise TypeError(f"namespace must be a dict, got {type(namespace).__name__}")
-    key = os.urandom(KEY_BYTES)
-    node = ServedNode(key, address, namespace)
+    key = new_key()
+    node = AppNode(key, address, namespace)
     if connection_file is None:
         label = name or os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
         connection_file = os.path.join(attach_dir(), f"{label}-{os.getpid()}.json")
@@ -92,12 +94,9 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
             "python": platform.python_version(), "argv": sys.argv}
     if node.curve_public is not None:
         info["curve_server_key"] = node.curve_public.decode()
-    fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.chmod(connection_file, 0o600)
+    write_private(connection_file, json.dumps(info))
     node.start()
-    served = Served(node, connection_file)
+    served = Serving(node, connection_file)
     atexit.register(served.stop)
     log.info("flame: serving %s (connection file %s)", node.address, connection_file)
     return served
@@ -123,8 +122,8 @@ class _Request:
         self.sink = sink
 
 
-class Node:
-    """A connection to an app's node (``flame.connect``). Thread-safe."""
+class AppConnection:
+    """A connection to the node inside an app (``flame.connect``). Thread-safe."""
 
     def __init__(self, connection_file: str, timeout: float = 10.0) -> None:
         path = find_connection_file(connection_file)
@@ -154,7 +153,7 @@ class Node:
         self._welcome = self._new_request(None)
         self._io = threading.Thread(target=self._io_loop, name="flame-connect-io", daemon=True)
         self._io.start()
-        self._send("hello", {"id": "hello"})
+        self._send("hello", {"id": "hello", **introduction()})
         try:
             self.info = self._welcome.future.result(timeout=timeout)
         except Exception as exc:
@@ -168,7 +167,8 @@ class Node:
         self.host: str = self.info.get("host", info.get("host", "?"))
 
     def __repr__(self) -> str:
-        return f"<flame.Node pid {getattr(self, 'pid', '?')} on {getattr(self, 'host', '?')} at {self.address}>"
+        return (f"<flame.AppConnection pid {getattr(self, 'pid', '?')} on {getattr(self, 'host', '?')} "
+                f"at {self.address}>")
 
     # ---- requests ----------------------------------------------------------------------------
     def _new_request(self, sink: Any, rid: str = "hello") -> _Request:
@@ -191,7 +191,7 @@ class Node:
             while True:
                 try:
                     return req.future.result(timeout=0.1)
-                except TimeoutError:
+                except FutureTimeout:
                     continue
         except KeyboardInterrupt:
             if kind in ("run", "call"):
@@ -257,6 +257,9 @@ class Node:
                     if gone:
                         self._fail_all(AppGone(gone))
                         self._closed = True
+        except BaseException as exc:  # noqa: BLE001 - requests fail with the cause, never hang
+            log.exception("flame: the connection to %s failed", self.address)
+            self._fail_all(AppGone(f"the connection to {self.address} failed: {type(exc).__name__}: {exc}"))
         finally:
             with self._lock:
                 self._closed = True
@@ -292,10 +295,10 @@ class Node:
         req = self._requests.get(head.get("id", ""))
         if req is None:
             return
-        if kind == "stream" and req.sink is not None:
-            req.sink.stream(head.get("n", "stdout"), bytes(frames[0]).decode("utf-8", "replace"))
-        elif kind == "display" and req.sink is not None:
-            req.sink.display(json.loads(bytes(frames[0])))
+        if kind in ("stream", "display"):
+            if req.sink is not None:
+                how, args = read_output(kind, head, frames)
+                getattr(req.sink, how)(*args)
         elif kind == "reply":
             req.future.set_result(head["content"])
         elif kind == "result":
@@ -316,26 +319,22 @@ def _rebuild(head: dict, frames: list) -> BaseException:
 def _pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int):
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    import psutil
     try:  # a zombie is gone for our purposes
-        import psutil
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
         return True
 
 
-def connect(connection_file: str, timeout: float = 10.0) -> Node:
+def connect(connection_file: str, timeout: float = 10.0) -> AppConnection:
     """Connect to an app started with ``flame.serve`` (a connection file path or name)."""
-    return Node(connection_file, timeout)
+    return AppConnection(connection_file, timeout)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flame.attach SCRIPT [ARGS]``: run an unmodified script with a node inside it."""
+def serve_script(argv: list[str] | None = None) -> int:
+    """``flamebook serve -- python SCRIPT [ARGS]``: run an unmodified script with a node inside it."""
     import types
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
@@ -363,4 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve_script())

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Protocol
+
+from . import serialize
+from .errors import SerializationError
 
 
 class OutputSink(Protocol):
@@ -91,13 +96,44 @@ class Call:
 
 
 class CallFuture(Future):
-    """A :class:`concurrent.futures.Future` whose ``cancel()`` also stops the remote work."""
+    """A :class:`concurrent.futures.Future` of a call. ``cancel()`` also stops the remote work,
+    and so does a KeyboardInterrupt (Ctrl-C, the notebook's stop button) while in ``result()``."""
 
     def __init__(self, call: Call) -> None:
         super().__init__()
         self.call = call
         #: done(), readable without taking the future's lock (the pool polls it while receiving)
         self.settled = False
+
+    @property
+    def runner(self) -> str | None:
+        """The id of the runner the call was placed on; None while it waits for one."""
+        r = self.call.runner
+        return r.id if r is not None else None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's value, or its exception raised here.
+
+        While waiting, this thread receives the pool's messages itself (no hand-off from the
+        I/O thread), in short slices, so Ctrl-C is seen at once even when SIGINT lands on
+        another thread or comes from ``_thread.interrupt_main``.
+        """
+        if self.settled:
+            value = super().result(timeout=0)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                self.call.pool._endpoint.wait(self, timeout)
+                # Settled, past the deadline, or the pool stopped receiving (it settles every call).
+                value = super().result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                if self.done():
+                    raise  # the call's own outcome, or Ctrl-C just after it arrived
+                self.cancel()
+                raise KeyboardInterrupt(f"interrupted while waiting for {self.call.name}(); "
+                                        "its remote work was stopped") from None
+        return value.load() if type(value) is Pickled else value
+
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
@@ -119,3 +155,31 @@ class CallFuture(Future):
         return cancelled
 
 
+class Pickled:
+    """A result as it arrived: unpickled by the first ``result()`` that asks, in that thread.
+
+    Unpickling runs the user's code (``__setstate__``, constructors) and may be slow; the
+    thread that receives messages for the whole pool must not wait on it.
+    """
+
+    __slots__ = ("frames", "name", "value", "error", "lock")
+
+    def __init__(self, frames: list, name: str) -> None:
+        self.frames: list | None = frames
+        self.name = name
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def load(self) -> Any:
+        with self.lock:
+            if self.frames is not None:
+                try:
+                    self.value = serialize.loads(self.frames)
+                except Exception as exc:
+                    self.error = SerializationError(f"the result of {self.name}() arrived but cannot be "
+                                                    f"unpickled here: {type(exc).__name__}: {exc}")
+                self.frames = None
+        if self.error is not None:
+            raise self.error
+        return self.value

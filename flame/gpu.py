@@ -72,6 +72,23 @@ def visible_ids(env: dict | None = None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def describe(ids: list[str]) -> list[dict]:
+    """Name and memory of each GPU in ``ids`` (indices or UUIDs, as in CUDA_VISIBLE_DEVICES).
+
+    A runner reports these in its hello; NVML numbers devices ignoring CUDA_VISIBLE_DEVICES,
+    as do the ids the parent handed out.
+    """
+    if not ids:
+        return []
+    found, _ = discover()
+    if not found:
+        return []  # no driver here: nothing to say beyond the ids
+    by_id = {g.id: g for g in found}
+    by_id.update({g.uuid: g for g in found if g.uuid})
+    return [{"id": gid, "name": by_id[gid].name, "memory_total": by_id[gid].memory_total}
+            if gid in by_id else {"id": gid, "name": "?", "memory_total": 0} for gid in ids]
+
+
 def gpus() -> list[GPU]:
     """The GPUs this process may use: every GPU, or those CUDA_VISIBLE_DEVICES names."""
     found, _ = discover()

@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.base import RunnerHandle
-
-#: Must equal flame.node.node.FN_CACHE_SIZE: both sides keep the same LRU of functions,
-#: updated in the same order, so the parent knows which functions the runner holds.
-FN_CACHE_SIZE = 256
+from .wire import FN_CACHE_SIZE
 
 
 @dataclass(frozen=True)
@@ -22,6 +19,7 @@ class RunnerInfo:
     state: str
     pid: int | None
     host: str
+    #: calls on the runner now (running, or sent ahead to it)
     active: int
     started: datetime.datetime
     gpus: tuple = ()
@@ -45,7 +43,8 @@ class Runner:
         self.started = datetime.datetime.now()
         self.boot_deadline = boot_deadline
         self.stop_deadline: float | None = None
-        self.active: dict[str, Any] = {}
+        #: the calls on this runner, by call id: running, or sent ahead
+        self.calls: dict[str, Any] = {}
         self.last_active = time.monotonic()
         self.last_heard = time.monotonic()
         self.fns: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -61,8 +60,23 @@ class Runner:
             fns.popitem(last=False)
         return False
 
+    def verdict(self, now: float, exit_code: int | None, silent_after: float) -> str | None:
+        """What the runner's state and ``exit_code`` (from its handle) call for, or None:
+        "exited", "boot timeout", "stop overdue" or "silent". Pure, like the terminator's."""
+        if self.state == "dead":
+            return None
+        if exit_code is not None:
+            return "exited"
+        if self.state == "booting" and now > self.boot_deadline:
+            return "boot timeout"
+        if self.state == "stopping" and self.stop_deadline is not None and now > self.stop_deadline:
+            return "stop overdue"
+        if self.state == "ready" and now - self.last_heard > silent_after:
+            return "silent"
+        return None
+
     def info(self) -> RunnerInfo:
-        idle = time.monotonic() - self.last_active if self.state == "ready" and not self.active else None
-        return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.active),
+        idle = time.monotonic() - self.last_active if self.state == "ready" and not self.calls else None
+        return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.calls),
                           self.started, tuple(self.gpus), self.python, idle,
                           {"gpu_info": list(self.gpu_info)} if self.gpu_info else {})

@@ -15,8 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     inst.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from flame.attach import main as serve
-        return serve(args.args)
+        from flame import serve_script
+        return serve_script(args.args)
     if args.command == "install-kernel":
         from .install import main as install
         return install(args.args)

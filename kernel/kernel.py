@@ -17,7 +17,7 @@ class FlameKernel(IPythonKernel):
     implementation = "flamebook"
     implementation_version = "0.1.0"
 
-    #: The app this notebook is attached to (a flame.attach.Node), or None: cells run here.
+    #: The app this notebook is attached to (a flame.AppConnection), or None: cells run here.
     attached = None
 
     @property
@@ -44,7 +44,7 @@ class FlameKernel(IPythonKernel):
         return f"attached to pid {node.pid} on {node.host} ({argv}); %detach to run cells here again"
 
     def attach(self, target: str) -> str:
-        from flame.attach import connect
+        from flame import connect
         if self.attached is not None:
             self.detach()
         self.attached = connect(target)
@@ -63,7 +63,7 @@ class FlameKernel(IPythonKernel):
         if node is None or code.lstrip().startswith(("%attach", "%detach")):
             return await super().do_execute(code, silent, store_history, user_expressions,
                                             allow_stdin, **kwargs)
-        from flame.attach import AppGone
+        from flame import AppGone
         shell = self.shell
         count = shell.execution_count
         if store_history:
@@ -137,7 +137,7 @@ class FlameKernel(IPythonKernel):
     def do_shutdown(self, restart):
         # Stop every runner now rather than at interpreter exit: a restart must not wait
         # for runners of the old session to notice the missing heartbeat.
-        from flame.pool import _shutdown_all
-        _shutdown_all()
+        import flame
+        flame.shutdown_all()
         self.detach()  # the app keeps running
         return super().do_shutdown(restart)

@@ -11,11 +11,6 @@ from IPython.display import HTML, display
 log = logging.getLogger("kernel.magics")
 
 
-def live_pools() -> list:
-    from flame.pool import _live_pools
-    return sorted(_live_pools, key=lambda p: p.name)
-
-
 def names_read(source: str) -> set[str]:
     """Names a cell reads (loads), so that %%remote can send their local values along."""
     try:
@@ -48,7 +43,8 @@ class FlameMagics(Magics):
     @line_magic
     def flame(self, line: str) -> None:
         """List every flame pool in this kernel, with its runners."""
-        pools = live_pools()
+        import flame
+        pools = flame.pools()
         if not pools:
             display(HTML("<i>no flame pools in this kernel</i>"))
             return
@@ -72,7 +68,7 @@ class FlameMagics(Magics):
             if not isinstance(pool, flame.Pool):
                 raise NameError(f"%%remote: {name!r} is not a flame.Pool in this notebook")
         else:
-            pools = live_pools()
+            pools = flame.pools()
             if len(pools) != 1:
                 raise ValueError(f"%%remote: there are {len(pools)} pools; name one: %%remote POOL")
             pool = pools[0]
@@ -92,17 +88,13 @@ class FlameMagics(Magics):
         if skipped:
             log.warning("%%remote: not sending %s (cannot be pickled)", ", ".join(skipped))
         pinned = self._pinned.get(id(pool))
-        future = pool._submit(run_cell, (cell, variables), {}, affinity=pinned)
-        from flame.pool import _interrupted, _result
+        future = pool.submit_to(pinned, run_cell, cell, variables)
         try:
-            _result(future)
-        except KeyboardInterrupt:
-            future.cancel()
-            raise _interrupted(future) from None
+            future.result()
         finally:
-            runner = future.call.runner
+            runner = future.runner
             if runner is not None:
-                if pinned is not None and runner.id != pinned:
-                    print(f"%%remote: runner {pinned} is gone; this cell ran on {runner.id} "
+                if pinned is not None and runner != pinned:
+                    print(f"%%remote: runner {pinned} is gone; this cell ran on {runner} "
                           "with a fresh namespace")
-                self._pinned[id(pool)] = runner.id
+                self._pinned[id(pool)] = runner

@@ -99,7 +99,7 @@ def test_pool_drops_forged_messages_from_a_rogue_peer(make_pool, tmp_path):
         rogue.send_multipart([b"garbage"])
     assert fut.result(timeout=10) == "genuine"
     assert not os.path.exists(evil)
-    assert pool._wire.dropped >= 1
+    assert pool._endpoint.wire.dropped >= 1
     assert pool.call(os.getpid) == pid
     for rogue in rogues:
         rogue.close()
@@ -134,7 +134,7 @@ class _OffLoopback(flame.LocalBackend):
 
 def test_off_loopback_pools_encrypt_with_curve(make_pool):
     pool = make_pool(backend=_OffLoopback(), max=1)
-    assert pool._sock.curve_server and pool._curve_public
+    assert pool._endpoint.curve and pool._endpoint.curve_public
     assert pool.call(lambda x: x + 1, 41) == 42
     # A peer that does not speak CURVE gets no handshake: its messages never reach the pool.
     ctx = zmq.Context()
@@ -144,7 +144,7 @@ def test_off_loopback_pools_encrypt_with_curve(make_pool):
     plain.send_multipart([b"x", b"y"])
     import time
     time.sleep(0.5)
-    assert pool._wire.dropped == 0, "the plaintext peer's frames were refused by CURVE, not even read"
+    assert pool._endpoint.wire.dropped == 0, "the plaintext peer's frames were refused by CURVE, not even read"
     plain.close()
     ctx.term()
     assert pool.call(lambda: "still fine") == "still fine"
@@ -152,7 +152,7 @@ def test_off_loopback_pools_encrypt_with_curve(make_pool):
 
 def test_loopback_pools_do_not_pay_for_curve(make_pool):
     pool = make_pool(max=1)
-    assert pool._curve_public is None and not pool._sock.curve_server
+    assert pool._endpoint.curve_public is None and not pool._endpoint.curve
 
 
 def test_wire_checks_every_byte_and_frame_before_loading_anything():
@@ -175,3 +175,36 @@ def test_wire_checks_every_byte_and_frame_before_loading_anything():
     assert head["id"] == "c1" and [bytes(f) for f in got] == frames
     assert receiver.decode(msg) is None  # replayed
     assert receiver.dropped == len(first) + 4
+
+
+def test_key_files_are_created_new_and_private(tmp_path):
+    from flame.keys import write_private
+    loose = tmp_path / "loose.key"
+    loose.write_text("old")
+    loose.chmod(0o644)
+    write_private(str(loose), "secret")  # replaced, not reused with its mode
+    assert loose.read_text() == "secret" and loose.stat().st_mode & 0o777 == 0o600
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    link = tmp_path / "link.key"
+    link.symlink_to(elsewhere)
+    write_private(str(link), "secret")
+    assert elsewhere.read_text() == "" and not link.is_symlink()
+    with pytest.raises(FileExistsError):
+        write_private(str(link), "other", replace=False)  # key files of backends: never taken over
+    assert link.read_text() == "secret"
+
+
+def test_runner_ids_are_unique_across_pools_and_processes(make_pool):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    a, b = make_pool(max=1, name="same"), make_pool(max=1, name="same")
+    a.call(lambda: 1)
+    b.call(lambda: 1)
+    ids = {a.runners[0].id, b.runners[0].id}
+    code = ("import flame\nwith flame.Pool(max=1, name='same') as p:\n    p.call(lambda: 1)\n"
+            "    print(p.runners[0].id)")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=60).stdout.strip()
+    assert len(ids | {other}) == 3 and all(i.startswith("same-") for i in ids | {other})

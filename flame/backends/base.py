@@ -7,14 +7,17 @@ it to stop. Scheduling, deadlines, idle shutdown, liveness and graceful stop
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
+from typing import IO
 
 
 @dataclass
 class RunnerSpec:
     """What a backend needs to start one runner."""
 
-    #: Unique id of the runner within its pool; also its ZeroMQ identity.
+    #: Id of the runner, unique across processes and hosts (it has a random part): its ZeroMQ
+    #: identity, and safe in file and job names.
     runner_id: str
     #: ZeroMQ address the runner connects back to.
     address: str
@@ -63,3 +66,20 @@ class Backend(abc.ABC):
     def connect_address(self, bound: str) -> str:
         """The address runners should connect to, given the one the pool bound."""
         return bound
+
+
+def tail(source: str | IO[bytes], lines: int = 40) -> str:
+    """The last ``lines`` lines of a log (a path, or a binary file open for reading), from at
+    most its last 64 kB; "" when it cannot be read."""
+    try:
+        f = open(source, "rb") if isinstance(source, str) else source
+        try:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+        finally:
+            if isinstance(source, str):
+                f.close()
+    except (OSError, ValueError):
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

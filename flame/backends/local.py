@@ -10,7 +10,7 @@ import threading
 from typing import IO, Mapping, Sequence
 
 from ..gpu import discover, visible_ids
-from .base import Backend, RunnerHandle, RunnerSpec
+from .base import Backend, RunnerHandle, RunnerSpec, tail
 
 log = logging.getLogger("flame.backends.local")
 
@@ -26,7 +26,7 @@ class LocalHandle(RunnerHandle):
         return self.proc.poll()
 
     def stderr_tail(self, lines: int = 40) -> str:
-        return _tail(self.log, lines)
+        return tail(self.log, lines)
 
 
 class LocalBackend(Backend):
@@ -153,13 +153,3 @@ class LocalBackend(Backend):
             log.warning("flame: runner pid %s did not exit after SIGKILL", handle.pid)
         self._release(handle.gpus)  # only once the process is gone: the GPU is free again
 
-
-def _tail(f: IO[bytes], lines: int) -> str:
-    try:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 64 * 1024))
-        text = f.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return ""
-    return "\n".join(text.splitlines()[-lines:])

@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Mapping, Sequence
 
-from .base import Backend, RunnerHandle, RunnerSpec
+from ..keys import write_private
+from .base import Backend, RunnerHandle, RunnerSpec, tail
 
 log = logging.getLogger("flame.backends.slurm")
 
@@ -104,14 +105,7 @@ class SlurmHandle(RunnerHandle):
 
     def stderr_tail(self, lines: int = 40) -> str:
         head = f"Slurm job {self.job_id}: {self.state}" + (f" ({self.reason})" if self.reason and self.reason != "None" else "")
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        return "\n".join([head, *text.splitlines()[-lines:]])
+        return "\n".join([head, *tail(self.log_path, lines).splitlines()])
 
 
 def _slurm(argv: list[str], check: bool = True, input: str | None = None,
@@ -186,10 +180,7 @@ class SlurmBackend(Backend):
         key_path = os.path.join(self.work_dir, f"{spec.runner_id}.key")
         log_path = os.path.join(self.work_dir, f"{spec.runner_id}.log")
         settings = {**self.env, **spec.env}
-        key = settings.pop("FLAME_KEY")
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key)
+        write_private(key_path, settings.pop("FLAME_KEY"), replace=False)  # ids are unique: never taken
         settings["FLAME_KEY_FILE"] = key_path
         env = {**os.environ, **settings}
         script = f"#!/bin/sh\nexec {shlex.quote(self.python)} -m flame.node\n"

@@ -91,7 +91,7 @@ class SSHBackend(Backend):
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._conns: dict[str, Any] = {}
-        self._tunnels: dict[tuple[str, str], int] = {}
+        self._tunnels: dict[tuple[str, str], tuple[Any, int]] = {}  # (host, address) -> (conn, port)
         self._alock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -125,13 +125,16 @@ class SSHBackend(Backend):
             return conn
 
     async def _tunnel(self, h: _Host, conn: Any, address: str) -> int:
-        """The remote port that leads back to the parent's ``address`` (one per host and pool)."""
+        """The remote port that leads back to the parent's ``address`` (one per connection and
+        pool: a tunnel goes with the connection that carried it)."""
         key = (h.spec, address)
-        port = self._tunnels.get(key)
-        if port is None:
-            host, _, local_port = address.removeprefix("tcp://").rpartition(":")
-            listener = await conn.forward_remote_port("127.0.0.1", 0, host, int(local_port))
-            port = self._tunnels[key] = listener.get_port()
+        known = self._tunnels.get(key)
+        if known is not None and known[0] is conn:
+            return known[1]
+        host, _, local_port = address.removeprefix("tcp://").rpartition(":")
+        listener = await conn.forward_remote_port("127.0.0.1", 0, host, int(local_port))
+        port = listener.get_port()
+        self._tunnels[key] = (conn, port)
         return port
 
     # ---- the contract --------------------------------------------------------------------------

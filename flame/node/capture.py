@@ -24,13 +24,17 @@ from typing import Any, Callable
 class CallOutput:
     """Output of one call not yet sent: a list of ``(kind, payload)`` events."""
 
-    __slots__ = ("call_id", "events", "lock", "on_first", "closed")
+    __slots__ = ("call_id", "events", "lock", "on_first", "send", "closed")
 
-    def __init__(self, call_id: str, on_first: Callable[["CallOutput"], None]) -> None:
+    def __init__(self, call_id: str, on_first: Callable[["CallOutput"], None],
+                 send: Callable[[str, Any], None]) -> None:
         self.call_id = call_id
         self.events: list[list[Any]] = []
         self.lock = threading.Lock()
+        #: called when the first event is buffered (after each drain): schedules a flush
         self.on_first = on_first
+        #: send(kind, payload): where drained events go
+        self.send = send
         #: the call has ended: late writes from threads it started go elsewhere
         self.closed = False
 
@@ -52,7 +56,7 @@ class CallOutput:
         if first:
             self.on_first(self)
 
-    def drain(self, send: Callable[[str, Any], None]) -> None:
+    def drain(self) -> None:
         """Hand every pending event to ``send(kind, payload)``, in order.
 
         The lock is held while sending so that two drains of the same call (timer
@@ -61,7 +65,7 @@ class CallOutput:
         with self.lock:
             events, self.events = self.events, []
             for kind, payload in events:
-                send(kind, "".join(payload) if kind != "display" else payload)
+                self.send(kind, "".join(payload) if kind != "display" else payload)
 
 
 class Capture:

@@ -25,7 +25,8 @@ publish: Callable[[dict], None] | None = None
 
 
 def mime_bundle(obj: Any, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
-    """Best-effort equivalent of IPython's display formatter for one object."""
+    """The mime bundle of one object: IPython's own formatters when IPython is loaded (as it
+    is whenever a call uses ``IPython.display``), else a light equivalent of them."""
     data: dict = {}
     metadata: dict = {}
     if type(obj).__module__.startswith("matplotlib") and hasattr(obj, "savefig"):
@@ -33,6 +34,12 @@ def mime_bundle(obj: Any, include: Any = None, exclude: Any = None) -> tuple[dic
         buf = io.BytesIO()
         obj.savefig(buf, format="png", bbox_inches="tight")
         data["image/png"] = base64.b64encode(buf.getvalue()).decode()
+    if "IPython" in sys.modules:
+        got, md = _formatter().format(obj, include=include, exclude=exclude)
+        for mime, value in got.items():
+            data.setdefault(mime, base64.b64encode(value).decode() if isinstance(value, bytes) else value)
+        metadata.update(md or {})
+        return data, metadata
     method = getattr(obj, "_repr_mimebundle_", None)
     if callable(method):
         try:
@@ -67,6 +74,22 @@ def mime_bundle(obj: Any, include: Any = None, exclude: Any = None) -> tuple[dic
     if exclude:
         data = {k: v for k, v in data.items() if k not in exclude}
     return data, metadata
+
+
+_display_formatter: Any = None
+
+
+def _formatter() -> Any:
+    """The shell's display formatter when there is a shell, else one of our own (no shell, no
+    history file: a runner has no business creating one)."""
+    global _display_formatter
+    from IPython.core.interactiveshell import InteractiveShell
+    if InteractiveShell.initialized():
+        return InteractiveShell.instance().display_formatter
+    if _display_formatter is None:
+        from IPython.core.formatters import DisplayFormatter
+        _display_formatter = DisplayFormatter()
+    return _display_formatter
 
 
 def display(*objs: Any, include: Any = None, exclude: Any = None, metadata: dict | None = None,

@@ -45,6 +45,14 @@ def complete(namespace: dict, code: str, cursor: int) -> dict:
             "cursor_end": cursor, "metadata": {}}
 
 
+def warm(namespace: dict) -> None:
+    """Import jedi and load its grammar now, so that the first completion is answered at once."""
+    try:
+        complete(namespace, "import os\nos.pa", None)
+    except Exception:
+        pass
+
+
 def _resolve(namespace: dict, dotted: str) -> tuple[bool, Any]:
     """Walk ``a.b.c`` through names and attributes only (never calls anything the user did not)."""
     import builtins

@@ -1,4 +1,5 @@
-"""The node: receive calls, execute them, stream their output, heartbeat the parent.
+"""The runner's node (``python -m flame.node``): receive calls, execute them (``execute.py``,
+shared with the node inside an attached app), stream their output, heartbeat the parent.
 
 Threads:
 - the main thread receives calls and, with ``concurrency == 1``, executes them
@@ -31,18 +32,18 @@ import logging
 import os
 import queue
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 import zmq
 
 from .. import serialize
-from ..wire import Wire, curve_client, pending, recv_ready, send_parts
-from .capture import Capture, CallOutput
+from ..keys import read_key
+from ..wire import FN_CACHE_SIZE, Wire, curve_client, introduction, pending, recv_ready, send_parts
+from .capture import Capture
+from .execute import Calls, cancelled_reply
 from .terminator import Terminator
 
 log = logging.getLogger("flame.node")
@@ -51,12 +52,14 @@ PARENT = "parent"
 #: How long output may sit in a call's buffer before it is sent. Livebook uses 50 ms;
 #: shorter keeps progress bars lively, longer batches tight print loops better.
 FLUSH_INTERVAL = 0.02
-#: Functions kept by content hash; the parent mirrors this LRU exactly (see Runner).
-FN_CACHE_SIZE = 256
 EXIT_PARENT_LOST = 3
+#: Exit code when the node's own machinery failed (its traceback is in the log).
+EXIT_BROKEN = 4
 
 
-class Node:
+class RunnerNode:
+    """The process a pool booted: receives calls, runs them, streams their output."""
+
     def __init__(self, env: dict[str, str], capture: Capture | None = None) -> None:
         self.id = env["FLAME_RUNNER_ID"]
         self.address = env["FLAME_ADDRESS"]
@@ -66,7 +69,7 @@ class Node:
         self.terminator = Terminator(float(env.get("FLAME_PARENT_TIMEOUT", "5")),
                                      float(env.get("FLAME_FAILSAFE", "60")),
                                      int(ppid) if ppid else None)
-        self.wire = Wire(_read_key(env), self.id)
+        self.wire = Wire(read_key(env), self.id)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
@@ -81,18 +84,15 @@ class Node:
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         #: calls received by the watch thread (or by main for the workers), FIFO
-        self.calls: collections.deque = collections.deque()
+        self.inbox: collections.deque = collections.deque()
         self.capture = capture or Capture(runner=True)
+        # With one call at a time the main thread runs it, and a cancel is a SIGINT.
+        self.calls = Calls(self.capture, signal_main=self.concurrency == 1)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
-        self.running: dict[str, tuple[int, CallOutput]] = {}
-        self.queued: set[str] = set()  # received, not started (calls the parent sent ahead)
-        self.cancelled: set[str] = set()  # queued calls cancelled before they started
-        self.dirty: set[CallOutput] = set()
         self.stopping = False
         self.busy = False  # the main thread is executing a call and not watching the socket
         self._main_ident = threading.main_thread().ident
-        self._main_call: str | None = None
-        self._interrupt_main: str | None = None
+        self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
 
     # ---- sending, from any thread --------------------------------------------------
     def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
@@ -116,15 +116,6 @@ class Node:
         with self.sock_lock:
             return recv_ready(self.sock)
 
-    def _output_pending(self, out: CallOutput) -> None:
-        self.dirty.add(out)
-
-    def _post_output(self, call_id: str, kind: str, data: Any) -> None:
-        if kind == "display":
-            self.post("display", {"id": call_id}, (json.dumps(data).encode(),))
-        else:
-            self.post("stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),))
-
     def publish_display(self, payload: dict) -> None:
         out = self.capture.current()
         if out is None:
@@ -134,24 +125,24 @@ class Node:
 
     # ---- main thread --------------------------------------------------------------------
     def main_loop(self) -> None:
-        import platform
         import select
         poller = select.poll()
         poller.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        wake_r, calls = self._wake_r, self.calls
-        self.post("hello", {"pid": os.getpid(), "host": socket.gethostname(),
-                            "python": platform.python_version(), "cwd": os.getcwd(),
-                            "gpus": _visible_gpus(), "gpu_info": _gpu_info()})
+        wake_r, inbox = self._wake_r, self.inbox
+        hello = introduction()
+        gpus = _visible_gpus()
+        hello.update(gpus=gpus, gpu_info=_gpu_info(gpus))
+        self.post("hello", hello)
         while True:
             # take_in drains the socket, re-arming its edge-triggered descriptor; after calls
             # ran, loop to take in what arrived meanwhile before sleeping on it.
             self.take_in()
-            if calls:
-                while calls:
-                    self._dispatch(calls.popleft())
+            if inbox:
+                while inbox:
+                    self._dispatch(inbox.popleft())
                 continue
-            if self.stopping and not self.running:
+            if self.stopping and not self.calls.running:
                 return
             # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
             for fd, _ in poller.poll(100):
@@ -181,14 +172,19 @@ class Node:
         self.terminator.heard()
         kind = head["k"]
         if kind == "call":
-            nf = head.get("nf")
-            self.queued.add(head["id"])
-            self.calls.append((head["id"], head.get("name", "?"),
-                               self._function(head["fn"], frames[0] if nf else None), frames[1 if nf else 0:]))
+            call_id, nf = head["id"], head.get("nf")
+            entry = self._function(head["fn"], frames[0] if nf else None)
+            if entry is None:  # cannot happen while both sides mirror the LRU; answer, never hang
+                self.post("error", {"id": call_id, "type": "flame.errors.FlameError",
+                                    "msg": f"runner {self.id} does not hold function {head['fn']}", "tb": ""})
+                return
+            self.calls.queued(call_id)
+            self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:]))
             if threading.get_ident() != self._main_ident:
                 self._wake()
         elif kind == "cancel":
-            self.cancel(head["id"])
+            if self.calls.cancel(head["id"]) == "skipped":  # sent ahead, not started: answer now
+                self.post(*cancelled_reply(head["id"]))
         elif kind == "shutdown":
             self.stopping = True
             self._wake()
@@ -200,149 +196,78 @@ class Node:
             try:
                 self.execute(*item)
             except KeyboardInterrupt:
-                pass  # a cancel that landed just after the call ended
+                pass  # a stray SIGINT; Calls raises only inside the call a cancel targets
             finally:
                 self.busy = False
         else:
             self.work_queue.put(item)
 
-    def _function(self, digest: str, payload: Any) -> list:
+    def _function(self, digest: str, payload: Any) -> list | None:
         """The LRU of functions by content hash, in the same order the parent keeps it."""
         fns = self.fns
         if payload is not None:
             entry = fns[digest] = [bytes(payload), None]
             if len(fns) > FN_CACHE_SIZE:
                 fns.popitem(last=False)
-        else:
-            entry = fns[digest]
+            return entry
+        entry = fns.get(digest)
+        if entry is not None:
             fns.move_to_end(digest)
         return entry
 
-    # ---- watch thread ----------------------------------------------------------------
-    def watch_loop(self) -> None:
-        next_beat = time.monotonic() + self.heartbeat
-        while True:
-            time.sleep(FLUSH_INTERVAL)
-            if self.busy or self.concurrency > 1:
-                self.take_in()  # the main thread is not looking at the socket: take in cancels
-            if self.dirty:
-                dirty, self.dirty = self.dirty, set()
-                for out in dirty:
-                    out.drain(lambda kind, data, cid=out.call_id: self._post_output(cid, kind, data))
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.heartbeat
-                self.post("heartbeat")
-            why = self.terminator.verdict()
-            if why is not None:
-                exit_now(why, self.id)
-
-    def cancel(self, call_id: str) -> None:
-        ident = self.running.get(call_id, (None,))[0]
-        if ident is None:
-            if call_id in self.queued:  # sent ahead and not started: answer now, skip it later
-                self.cancelled.add(call_id)
-                self.post("error", {"id": call_id, "type": "builtins.KeyboardInterrupt", "msg": "cancelled",
-                                    "tb": "", "cancelled": True})
-            return
-        if ident == self._main_ident:
-            self._interrupt_main = call_id
-            signal.pthread_kill(ident, signal.SIGINT)
-        else:
-            import ctypes
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
-                                                       ctypes.py_object(KeyboardInterrupt))
-
-    # ---- executing calls ----------------------------------------------------------------
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        target, self._interrupt_main = self._interrupt_main, None
-        if target is not None and target == self._main_call:
-            raise KeyboardInterrupt
+    def execute(self, call_id: str, name: str, entry: list, arg_frames: list) -> None:
+        def work() -> Any:
+            if entry[1] is None:
+                entry[1] = serialize.loads([entry[0]])
+            args, kwargs = serialize.loads(arg_frames)
+            return entry[1](*args, **kwargs)
+        self.calls.execute(call_id, f"{name}()", work, self.post)
 
     def worker(self) -> None:
         while True:
+            item = self.work_queue.get()
             try:
-                self.execute(*self.work_queue.get())
+                self.execute(*item)
             except KeyboardInterrupt:
-                continue  # a cancel that landed between calls
+                continue  # a stray interrupt; Calls raises only inside the call a cancel targets
 
-    def execute(self, call_id: str, name: str, entry: list, arg_frames: list) -> None:
-        self.queued.discard(call_id)
-        if call_id in self.cancelled:
-            self.cancelled.discard(call_id)
-            return
-        ident = threading.get_ident()
-        out = CallOutput(call_id, self._output_pending)
-        self.running[call_id] = (ident, out)
-        self.capture.begin(ident, out)
-        main = ident == self._main_ident
-        kind, fields, frames = "result", {"id": call_id}, ()
+    # ---- watch thread ----------------------------------------------------------------
+    def watch_loop(self) -> None:
+        """Flush output, take in cancels while main is busy, heartbeat, ask the terminator.
+
+        This thread alone heartbeats and runs the terminator: if it fails, the runner exits
+        at once, with the traceback in its log (the parent shows it in RunnerDied).
+        """
         try:
-            try:
-                if entry[1] is None:
-                    entry[1] = serialize.loads([entry[0]])
-                fn = entry[1]
-                args, kwargs = serialize.loads(arg_frames)
-                if main:
-                    self._main_call = call_id
-                result = fn(*args, **kwargs)
-            finally:
-                if main:
-                    self._main_call = None
-            try:
-                frames = serialize.dumps(result)
-            except Exception as exc:
-                serialize.raise_unpicklable(f"the result of {name}()", result, exc)
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
-            kind, fields, frames = "error", _error_fields(call_id, exc), _pickled_error(exc)
-        finally:
-            self.capture.end(ident, out)
-            self.dirty.discard(out)
-            if out.events:
-                out.drain(lambda k, data: self._post_output(call_id, k, data))
-            self.running.pop(call_id, None)
-        self.post(kind, fields, frames)
+            next_beat = time.monotonic() + self.heartbeat
+            while True:
+                time.sleep(FLUSH_INTERVAL)
+                if self.busy or self.concurrency > 1:
+                    self.take_in()  # the main thread is not looking at the socket: take in cancels
+                self.calls.flush()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    self.post("heartbeat")
+                why = self.terminator.verdict()
+                if why is not None:
+                    exit_now(why, self.id)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("flame runner %s: its watch thread failed", self.id)
+            exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
 
 
-def exit_now(why: str, runner_id: str = "") -> None:
-    """Exit at once because the parent is gone. Saying why is best effort: stderr may be a
-    closed pipe (an SSH channel that went away), and that must not keep the runner alive."""
+def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST) -> None:
+    """Exit at once (the parent is gone, or the runner cannot go on). Saying why is best effort:
+    stderr may be a closed pipe (an SSH channel that went away), and that must not keep the
+    runner alive."""
     try:
         log.warning("flame runner %s exiting: %s", runner_id, why)
         sys.__stderr__.flush()
     except BaseException:
         pass
     finally:
-        os._exit(EXIT_PARENT_LOST)
-
-
-def _error_fields(call_id: str, exc: BaseException) -> dict:
-    tb = exc.__traceback__
-    # Skip the node's own frames: the user's traceback starts in their function.
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return {"id": call_id, "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "msg": str(exc), "tb": text, "cancelled": isinstance(exc, KeyboardInterrupt)}
-
-
-def _pickled_error(exc: BaseException) -> tuple:
-    try:
-        exc.__traceback__ = None
-        return tuple(serialize.dumps(exc))
-    except Exception:
-        return ()
-
-
-def _read_key(env: dict[str, str]) -> bytes:
-    key = env.get("FLAME_KEY")
-    if key:
-        return bytes.fromhex(key)
-    path = env.get("FLAME_KEY_FILE")
-    if path:
-        with open(path, "rb") as f:
-            return bytes.fromhex(f.read().decode().strip())
-    raise SystemExit("flame.node: no key (set FLAME_KEY or FLAME_KEY_FILE)")
+        os._exit(code)
 
 
 def _visible_gpus() -> list[str]:
@@ -350,32 +275,15 @@ def _visible_gpus() -> list[str]:
     return [g for g in value.split(",") if g.strip()] if value.strip() else []
 
 
-def _gpu_info() -> list[dict]:
-    """Name and memory of each GPU this runner was given (NVML, only when it has GPUs)."""
-    ids = _visible_gpus()
+def _gpu_info(ids: list[str]) -> list[dict]:
+    """Name and memory of each GPU this runner was given (only when it has GPUs)."""
     if not ids:
         return []
+    from ..gpu import describe  # subprocess and NVML: only on GPU runners
     try:
-        import pynvml
-        pynvml.nvmlInit()
+        return describe(ids)
     except Exception:
         return []
-    info = []
-    try:
-        for gid in ids:
-            try:
-                if gid.isdigit():
-                    h = pynvml.nvmlDeviceGetHandleByIndex(int(gid))
-                else:
-                    h = pynvml.nvmlDeviceGetHandleByUUID(gid)
-                name = pynvml.nvmlDeviceGetName(h)
-                info.append({"id": gid, "name": name.decode() if isinstance(name, bytes) else name,
-                             "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
-            except Exception:
-                info.append({"id": gid, "name": "?", "memory_total": 0})
-    finally:
-        pynvml.nvmlShutdown()
-    return info
 
 
 def _config_from_stdin() -> None:
@@ -419,13 +327,12 @@ def main() -> None:
     capture.install()  # from here on, file descriptors 1 and 2 lead to the running call
     faulthandler.enable(file=capture.log_stream)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=capture.log_stream)
-    node = Node(env, capture)
+    node = RunnerNode(env, capture)
     from . import display
     display.install(node.publish_display)
-    signal.signal(signal.SIGINT, node._on_sigint)
+    signal.signal(signal.SIGINT, node.calls.on_sigint)
     threading.Thread(target=node.watch_loop, name="flame-node-watch", daemon=True).start()
     if node.concurrency > 1:
-        node.work_queue = queue.SimpleQueue()
         for i in range(node.concurrency):
             threading.Thread(target=node.worker, name=f"flame-node-worker-{i + 1}", daemon=True).start()
     node.main_loop()

@@ -10,12 +10,9 @@ asynchronous KeyboardInterrupt and never touches the app's own threads.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
-import platform
 import queue
-import socket
 import sys
 import threading
 import time
@@ -24,11 +21,12 @@ from typing import Any
 import zmq
 
 from .. import serialize
-from ..wire import Wire, listener
+from ..wire import Wire, introduction, listener
 from . import display, introspect
-from .capture import Capture, CallOutput
+from .capture import Capture
+from .execute import Calls
 from .interactive import run_source
-from .node import FLUSH_INTERVAL, _error_fields, _pickled_error
+from .node import FLUSH_INTERVAL
 
 log = logging.getLogger("flame.attach")
 
@@ -41,7 +39,9 @@ CLIENT_TIMEOUT = 5.0
 REFUSED = b'{"k":"refused"}'
 
 
-class ServedNode:
+class AppNode:
+    """The node inside an app: binds a socket, runs attached clients' cells and calls."""
+
     def __init__(self, key: bytes, address: str, namespace: dict) -> None:
         self.namespace = namespace
         self.wire = Wire(key, APP)
@@ -60,10 +60,8 @@ class ServedNode:
         self.clients: dict[bytes, float] = {}
         self.refused: set[bytes] = set()
         self.work: queue.SimpleQueue = queue.SimpleQueue()
-        self.running: tuple[str, int, bytes] | None = None  # (request id, worker thread, client)
-        self.capture = _shared_capture()
-        self.dirty: set[CallOutput] = set()
-        self.outputs: dict[str, tuple[bytes, CallOutput]] = {}
+        self.running: tuple[str, bytes] | None = None  # (request id, client)
+        self.calls = Calls(_shared_capture())
         self.stopped = threading.Event()
         self.io = threading.Thread(target=self._io_loop, name="flame-attach-io", daemon=True)
         self.worker = threading.Thread(target=self._work_loop, name="flame-attach-worker", daemon=True)
@@ -97,12 +95,6 @@ class ServedNode:
             peer = ident.decode(errors="replace")
             self.sock.send_multipart([ident, *self.wire.encode(kind, peer, fields, frames)], copy=False)
 
-    def _output(self, ident: bytes, rid: str, kind: str, data: Any) -> None:
-        if kind == "display":
-            self.send(ident, "display", {"id": rid}, (json.dumps(data).encode(),))
-        else:
-            self.send(ident, "stream", {"id": rid, "n": kind}, (data.encode("utf-8", "replace"),))
-
     # ---- I/O thread -----------------------------------------------------------------------
     def _io_loop(self) -> None:
         next_beat = time.monotonic()
@@ -119,12 +111,7 @@ class ServedNode:
                         pass
                 while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._handle(self.sock.recv_multipart(copy=False))
-                if self.dirty:
-                    dirty, self.dirty = self.dirty, set()
-                    for out in dirty:
-                        ident = self.outputs.get(out.call_id, (None,))[0]
-                        if ident is not None:
-                            out.drain(lambda k, d, i=ident, r=out.call_id: self._output(i, r, k, d))
+                self.calls.flush()
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT
@@ -134,9 +121,9 @@ class ServedNode:
                         else:
                             del self.clients[ident]
                             running = self.running
-                            if running is not None and running[2] == ident:
+                            if running is not None and running[1] == ident:
                                 log.warning("flame: the notebook that ran %s is gone; interrupting it", running[0])
-                                self._interrupt(running[1])
+                                self.calls.cancel(running[0])
                 self._flush()
         except Exception:
             log.exception("flame: attach I/O thread failed")
@@ -149,6 +136,8 @@ class ServedNode:
         msg = self.wire.decode(parts[1:], peer=ident.decode(errors="replace"))
         if msg is None:
             if ident not in self.refused:  # tell a client with the wrong key, once, unsigned
+                if len(self.refused) > 10000:
+                    self.refused.clear()
                 self.refused.add(ident)
                 self.sock.send_multipart([ident, b"", REFUSED])
             return
@@ -156,15 +145,12 @@ class ServedNode:
         self.clients[ident] = time.monotonic()
         kind = head["k"]
         if kind == "hello":
-            self.send(ident, "welcome", {"pid": os.getpid(), "host": socket.gethostname(),
-                                         "python": platform.python_version(), "argv": sys.argv,
-                                         "cwd": os.getcwd()})
+            log.info("flame: notebook pid %s on %s attached", head.get("pid"), head.get("host"))
+            self.send(ident, "welcome", {**introduction(), "argv": sys.argv})
         elif kind in ("run", "call"):
             self.work.put((ident, kind, head, frames))
         elif kind == "cancel":
-            running = self.running
-            if running is not None and running[0] == head["id"]:
-                self._interrupt(running[1])
+            self.calls.cancel(head["id"])
         elif kind == "complete":
             reply = introspect.complete(self.namespace, head["code"], head.get("cursor"))
             self.send(ident, "reply", {"id": head["id"], "content": reply})
@@ -173,13 +159,12 @@ class ServedNode:
                                        head.get("detail", 0))
             self.send(ident, "reply", {"id": head["id"], "content": reply})
 
-    @staticmethod
-    def _interrupt(thread_ident: int) -> None:
-        import ctypes
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_ident), ctypes.py_object(KeyboardInterrupt))
-
     # ---- worker thread ---------------------------------------------------------------------
     def _work_loop(self) -> None:
+        # The first completion would otherwise import jedi and load parso's grammar (1.5-2.6 s
+        # measured on a fresh machine while a cell kept the GIL busy): do it now, in this
+        # thread, before the first cell; serve() has long returned.
+        introspect.warm(self.namespace)
         while True:
             item = self.work.get()
             if item is None:
@@ -187,38 +172,23 @@ class ServedNode:
             try:
                 self._execute(*item)
             except KeyboardInterrupt:
-                pass  # a cancel that arrived just after its request ended
+                pass  # a stray interrupt; Calls raises only inside the request a cancel targets
 
     def _execute(self, ident: bytes, kind: str, head: dict, frames: list) -> None:
         rid = head["id"]
-        me = threading.get_ident()
-        out = CallOutput(rid, self.dirty.add)
-        self.outputs[rid] = (ident, out)
-        self.capture.by_thread[me] = out
-        reply, fields, body = "result", {"id": rid}, ()
+
+        def work() -> Any:
+            if kind == "run":
+                run_source(head["code"], self.namespace, filename=f"<cell {rid}>")
+                return None
+            fn, args, kwargs = serialize.loads(frames)
+            return fn(*args, **kwargs)
+        self.running = (rid, ident)
         try:
-            self.running = (rid, me, ident)
-            try:
-                if kind == "run":
-                    run_source(head["code"], self.namespace, filename=f"<cell {rid}>")
-                    result = None
-                else:
-                    fn, args, kwargs = serialize.loads(frames)
-                    result = fn(*args, **kwargs)
-            finally:
-                self.running = None
-            try:
-                body = serialize.dumps(result)
-            except Exception as exc:
-                serialize.raise_unpicklable("the result", result, exc)
-        except BaseException as exc:  # noqa: BLE001 - the app keeps running whatever the cell did
-            reply, fields, body = "error", _error_fields(rid, exc), _pickled_error(exc)
+            self.calls.execute(rid, "the cell" if kind == "run" else "the call", work,
+                               lambda k, f, b: self.send(ident, k, f, b))
         finally:
-            self.capture.by_thread.pop(me, None)
-            self.dirty.discard(out)
-            out.drain(lambda k, d: self._output(ident, rid, k, d))
-            self.outputs.pop(rid, None)
-        self.send(ident, reply, fields, body)
+            self.running = None
 
 
 _capture: Capture | None = None

@@ -1,0 +1,228 @@
+"""The parent's endpoint: one ZeroMQ ROUTER per pool, its wake-ups, sending, waiting and the tick.
+
+Threads: any thread sends (callers send their own calls: no hand-off); one thread at a time
+receives, checks and hands messages to the pool, either the I/O thread or a caller blocked
+waiting for its result (leader/followers): that hand-off between two Python threads, a GIL
+ping-pong, cost more than the network hop. The I/O thread also runs the pool's tick.
+
+The socket's file descriptor is edge-triggered: any socket operation can consume the edge
+that announces an incoming message. Whoever operates on the socket re-checks ``ZMQ_EVENTS``
+and wakes the thread that polls it when a message is waiting. Plain ``select.poll`` on that
+descriptor and two pipes replaced ``zmq.select`` here, which truncated its timeout to whole
+milliseconds and spun for the last one before every tick (thousands of wake-ups a second).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from .wire import Wire, listener, pending, recv_ready, send_parts
+
+log = logging.getLogger("flame.pool")
+
+#: How often the I/O thread runs the pool's tick (heartbeats, deadlines, placement).
+TICK = 0.05
+
+#: handle(peer, header, frames), called for each checked message, in arrival order.
+Handler = Callable[[str, dict, list], None]
+
+
+class Endpoint:
+    """A pool's socket. ``handle`` gets every checked message; ``tick(now)`` runs every TICK on
+    the I/O thread; ``fail(exc)`` is told if the I/O thread dies; ``outstanding()`` says whether
+    any call awaits its result."""
+
+    def __init__(self, name: str, key: bytes, bind_host: str, handle: Handler,
+                 tick: Callable[[float], None], fail: Callable[[BaseException], None],
+                 outstanding: Callable[[], bool]) -> None:
+        self.name = name
+        self.wire = Wire(key, "parent")
+        self._handle, self._tick, self._fail, self._outstanding = handle, tick, fail, outstanding
+        self._ctx = zmq.Context()
+        self._sock, self.curve_public = listener(self._ctx, bind_host)
+        self._sock.bind(f"tcp://{bind_host}:0")
+        self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._sock_lock = threading.Lock()
+        # A caller receiving in wait() polls the socket and its own wake-up pipe: another
+        # thread's socket operation may consume the edge it waits for (see send).
+        self._lead_r, self._lead_w = _pipe()
+        self._wake_r, self._wake_w = _pipe()
+        self._sock_poll = select.poll()  # used only by the thread holding _recv_lock
+        self._sock_poll.register(self._sock_fd, select.POLLIN)
+        self._sock_poll.register(self._lead_r, select.POLLIN)
+        self._recv_lock = threading.Lock()
+        self._waiters: list = []  # one entry per caller blocked in wait (list ops are atomic)
+        self._io_watching = True  # the I/O thread is waiting on the socket, not only on its pipe
+        self.stopped = threading.Event()
+        self.io = threading.Thread(target=self._io_loop, name=f"flame-{name}-io", daemon=True)
+
+    @property
+    def curve(self) -> bool:
+        """Whether the socket encrypts with CurveZMQ (it listens off loopback)."""
+        return bool(self._sock.curve_server)
+
+    def start(self) -> None:
+        self.io.start()
+
+    def stop(self) -> None:
+        """Stop the I/O thread; it closes the socket."""
+        self.stopped.set()
+        self.wake()
+        if threading.current_thread() is not self.io and self.io.is_alive():
+            self.io.join(timeout=5)
+
+    # ---- sending --------------------------------------------------------------------------
+    def send(self, to: str, kind: str, fields: dict | None = None, frames: list | tuple = (),
+             digest: bytes | None = None) -> None:
+        """Sign and send at once, from any thread."""
+        with self._sock_lock:
+            if self._sock.closed:
+                return
+            msg = self.wire.encode(kind, to, fields, frames, digest)
+            send_parts(self._sock, [to.encode(), *msg])
+            # With nobody polling, the next receiver checks the socket before it polls.
+            waiters = bool(self._waiters)
+            waiting = (waiters or self._io_watching) and pending(self._sock)
+        if waiting:
+            self.wake()
+            if waiters:
+                self.wake(self._lead_w)
+
+    def nudge(self) -> None:
+        """A call went out: make sure some thread watches the socket for its result."""
+        if not self._io_watching and not self._waiters:
+            self.wake()
+
+    def wake(self, fd: int | None = None) -> None:
+        try:
+            os.write(self._wake_w if fd is None else fd, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # ---- receiving ------------------------------------------------------------------------
+    def _receive(self) -> list:
+        with self._sock_lock:
+            if self._sock.closed:
+                return []
+            return recv_ready(self._sock)
+
+    def _dispatch(self, parts: list) -> None:
+        ident = parts[0].bytes
+        try:
+            peer = ident.decode()
+        except UnicodeDecodeError:
+            peer = repr(ident)
+        msg = self.wire.decode(parts[1:], peer=peer)
+        if msg is not None:
+            self._handle(peer, *msg)
+
+    def wait(self, future: Any, timeout: float | None = None) -> None:
+        """Receive and handle messages in this thread until ``future.settled``, the timeout
+        passes, or the endpoint stops."""
+        if future.settled:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._waiters.append(None)
+        poll, lead_r = self._sock_poll.poll, self._lead_r
+        try:
+            while not future.settled and not self.stopped.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                if not self._recv_lock.acquire(timeout=0.05):
+                    continue
+                batch: list = []
+                try:
+                    if future.settled or self.stopped.is_set():
+                        break
+                    batch = self._receive()
+                    if not batch:
+                        # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
+                        for fd, _ in poll(20):
+                            if fd == lead_r:
+                                try:
+                                    os.read(lead_r, 65536)
+                                except OSError:  # empty, or closed by a shutdown meanwhile
+                                    pass
+                        batch = self._receive()
+                finally:
+                    try:
+                        for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
+                            self._dispatch(parts)
+                    finally:
+                        self._recv_lock.release()
+        finally:
+            self._waiters.pop()
+            if not self._waiters and self._outstanding():
+                self.wake()  # others' calls are out: the I/O thread must watch the socket again
+
+    def _receive_and_handle(self) -> bool:
+        """Receive, check and handle what is waiting, unless another thread is doing so now.
+
+        One thread at a time, from receive through handling: sequence numbers are checked
+        in arrival order, and a call's output is delivered before its result.
+        """
+        if not self._recv_lock.acquire(blocking=False):
+            return False
+        try:
+            batch = self._receive()
+            for parts in batch:
+                self._dispatch(parts)
+        finally:
+            self._recv_lock.release()
+        return bool(batch)
+
+    def _io_loop(self) -> None:
+        next_tick = time.monotonic()
+        woken = True
+        # Two poll sets: while callers wait in wait() they receive themselves, and the I/O
+        # thread must not wake (and contend for the GIL) on every message.
+        watch_all, watch_wake = select.poll(), select.poll()
+        for p in (watch_all, watch_wake):
+            p.register(self._wake_r, select.POLLIN)
+        watch_all.register(self._sock_fd, select.POLLIN)
+        try:
+            while not self.stopped.is_set():
+                got = self._receive_and_handle() if woken or not self._waiters else False
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._tick(now)
+                if got:
+                    continue
+                self._io_watching = not self._waiters
+                # Round up: a timeout truncated to 0 ms would spin until the tick.
+                wait_ms = math.ceil(max(0.0, next_tick - time.monotonic()) * 1000)
+                ready = (watch_all if self._io_watching else watch_wake).poll(wait_ms)
+                woken = False
+                for fd, _ in ready:
+                    if fd == self._wake_r:
+                        woken = True
+                        try:
+                            os.read(self._wake_r, 65536)
+                        except BlockingIOError:
+                            pass
+        except BaseException as exc:  # noqa: BLE001 - reported to the pool, which fails its calls
+            log.exception("flame: %s I/O thread failed", self.name)
+            self.stopped.set()
+            self._fail(exc)
+        finally:
+            with self._sock_lock:
+                self._sock.close(linger=0)
+            self._ctx.term()
+            for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
+                os.close(fd)
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w

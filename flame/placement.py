@@ -1,0 +1,123 @@
+"""Placement: the pool's one decision, as a pure function.
+
+Given the calls waiting (FIFO), the runners and the pool's limits, :func:`decide` says which
+calls start on which runners, how many runners to boot, and which idle runners to stop. It
+reads runners and calls and changes nothing, so it is tested without processes
+(``tests/test_placement.py``). The rules, in order:
+
+1. A call pinned to a runner (``call.affinity``) runs there while that runner lives; it waits
+   for a free slot there even if other runners are free, and later calls may pass it.
+   A call whose runner is gone goes anywhere.
+2. Any other call starts on the least-loaded ready runner with a free slot, FIFO.
+3. Calls left over boot runners, up to ``max`` and the backend's capacity, but no more than
+   the runners booting now leave uncovered.
+4. When nothing can boot and every runner is busy, the next calls are sent ahead
+   (``prefetch`` per runner), so each is on its runner the moment the one before it ends; the
+   runner still runs at most ``concurrency`` at once.
+5. ``min`` runners are kept, booting or ready.
+6. A ready runner idle for ``idle_after`` seconds stops, unless that would leave fewer than
+   ``min``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The pool's options and the backend's room, as placement sees them."""
+
+    min: int
+    max: int
+    #: calls one runner runs at once
+    concurrency: int
+    #: calls sent ahead to each busy runner when nothing can boot
+    prefetch: int = 1
+    #: more runners the backend could start now; None: no limit of its own
+    capacity: int | None = None
+    #: seconds a ready runner may sit idle; None: forever
+    idle_after: float | None = None
+    #: keep ``min`` runners (off after a failed boot, until a boot works again)
+    refill: bool = True
+    #: runners may boot (off once the pool is shutting down)
+    can_boot: bool = True
+
+
+@dataclass
+class Decision:
+    #: (call, runner) pairs, in the order the calls waited
+    starts: list = field(default_factory=list)
+    #: runners to boot
+    boots: int = 0
+    #: idle runners to stop
+    stops: list = field(default_factory=list)
+
+
+def least_loaded(runners: Iterable[Any], limit: int, load: dict | None = None) -> Any:
+    """The ready runner with the fewest calls, if it holds fewer than ``limit``."""
+    best, fewest = None, limit
+    for r in runners:
+        if r.state == "ready":
+            n = len(r.calls) if load is None else load[r.id]
+            if n < fewest:
+                best, fewest = r, n
+    return best
+
+
+def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: float) -> Decision:
+    """What to do now. ``runners`` have ``id``, ``state`` ("booting", "ready", "stopping"),
+    ``calls`` (the calls on them), ``handle`` (None while the backend is still starting them)
+    and ``last_active``; calls have ``affinity`` (a runner id or None)."""
+    decision = Decision()
+    by_id = {r.id: r for r in runners}
+    load = {r.id: len(r.calls) for r in runners}
+
+    def place(queue: Iterable[Any], limit: int) -> tuple[list, int | None]:
+        """Start what can start at ``limit`` calls per runner, in order. Returns the calls left
+        waiting for their own runner, and where the first call that found no room is in
+        ``queue`` (None if none): it and every call after it are left too."""
+        pinned: list = []
+        for i, call in enumerate(queue):
+            mine = by_id.get(call.affinity) if call.affinity is not None else None
+            if mine is not None and mine.state in ("ready", "booting"):
+                if mine.state == "ready" and load[mine.id] < limit:
+                    decision.starts.append((call, mine))
+                    load[mine.id] += 1
+                else:
+                    pinned.append(call)
+                continue
+            best = least_loaded(runners, limit, load)
+            if best is None:  # no ready runner has room: no later call can start either
+                return pinned, i
+            decision.starts.append((call, best))
+            load[best.id] += 1
+        return pinned, None
+
+    pinned, stuck = place(waiting, limits.concurrency)
+    others = 0 if stuck is None else len(waiting) - stuck  # left, not pinned (counted, not copied)
+    booting = sum(1 for r in runners if r.state == "booting")
+    live = booting + sum(1 for r in runners if r.state == "ready")
+    room = limits.max - len(runners) if limits.can_boot else 0
+    if limits.capacity is not None:
+        starting = sum(1 for r in runners if r.state == "booting" and r.handle is None)
+        room = min(room, limits.capacity - starting)  # boots under way have not taken theirs yet
+    need = others - booting * limits.concurrency
+    if need > 0 and room > 0:
+        decision.boots = min(room, math.ceil(need / limits.concurrency))
+    elif others and not booting and room <= 0 and limits.prefetch > 0:
+        place(itertools.chain(pinned, itertools.islice(waiting, stuck, None)),
+              limits.concurrency + limits.prefetch)
+    if limits.refill and live + decision.boots < limits.min:
+        decision.boots = max(decision.boots, min(room, limits.min - live))
+    if limits.idle_after is not None:
+        keep = live + decision.boots
+        for r in runners:
+            if keep <= limits.min:
+                break
+            if r.state == "ready" and load[r.id] == 0 and now - r.last_active > limits.idle_after:
+                decision.stops.append(r)
+                keep -= 1
+    return decision
