@@ -138,7 +138,8 @@ def test_completion_works_while_a_cell_runs_in_the_app(app, kernel):
         reply = kc.get_shell_msg(timeout=10)
         if reply["parent_header"]["msg_id"] == req["header"]["msg_id"]:
             break
-    assert time.monotonic() - t0 < 2.5, "answered while the cell was still running"
+    # The app warmed its completer at serve(): even the first completion in a busy app is quick.
+    assert time.monotonic() - t0 < 1.0, "answered while the cell was still running"
     assert "add" in reply["content"]["matches"]
     # ...and so does a plain complete_request, as JupyterLab sends it (no subshell named)
     plain = kc.complete("resto", 5)
@@ -147,7 +148,7 @@ def test_completion_works_while_a_cell_runs_in_the_app(app, kernel):
         reply = kc.get_shell_msg(timeout=10)
         if reply["parent_header"]["msg_id"] == plain:
             break
-    assert time.monotonic() - t0 < 2.0, "answered while the cell was still running"
+    assert time.monotonic() - t0 < 1.0, "answered while the cell was still running"
     assert reply["content"]["matches"] == ["restock"]
     collect(kc, long_cell, timeout=15)
 
@@ -238,6 +239,43 @@ def test_app_serving_off_loopback_encrypts(tmp_path):
         node = flame.connect(path)
         assert node.call(lambda: __import__("__main__").x) == 7
         node.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_attached_cells_stream_their_output_while_they_run(app, collect):
+    proc, path = app
+    node = flame.connect(path)
+    try:
+        t0 = time.monotonic()
+        node.run("import time\nprint('first'); time.sleep(1.5); print('second'); time.sleep(1.5)\n"
+                 "print('third')")
+        ended = time.monotonic()
+    finally:
+        node.close()
+    lines = [(t, text) for t, kind, text in collect.events if kind == "stdout"]
+    assert "".join(text for _, text in lines) == "first\nsecond\nthird\n"
+    second = next(t for t, text in lines if "second" in text)
+    assert second < ended - 1.0, "the second line arrived while the cell still ran, not at its end"
+    assert second - t0 > 1.0
+
+
+def test_serve_never_writes_its_key_through_a_planted_file(tmp_path):
+    target = tmp_path / "readable-by-all"
+    target.write_text("")
+    target.chmod(0o644)
+    planted = tmp_path / "conn.json"
+    planted.symlink_to(target)  # as someone who could write the directory would plant it
+    code = ("import flame, sys, time\nflame.serve(connection_file=sys.argv[1])\n"
+            "print('up', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(planted)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert target.read_text() == "", "the key went into the planted file"
+        assert not planted.is_symlink() and os.stat(planted).st_mode & 0o777 == 0o600
+        assert len(bytes.fromhex(json.load(open(planted))["key"])) == 32
     finally:
         proc.kill()
         proc.wait()

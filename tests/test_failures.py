@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import _thread
+from concurrent.futures import CancelledError
 import os
 import stat
 import threading
@@ -228,3 +229,192 @@ def test_min_pool_with_broken_boot_does_not_loop(make_pool):
     assert pool.runners == []
     with pytest.raises(flame.BootError):
         pool.call(lambda: 1)
+
+
+# ---- nothing a user's object does while being reported may kill the runner -------------------
+class StrRaises(Exception):
+    def __str__(self):
+        raise ValueError("no str for you")
+
+
+class ReprAndReduceRaise(Exception):
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+    def __reduce__(self):
+        raise RuntimeError("no reduce")
+
+
+class ReduceExits:
+    def __reduce__(self):
+        raise SystemExit("pickling this exits")
+
+
+def raise_str_raises():
+    raise StrRaises("hidden")
+
+
+def test_exception_whose_str_raises_is_reported_and_the_runner_lives(make_pool):
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+    with pytest.raises(StrRaises) as info:
+        pool.call(raise_str_raises)
+    assert "could not be rendered" in info.value.__cause__.text
+    assert "ValueError: no str for you" in info.value.__cause__.text
+    assert pool.call(os.getpid) == pid, "the runner lived"
+
+
+def test_exception_whose_repr_and_reduce_raise_comes_back_as_remote_error(make_pool):
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+
+    def fail():
+        raise ReprAndReduceRaise("kept")
+    with pytest.raises(flame.RemoteError) as info:
+        pool.call(fail)
+    assert info.value.type_name.endswith("ReprAndReduceRaise") and "kept" in info.value.message
+    assert pool.call(os.getpid) == pid
+
+
+@pytest.mark.parametrize("make", [
+    lambda: [1, 2, __import__("threading").Lock()],  # fails half-way through the pickle
+    lambda: ReduceExits(),  # __reduce__ raises SystemExit, not an Exception
+], ids=["half-way", "system-exit"])
+def test_result_that_fails_to_pickle_is_named_and_the_runner_lives(make_pool, make):
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+    with pytest.raises(flame.SerializationError, match="cannot send the result of"):
+        pool.call(make)
+    assert pool.call(os.getpid) == pid
+
+
+# ---- the pool lock is never held around blocking work -------------------------------------------
+class _SlowHandle(flame.RunnerHandle):
+    def __init__(self, inner, exit_delay):
+        self.inner, self.exit_delay = inner, exit_delay
+        self.pid, self.host = inner.pid, inner.host
+
+    def exit_status(self):
+        time.sleep(self.exit_delay)  # a slow controller (squeue)
+        return self.inner.exit_status()
+
+    def stderr_tail(self, lines=40):
+        return self.inner.stderr_tail(lines)
+
+
+class SlowBackend(flame.LocalBackend):
+    """Runners on this machine whose backend blocks: terminate for ``terminate_delay`` seconds,
+    every exit_status for ``exit_delay`` seconds."""
+
+    def __init__(self, terminate_delay=0.0, exit_delay=0.0):
+        super().__init__()
+        self.terminate_delay, self.exit_delay = terminate_delay, exit_delay
+
+    def boot(self, spec):
+        return _SlowHandle(super().boot(spec), self.exit_delay)
+
+    def terminate(self, handle):
+        time.sleep(self.terminate_delay)
+        super().terminate(handle.inner)
+
+
+def test_a_blocking_terminate_does_not_stall_other_calls(make_pool):
+    pool = make_pool(backend=SlowBackend(terminate_delay=8.0), max=2, idle_shutdown_after=None)
+    first, second = pool.map(lambda _: (__import__("time").sleep(0.3), os.getpid())[1], range(2))
+    with pytest.raises(flame.RunnerDied):
+        pool.call(exec, "import os; os._exit(1)", {})  # terminate() now blocks for 8 s
+    t0 = time.monotonic()
+    answered = 0
+    while time.monotonic() - t0 < 4:
+        pool.call(lambda: 1)
+        answered += 1
+    assert answered >= 20, f"only {answered} calls answered while terminate() blocked"
+
+
+def test_a_slow_exit_status_neither_stalls_calls_nor_starves_heartbeats(make_pool):
+    pool = make_pool(backend=SlowBackend(exit_delay=4.0), max=1, parent_timeout=2.0)
+    pid = pool.call(os.getpid)
+    t0 = time.monotonic()
+    for _ in range(20):
+        assert pool.call(os.getpid) == pid
+    assert time.monotonic() - t0 < 3, "calls did not wait for exit_status"
+    time.sleep(3.0)  # past parent_timeout: only heartbeats keep the runner
+    assert pool.call(os.getpid) == pid, "heartbeats went on while exit_status blocked"
+
+
+class SlowToUnpickle:
+    def __reduce__(self):
+        return (_slow_rebuild, ())
+
+
+def _slow_rebuild():
+    if os.environ.get("FLAME_RUNNER_ID") is None:  # on the parent only
+        time.sleep(3)
+    return "rebuilt"
+
+
+def test_unpickling_a_result_happens_in_the_callers_thread(make_pool):
+    pool = make_pool(max=2)
+    pool.map(lambda _: __import__("time").sleep(0.3), range(2))
+    slow = pool.submit(SlowToUnpickle)
+    time.sleep(0.5)  # its result arrives meanwhile: it is settled, not unpickled, on arrival
+    assert slow.done()
+    t0 = time.monotonic()
+    for _ in range(10):
+        pool.call(lambda: 1)
+    assert time.monotonic() - t0 < 2
+    assert slow.result() == "rebuilt"
+
+
+# ---- a dead I/O or watch thread fails calls with its cause, never hangs them ----------------------
+def test_pool_io_thread_dying_fails_pending_calls_with_the_cause(make_pool, caplog):
+    pool = make_pool(max=1)
+    assert pool.call(lambda: 1) == 1
+    fut = pool.submit(time.sleep, 30)
+
+    def broken_tick(now):
+        raise RuntimeError("tick exploded")
+    pool._endpoint._tick = broken_tick
+    with pytest.raises(flame.PoolClosed, match="I/O thread failed with RuntimeError: tick exploded"):
+        fut.result(timeout=10)
+    assert "Traceback" in caplog.text and "tick exploded" in caplog.text
+    with pytest.raises(flame.PoolClosed):
+        pool.submit(lambda: 1)
+
+
+def _break_the_watch_thread():
+    import gc
+    import threading
+    node = next(o for o in gc.get_objects() if hasattr(type(o), "watch_loop") and hasattr(o, "terminator"))
+    node.terminator.verdict = None  # the next check raises TypeError in the watch thread
+    threading.Event().wait(30)
+
+
+def test_runner_watch_thread_dying_ends_the_runner_with_its_traceback(make_pool):
+    pool = make_pool(max=1)
+    t0 = time.monotonic()
+    with pytest.raises(flame.RunnerDied, match="(?s)exit code 4.*watch thread failed.*TypeError") as info:
+        pool.call(_break_the_watch_thread)
+    assert time.monotonic() - t0 < 5
+    assert "Traceback" in info.value.stderr
+
+
+# ---- a cancel hits the call it was meant for, or nothing ---------------------------------------
+def test_cancels_racing_the_end_of_calls_never_hit_another_call(make_pool):
+    pool = make_pool(max=1, max_concurrency=4)
+    pool.map(lambda _: None, range(4))
+    import random
+    rng = random.Random(7)
+    for _ in range(3):
+        futures = [pool.submit(lambda i: sum(range(2000)) and i, i) for i in range(300)]
+        for f in futures:
+            if rng.random() < 0.5:
+                f.cancel()
+        for i, f in enumerate(futures):
+            try:
+                assert f.result(timeout=20) == i
+            except CancelledError:
+                assert f.cancelled()
+            except KeyboardInterrupt:
+                pytest.fail(f"call {i} was hit by a cancel meant for another call")
+    assert pool.map(lambda i: i, range(8)) == list(range(8))

@@ -1,6 +1,7 @@
 """Functions sent by value are pickled once and reused, yet a changed global is always seen."""
 from __future__ import annotations
 
+import os
 import textwrap
 
 
@@ -99,3 +100,12 @@ def test_classes_defined_in_the_notebook_are_resent_each_call(make_pool):
     assert pool.call(ns["use"]) == 1
     exec("def norm(self):\n    return 2\nPoint.norm = norm", ns)  # the class changed in place
     assert counted(pool, ns["use"]) == (2, False)
+
+
+def test_the_cloudpickle_internals_the_cache_relies_on_still_exist():
+    # functions.py falls back safely (more re-pickling) without them; this says so loudly.
+    from cloudpickle import cloudpickle as cp
+    assert callable(getattr(cp, "_extract_code_globals", None)), "cloudpickle._extract_code_globals is gone"
+    assert callable(getattr(cp, "_should_pickle_by_reference", None)), "cloudpickle._should_pickle_by_reference is gone"
+    assert cp._should_pickle_by_reference(os.path.join) and not cp._should_pickle_by_reference(lambda: 1)
+    assert "x" in cp._extract_code_globals((lambda: x).__code__)  # noqa: F821

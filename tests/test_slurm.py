@@ -139,3 +139,19 @@ def test_one_squeue_reads_every_job_of_the_backend(slurm, tmp_path, make_pool, m
     jobs_per_poll = [len(line.split("-j ")[1].split()[0].split(",")) for line in polls]
     assert 2 in jobs_per_poll, "both runners' jobs read by one squeue"
     assert len(polls) <= elapsed / POLL_INTERVAL + 4, "one squeue per interval, not one per job"
+
+
+def test_two_parents_on_one_machine_do_not_collide(slurm, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import flame, sys
+        b = flame.SlurmBackend(python=sys.executable, env={{"PYTHONPATH": {ROOT!r}}},
+                               work_dir={str(tmp_path / "slurm")!r})
+        with flame.Pool(b, max=1, boot_timeout=60) as pool:
+            print(pool.call(lambda x: x * 2, int(sys.argv[1])), flush=True)
+    """))
+    parents = [subprocess.Popen([sys.executable, str(script), str(n)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+               for n in (20, 21)]
+    outs = [p.communicate(timeout=120) for p in parents]
+    assert [o.strip() for o, _ in outs] == ["40", "42"], [e[-2000:] for _, e in outs]

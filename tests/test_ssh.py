@@ -111,3 +111,12 @@ def test_runners_spread_across_hosts(sshd, make_pool):
     pool.map(lambda _: __import__("time").sleep(0.5), range(2))
     used = sorted(r.handle.ssh_host.spec for r in pool._runners.values())
     assert used == sorted(hosts)
+
+
+def test_a_new_connection_gets_a_new_tunnel(sshd, make_pool):
+    b = backend(sshd)
+    pool = make_pool(backend=b, max=1, boot_timeout=15)
+    pid = pool.call(os.getpid)
+    b.close()  # the connection, and the tunnel it carried, are gone; so is the runner
+    assert wait_for(lambda: gone(pid) and pool.runners == [], timeout=15)
+    assert pool.call(lambda: "through a fresh tunnel") == "through a fresh tunnel"
