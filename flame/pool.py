@@ -1,8 +1,10 @@
 """The pool: options, API and state transitions.
 
-Where things live: the socket and its threads in ``endpoint.py``, the one decision (which
-call starts where, what boots, what stops) in ``placement.py``, the parent's view of a runner
-in ``runner.py``, of a call in ``call.py``, and how a pool shows itself in ``present.py``.
+Where things live: the socket and its threads in ``endpoint.py``; the one decision (which
+call starts where, what boots, what stops) in ``placement.py``; the call lifecycle in
+``inflight.py`` and the runner lifecycle in ``lifecycle.py`` (mixins working on this
+class's state, under its lock); the parent's view of a runner in ``runner.py`` and of a call
+in ``call.py``; how a pool shows itself in ``present.py``.
 
 Threads: callers (submit, wait), the endpoint's I/O thread (receives when no caller does,
 heartbeats and deadlines every tick), a watch thread that asks backends how their runners
@@ -24,29 +26,25 @@ import re
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError, InvalidStateError
+from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Iterator
 
 from . import placement, present, serialize
-from .backends.base import Backend, RunnerSpec
-from .call import Call, CallFuture, Pickled
-from .endpoint import TICK, Endpoint
-from .errors import BootError, CallTimeout, PoolClosed, RunnerDied
+from .backends.base import Backend
+from .call import Call, CallFuture
+from .endpoint import Endpoint
+from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
+from .inflight import CallLifecycle
+from .lifecycle import STOP_GRACE, RunnerLifecycle
 from .runner import Runner, RunnerInfo
-from .wire import INLINE_MAX, introduction, out_of_band_digest, read_output
+from .wire import INLINE_MAX, out_of_band_digest
 
 log = logging.getLogger("flame.pool")
 
-#: Heartbeat interval to runners; they exit after ``parent_timeout`` without one.
-HEARTBEAT = 1.0
-#: How long a cancelled call may take to stop before its runner is killed and replaced.
-CANCEL_GRACE = 1.0
 #: Calls sent ahead to a busy runner when every runner is busy and the pool is at max.
 PREFETCH = 1
-#: How long a runner asked to stop may take before it is killed.
-STOP_GRACE = 2.0
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
 
@@ -80,7 +78,7 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
         raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
 
 
-class Pool:
+class Pool(CallLifecycle, RunnerLifecycle):
     """An elastic set of runners that execute calls.
 
     Runners are booted on demand, up to ``max``, and shut down after being idle.
@@ -347,263 +345,6 @@ class Pool:
         for r in decision.stops:
             self._stop_runner(r)
 
-    def _start(self, call: Call, r: Runner) -> None:
-        call.state, call.runner = "running", r
-        r.calls[call.id] = call
-        fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
-        frames = list(call.arg_frames)
-        # The out-of-band frames are the arguments' (hashed at submit, outside the lock),
-        # unless a function too large to ride inline pushes every frame out of band.
-        digest = call.arg_digest
-        if not r.knows(call.fn_hash):
-            fields["nf"] = 1
-            frames.insert(0, call.fn_payload)
-            if len(call.fn_payload) >= INLINE_MAX:
-                digest = None
-        self._endpoint.send(r.id, "call", fields, frames, digest)
-        call.arg_frames = call.arg_digest = None  # sent; let large buffers go
-
-    def _finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
-        """Release a call's slot and settle its future once the lock is released."""
-        self._retire(call)
-        self._later.append(functools.partial(_settle, call.future, result, exc))
-
-    def _retire(self, call: Call) -> None:
-        call.state = "done"
-        self._calls.pop(call.id, None)
-        r = call.runner
-        if r is not None and r.calls.pop(call.id, None) is not None:
-            r.last_active = time.monotonic()
-
-    def _cancel(self, call: Call) -> None:
-        """Stop a call: drop it from the queue, or interrupt it on its runner."""
-        with self._state():
-            if call.state == "queued":
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(call)
-                self._retire(call)
-            elif call.state == "running":
-                self._interrupt(call)
-
-    def _interrupt(self, call: Call) -> None:
-        call.state = "cancelling"
-        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
-        self._endpoint.send(call.runner.id, "cancel", {"id": call.id})
-
-    # ---- runners -------------------------------------------------------------------------
-    def _boot(self) -> None:
-        rid = f"{self._id_prefix}{next(self._runner_ids)}"
-        r = self._runners[rid] = Runner(rid, time.monotonic() + self.boot_timeout)
-        spec = RunnerSpec(rid, self.address, {
-            "FLAME_RUNNER_ID": rid, "FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
-            "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(HEARTBEAT),
-            "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout),
-        }, self.max_concurrency)
-        if self._endpoint.curve_public is not None:
-            spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
-        threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
-                         daemon=True).start()
-        log.info("flame: booting runner %s", rid)
-
-    def _boot_thread(self, r: Runner, spec: RunnerSpec) -> None:
-        try:
-            handle = self.backend.boot(spec)
-        except Exception as exc:
-            with self._state():
-                self._boot_failed(r, BootError(f"runner {r.id} could not be started by "
-                                               f"{self.backend!r}: {exc}"))
-            return
-        capacity = self.backend.capacity()
-        with self._state():
-            r.handle, r.pid, r.host = handle, handle.pid, handle.host
-            self._capacity = capacity
-            if r.state == "dead":  # the pool gave up on it meanwhile
-                self._later.append(functools.partial(self._reap, r))
-            else:
-                self._schedule()
-
-    def _boot_failed(self, r: Runner, error: BootError) -> None:
-        log.warning("flame: %s", error)
-        self._drop_runner(r, None, reschedule=False)
-        self._min_paused = True
-        # Fail the waiting calls that the runners still booting cannot take, unless a ready
-        # runner will serve them: a broken boot must surface, not retry forever.
-        if not any(x.state == "ready" for x in self._runners.values()):
-            keep = sum(1 for x in self._runners.values() if x.state == "booting") * self.max_concurrency
-            while len(self._waiting) > keep:
-                self._finish(self._waiting.popleft(), exc=error)
-
-    def _stop_runner(self, r: Runner) -> None:
-        r.state = "stopping"
-        r.stop_deadline = time.monotonic() + STOP_GRACE
-        self._endpoint.send(r.id, "shutdown")
-        log.info("flame: stopping runner %s", r.id)
-
-    def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True) -> None:
-        """Forget a runner, fail its calls with ``error``, and make sure its process is gone."""
-        if r.state == "dead":
-            return
-        r.state = "dead"
-        self._runners.pop(r.id, None)
-        self._endpoint.wire.forget(r.id)
-        for call in list(r.calls.values()):
-            self._finish(call, exc=error or RunnerDied(f"runner {r.id} stopped", r.id))
-        if r.handle is not None:
-            self._later.append(functools.partial(self._reap, r))
-        if reschedule and not self._endpoint.stopped.is_set():
-            self._schedule()
-
-    def _reap(self, r: Runner) -> None:
-        """Force-stop a runner's process, on a thread of its own: terminate() may block (SSH, scancel)."""
-        def reap() -> None:
-            try:
-                self.backend.terminate(r.handle)
-            except Exception:
-                log.exception("flame: backend failed to terminate runner %s", r.id)
-            finally:
-                self._reapers.discard(threading.current_thread())
-            if self._capacity is not None and not self._endpoint.stopped.is_set():
-                capacity = self.backend.capacity()
-                with self._state():
-                    self._capacity = capacity
-                    self._schedule()  # a GPU set may be free again
-        t = threading.Thread(target=reap, name=f"flame-terminate-{r.id}", daemon=True)
-        self._reapers.add(t)
-        t.start()
-
-    # ---- messages (from the endpoint, outside the lock) ------------------------------------
-    def _on_message(self, peer: str, head: dict, frames: list) -> None:
-        kind = head["k"]
-        if kind in ("stream", "display"):
-            call = self._calls.get(head.get("id", ""))
-            if call is not None and call.runner is not None and call.runner.id == peer:
-                how, args = read_output(kind, head, frames)
-                try:
-                    getattr(call.sink, how)(*args)
-                except Exception:
-                    log.exception("flame: output sink of %s failed", call)
-            return
-        call = None
-        self._lock.acquire()  # not _state(): this is the per-call path
-        try:
-            r = self._runners.get(peer)
-            if r is None:
-                return  # a runner already dropped; its late messages mean nothing now
-            r.last_heard = time.monotonic()
-            if kind == "hello":
-                if r.state == "booting":
-                    r.state = "ready"
-                    r.pid = head.get("pid", r.pid)
-                    r.host, r.python = head.get("host", r.host), head.get("python", "")
-                    r.gpus, r.gpu_info = tuple(head.get("gpus", ())), head.get("gpu_info", [])
-                    r.last_active = time.monotonic()
-                    self._min_paused = False
-                    self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name})
-                    log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
-                    self._schedule()
-            elif kind in ("result", "error"):
-                call = r.calls.get(head.get("id", ""))
-                if call is not None:
-                    cancelled = call.state == "cancelling" and head.get("cancelled")
-                    self._retire(call)
-                    if r.state == "ready" and self._waiting:
-                        self._schedule()
-        finally:
-            self._release()
-        if call is None or call.future.settled:
-            return
-        if kind == "result":  # unpickled by result(), in the caller's thread: it runs user code
-            _settle(call.future, Pickled(frames, call.name))
-        elif cancelled:
-            _settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
-        else:
-            _settle(call.future, exc=serialize.rebuild_error(
-                head, frames, present.local_source(head.get("tb", ""), call.fn)))
-        call.fn = None
-
-    # ---- time: the endpoint's tick (I/O thread) and the watch thread ---------------------
-    def _tick(self, now: float) -> None:
-        """Heartbeats, call deadlines, cancels overdue, placement. No backend call: a slow
-        backend must never starve heartbeats (runners would exit)."""
-        with self._state():
-            if now >= self._next_beat:
-                self._next_beat = now + HEARTBEAT
-                for r in self._runners.values():
-                    if r.state == "ready":
-                        self._endpoint.send(r.id, "heartbeat")
-            for r in list(self._runners.values()):
-                for call in list(r.calls.values()):
-                    if call.state == "running" and call.deadline is not None and now > call.deadline:
-                        self._interrupt(call)
-                        self._timeout(call)
-                    elif call.state == "cancelling" and now > call.cancel_deadline:
-                        log.warning("flame: %s did not stop within %g s of its cancel; "
-                                    "killing runner %s", call, CANCEL_GRACE, r.id)
-                        self._drop_runner(r, None)
-                        break
-            if self.timeout is not None:
-                for call in [c for c in self._waiting if now > c.deadline]:
-                    self._waiting.remove(call)
-                    self._timeout(call)
-            if not self._closed:
-                self._schedule()
-
-    def _timeout(self, call: Call) -> None:
-        if call.state == "queued":
-            self._finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
-                                               f"{self.timeout:g} s without a runner"))
-        else:  # still on its runner until it answers the interrupt
-            self._later.append(functools.partial(_settle, call.future, None, CallTimeout(
-                f"{call.name}() passed its timeout of {self.timeout:g} s; its remote work was stopped")))
-
-    def _watch_loop(self) -> None:
-        """Ask backends how their runners are, outside the lock, and act on what they say."""
-        silent_after = max(10.0, 3 * self.parent_timeout)
-        try:
-            while not self._endpoint.stopped.wait(TICK):
-                now = time.monotonic()
-                with self._lock:
-                    runners = list(self._runners.values())
-                found = []
-                for r in runners:
-                    handle = r.handle
-                    code = handle.exit_status() if handle is not None else None  # may run squeue
-                    why = r.verdict(now, code, silent_after)
-                    if why is not None:
-                        tail = handle.stderr_tail() if handle is not None and why != "stop overdue" else ""
-                        found.append((r, why, code, tail))
-                if found:
-                    with self._state():
-                        for r, why, code, tail in found:
-                            if r.verdict(now, code, silent_after) == why:  # still so, under the lock
-                                self._act(r, why, code, tail)
-        except BaseException as exc:  # noqa: BLE001
-            log.exception("flame: %s watch thread failed", self.name)
-            self._fail("watch", exc)
-
-    def _act(self, r: Runner, why: str, code: int | None, tail: str) -> None:
-        note = present.output_note(tail)
-        if why == "exited":
-            how = present.describe_exit(code)
-            if r.state == "booting":
-                self._boot_failed(r, BootError(f"runner {r.id} exited during boot ({how})" + note, tail))
-            elif r.state == "stopping" and not r.calls:
-                self._drop_runner(r, None)
-            else:
-                names = ", ".join(f"{c.name}()" for c in r.calls.values())
-                self._drop_runner(r, RunnerDied(f"runner {r.id} died ({how})" + (
-                    f" while running {names}" if names else "") + note, r.id, code, tail))
-        elif why == "boot timeout":
-            refused = self._endpoint.wire.refused.get(r.id)
-            self._boot_failed(r, BootError(
-                f"runner {r.id} did not connect within boot_timeout={self.boot_timeout:g} s"
-                + (f"; its messages were refused: {refused}" if refused else "") + note, tail))
-        elif why == "stop overdue":
-            self._drop_runner(r, None)
-        elif why == "silent":
-            self._drop_runner(r, RunnerDied(f"runner {r.id} stopped answering (no heartbeat for "
-                                            f"{time.monotonic() - r.last_heard:.0f} s)" + note, r.id))
-
     def _fail(self, where: str, exc: BaseException) -> None:
         """One of the pool's own threads died: fail every call with the cause, stop the runners."""
         error = PoolClosed(f"{self.name} stopped working: its {where} thread failed with "
@@ -618,14 +359,3 @@ class Pool:
                 self._drop_runner(r, error, reschedule=False)
         self._endpoint.wake()
         _live_pools.discard(self)
-
-
-def _settle(future: CallFuture, result: Any = None, exc: BaseException | None = None) -> None:
-    """Settle ``future`` unless it is already done (cancelled, timed out); runs its callbacks."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass

@@ -1,0 +1,173 @@
+"""The call lifecycle: queued -> running (-> cancelling) -> done.
+
+A mixin of :class:`flame.pool.Pool`, working on its state under its lock: starting a call
+on a runner, taking in its answer, cancelling it, and the tick (heartbeats, deadlines,
+placement) that the endpoint's I/O thread runs. Futures are settled once the lock is
+released (their callbacks are the user's code), and results are unpickled by the
+``result()`` that asks for them.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from concurrent.futures import CancelledError, InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from . import present, serialize
+from .call import Call, CallFuture, Pickled
+from .errors import CallTimeout
+from .lifecycle import HEARTBEAT
+from .runner import Runner
+from .wire import INLINE_MAX, introduction, read_output
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import Pool
+
+log = logging.getLogger("flame.pool")
+
+#: How long a cancelled call may take to stop before its runner is killed and replaced.
+CANCEL_GRACE = 1.0
+
+
+class CallLifecycle:
+    """Starting, answering, cancelling and timing out calls (caller holds the lock unless a
+    method says otherwise)."""
+
+    def _start(self: "Pool", call: Call, r: Runner) -> None:
+        call.state, call.runner = "running", r
+        r.calls[call.id] = call
+        fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
+        frames = list(call.arg_frames)
+        # The out-of-band frames are the arguments' (hashed at submit, outside the lock),
+        # unless a function too large to ride inline pushes every frame out of band.
+        digest = call.arg_digest
+        if not r.knows(call.fn_hash):
+            fields["nf"] = 1
+            frames.insert(0, call.fn_payload)
+            if len(call.fn_payload) >= INLINE_MAX:
+                digest = None
+        self._endpoint.send(r.id, "call", fields, frames, digest)
+        call.arg_frames = call.arg_digest = None  # sent; let large buffers go
+
+    def _finish(self: "Pool", call: Call, result: Any = None, exc: BaseException | None = None) -> None:
+        """Release a call's slot and settle its future once the lock is released."""
+        self._retire(call)
+        self._later.append(functools.partial(_settle, call.future, result, exc))
+
+    def _retire(self: "Pool", call: Call) -> None:
+        call.state = "done"
+        self._calls.pop(call.id, None)
+        r = call.runner
+        if r is not None and r.calls.pop(call.id, None) is not None:
+            r.last_active = time.monotonic()
+
+    def _cancel(self: "Pool", call: Call) -> None:
+        """Stop a call: drop it from the queue, or interrupt it on its runner."""
+        with self._state():
+            if call.state == "queued":
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(call)
+                self._retire(call)
+            elif call.state == "running":
+                self._interrupt(call)
+
+    def _interrupt(self: "Pool", call: Call) -> None:
+        call.state = "cancelling"
+        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        self._endpoint.send(call.runner.id, "cancel", {"id": call.id})
+
+    def _on_message(self: "Pool", peer: str, head: dict, frames: list) -> None:
+        kind = head["k"]
+        if kind in ("stream", "display"):
+            call = self._calls.get(head.get("id", ""))
+            if call is not None and call.runner is not None and call.runner.id == peer:
+                how, args = read_output(kind, head, frames)
+                try:
+                    getattr(call.sink, how)(*args)
+                except Exception:
+                    log.exception("flame: output sink of %s failed", call)
+            return
+        call = None
+        self._lock.acquire()  # not _state(): this is the per-call path
+        try:
+            r = self._runners.get(peer)
+            if r is None:
+                return  # a runner already dropped; its late messages mean nothing now
+            r.last_heard = time.monotonic()
+            if kind == "hello":
+                if r.state == "booting":
+                    r.state = "ready"
+                    r.pid = head.get("pid", r.pid)
+                    r.host, r.python = head.get("host", r.host), head.get("python", "")
+                    r.gpus, r.gpu_info = tuple(head.get("gpus", ())), head.get("gpu_info", [])
+                    r.last_active = time.monotonic()
+                    self._min_paused = False
+                    self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name})
+                    log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
+                    self._schedule()
+            elif kind in ("result", "error"):
+                call = r.calls.get(head.get("id", ""))
+                if call is not None:
+                    cancelled = call.state == "cancelling" and head.get("cancelled")
+                    self._retire(call)
+                    if r.state == "ready" and self._waiting:
+                        self._schedule()
+        finally:
+            self._release()
+        if call is None or call.future.settled:
+            return
+        if kind == "result":  # unpickled by result(), in the caller's thread: it runs user code
+            _settle(call.future, Pickled(frames, call.name))
+        elif cancelled:
+            _settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
+        else:
+            _settle(call.future, exc=serialize.rebuild_error(
+                head, frames, present.local_source(head.get("tb", ""), call.fn)))
+        call.fn = None
+
+    def _tick(self: "Pool", now: float) -> None:
+        """Heartbeats, call deadlines, cancels overdue, placement. No backend call: a slow
+        backend must never starve heartbeats (runners would exit)."""
+        with self._state():
+            if now >= self._next_beat:
+                self._next_beat = now + HEARTBEAT
+                for r in self._runners.values():
+                    if r.state == "ready":
+                        self._endpoint.send(r.id, "heartbeat")
+            for r in list(self._runners.values()):
+                for call in list(r.calls.values()):
+                    if call.state == "running" and call.deadline is not None and now > call.deadline:
+                        self._interrupt(call)
+                        self._timeout(call)
+                    elif call.state == "cancelling" and now > call.cancel_deadline:
+                        log.warning("flame: %s did not stop within %g s of its cancel; "
+                                    "killing runner %s", call, CANCEL_GRACE, r.id)
+                        self._drop_runner(r, None)
+                        break
+            if self.timeout is not None:
+                for call in [c for c in self._waiting if now > c.deadline]:
+                    self._waiting.remove(call)
+                    self._timeout(call)
+            if not self._closed:
+                self._schedule()
+
+    def _timeout(self: "Pool", call: Call) -> None:
+        if call.state == "queued":
+            self._finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
+                                               f"{self.timeout:g} s without a runner"))
+        else:  # still on its runner until it answers the interrupt
+            self._later.append(functools.partial(_settle, call.future, None, CallTimeout(
+                f"{call.name}() passed its timeout of {self.timeout:g} s; its remote work was stopped")))
+
+
+def _settle(future: CallFuture, result: Any = None, exc: BaseException | None = None) -> None:
+    """Settle ``future`` unless it is already done (cancelled, timed out); runs its callbacks."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

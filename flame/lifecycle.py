@@ -1,0 +1,166 @@
+"""The runner lifecycle: booting -> ready -> stopping -> dead.
+
+A mixin of :class:`flame.pool.Pool`: it works on the pool's state, under the pool's lock,
+and queues backend calls as effects (``_later``) or makes them on threads of its own, so
+that no backend call ever runs under the lock: ``boot()`` on a thread per boot,
+``terminate()`` on a thread per runner (SSH waits up to 15 s, ``scancel`` up to 60 s), and
+``exit_status()``/``stderr_tail()`` on the watch thread, which asks every runner's handle
+outside the lock and then acts on what it heard, under it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import present
+from .backends.base import RunnerSpec
+from .endpoint import TICK
+from .errors import BootError, RunnerDied
+from .runner import Runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import Pool
+
+log = logging.getLogger("flame.pool")
+
+#: Heartbeat interval to runners; they exit after ``parent_timeout`` without one.
+HEARTBEAT = 1.0
+#: How long a runner asked to stop may take before it is killed.
+STOP_GRACE = 2.0
+
+
+class RunnerLifecycle:
+    """Booting, stopping, dropping and watching the pool's runners (caller holds the lock
+    unless a method says otherwise)."""
+
+    def _boot(self: "Pool") -> None:
+        rid = f"{self._id_prefix}{next(self._runner_ids)}"
+        r = self._runners[rid] = Runner(rid, time.monotonic() + self.boot_timeout)
+        spec = RunnerSpec(rid, self.address, {
+            "FLAME_RUNNER_ID": rid, "FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
+            "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(HEARTBEAT),
+            "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout),
+        }, self.max_concurrency)
+        if self._endpoint.curve_public is not None:
+            spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
+        threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
+                         daemon=True).start()
+        log.info("flame: booting runner %s", rid)
+
+    def _boot_thread(self: "Pool", r: Runner, spec: RunnerSpec) -> None:
+        """On a thread of its own: backend.boot() may block."""
+        try:
+            handle = self.backend.boot(spec)
+        except Exception as exc:
+            with self._state():
+                self._boot_failed(r, BootError(f"runner {r.id} could not be started by "
+                                               f"{self.backend!r}: {exc}"))
+            return
+        capacity = self.backend.capacity()
+        with self._state():
+            r.handle, r.pid, r.host = handle, handle.pid, handle.host
+            self._capacity = capacity
+            if r.state == "dead":  # the pool gave up on it meanwhile
+                self._later.append(functools.partial(self._reap, r))
+            else:
+                self._schedule()
+
+    def _boot_failed(self: "Pool", r: Runner, error: BootError) -> None:
+        log.warning("flame: %s", error)
+        self._drop_runner(r, None, reschedule=False)
+        self._min_paused = True
+        # Fail the waiting calls that the runners still booting cannot take, unless a ready
+        # runner will serve them: a broken boot must surface, not retry forever.
+        if not any(x.state == "ready" for x in self._runners.values()):
+            keep = sum(1 for x in self._runners.values() if x.state == "booting") * self.max_concurrency
+            while len(self._waiting) > keep:
+                self._finish(self._waiting.popleft(), exc=error)
+
+    def _stop_runner(self: "Pool", r: Runner) -> None:
+        r.state = "stopping"
+        r.stop_deadline = time.monotonic() + STOP_GRACE
+        self._endpoint.send(r.id, "shutdown")
+        log.info("flame: stopping runner %s", r.id)
+
+    def _drop_runner(self: "Pool", r: Runner, error: Exception | None, reschedule: bool = True) -> None:
+        """Forget a runner, fail its calls with ``error``, and make sure its process is gone."""
+        if r.state == "dead":
+            return
+        r.state = "dead"
+        self._runners.pop(r.id, None)
+        self._endpoint.wire.forget(r.id)
+        for call in list(r.calls.values()):
+            self._finish(call, exc=error or RunnerDied(f"runner {r.id} stopped", r.id))
+        if r.handle is not None:
+            self._later.append(functools.partial(self._reap, r))
+        if reschedule and not self._endpoint.stopped.is_set():
+            self._schedule()
+
+    def _reap(self: "Pool", r: Runner) -> None:
+        """Force-stop a runner's process, on a thread of its own: terminate() may block (SSH, scancel)."""
+        def reap() -> None:
+            try:
+                self.backend.terminate(r.handle)
+            except Exception:
+                log.exception("flame: backend failed to terminate runner %s", r.id)
+            finally:
+                self._reapers.discard(threading.current_thread())
+            if self._capacity is not None and not self._endpoint.stopped.is_set():
+                capacity = self.backend.capacity()
+                with self._state():
+                    self._capacity = capacity
+                    self._schedule()  # a GPU set may be free again
+        t = threading.Thread(target=reap, name=f"flame-terminate-{r.id}", daemon=True)
+        self._reapers.add(t)
+        t.start()
+
+    def _watch_loop(self: "Pool") -> None:
+        """Ask backends how their runners are, outside the lock, and act on what they say."""
+        silent_after = max(10.0, 3 * self.parent_timeout)
+        try:
+            while not self._endpoint.stopped.wait(TICK):
+                now = time.monotonic()
+                with self._lock:
+                    runners = list(self._runners.values())
+                found = []
+                for r in runners:
+                    handle = r.handle
+                    code = handle.exit_status() if handle is not None else None  # may run squeue
+                    why = r.verdict(now, code, silent_after)
+                    if why is not None:
+                        tail = handle.stderr_tail() if handle is not None and why != "stop overdue" else ""
+                        found.append((r, why, code, tail))
+                if found:
+                    with self._state():
+                        for r, why, code, tail in found:
+                            if r.verdict(now, code, silent_after) == why:  # still so, under the lock
+                                self._act(r, why, code, tail)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("flame: %s watch thread failed", self.name)
+            self._fail("watch", exc)
+
+    def _act(self: "Pool", r: Runner, why: str, code: int | None, tail: str) -> None:
+        note = present.output_note(tail)
+        if why == "exited":
+            how = present.describe_exit(code)
+            if r.state == "booting":
+                self._boot_failed(r, BootError(f"runner {r.id} exited during boot ({how})" + note, tail))
+            elif r.state == "stopping" and not r.calls:
+                self._drop_runner(r, None)
+            else:
+                names = ", ".join(f"{c.name}()" for c in r.calls.values())
+                self._drop_runner(r, RunnerDied(f"runner {r.id} died ({how})" + (
+                    f" while running {names}" if names else "") + note, r.id, code, tail))
+        elif why == "boot timeout":
+            refused = self._endpoint.wire.refused.get(r.id)
+            self._boot_failed(r, BootError(
+                f"runner {r.id} did not connect within boot_timeout={self.boot_timeout:g} s"
+                + (f"; its messages were refused: {refused}" if refused else "") + note, tail))
+        elif why == "stop overdue":
+            self._drop_runner(r, None)
+        elif why == "silent":
+            self._drop_runner(r, RunnerDied(f"runner {r.id} stopped answering (no heartbeat for "
+                                            f"{time.monotonic() - r.last_heard:.0f} s)" + note, r.id))
