@@ -65,7 +65,7 @@ class Serving:
 
 
 def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
-          connection_file: str | None = None, name: str | None = None) -> Serving:
+          connection_file: str | None = None, name: str | None = None, loop: Any = None) -> Serving:
     """Serve a node inside this process so notebooks can ``%attach`` to it; returns at once.
 
     Args:
@@ -74,8 +74,21 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
         connection_file: where to write address and key (mode 0600). Defaults to
             ``attach_dir()/NAME-PID.json``.
         name: label for the default connection file. Defaults to the script's name.
+        loop: the app's asyncio event loop, where attached cells' ``await`` runs. Defaults to
+            the loop running where ``serve()`` is called, else the loop found running when a
+            cell awaits (an app that calls ``asyncio.run`` later), else the node's own.
     """
+    from .node import aio
     from .node.served import AppNode
+
+    if loop is None and "asyncio" in sys.modules:
+        import asyncio
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+    if loop is not None:
+        aio.app_loop_hint = loop
 
     if namespace is None:
         namespace = sys.modules["__main__"].__dict__

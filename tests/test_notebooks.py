@@ -57,3 +57,15 @@ def test_slurm_notebook_runs_against_a_real_cluster(slurm):
     assert "No Slurm cluster" not in text
     assert "task 0 in job" in text and "jobs used:" in text
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+
+
+def test_attach_async_notebook_awaits_on_the_apps_loop():
+    path = os.path.join(ROOT, "notebooks", "attach_async.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=120,
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "orders grew while we waited: True" in text
+    shown = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.get("output_type") in ("display_data", "execute_result")]
+    assert "True" in shown  # the awaited coroutine ran on the app's own loop

@@ -14,11 +14,17 @@ attach, what the app prints on its own is left alone.
 """
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import sys
 import threading
 from typing import Any, Callable
+
+#: The call an asyncio task writes to (tasks run on a loop's thread, not the call's): set by
+#: the task that awaits a call's coroutine (``aio.wait``), inherited by the tasks it starts.
+task_output: contextvars.ContextVar["CallOutput | None"] = contextvars.ContextVar("flame_task_output",
+                                                                                  default=None)
 
 
 class CallOutput:
@@ -68,6 +74,10 @@ class CallOutput:
                 self.send(kind, "".join(payload) if kind != "display" else payload)
 
 
+#: The capture routing this process's output, once one is installed.
+installed: "Capture | None" = None
+
+
 class Capture:
     """Maps threads to the call whose output they produce."""
 
@@ -92,7 +102,7 @@ class Capture:
 
     def current(self) -> CallOutput | None:
         """The call the calling thread writes to, if any."""
-        out = self.by_thread.get(threading.get_ident())
+        out = task_output.get() or self.by_thread.get(threading.get_ident())
         if out is not None and not out.closed:
             return out
         return self.lone() if self.runner else None
@@ -108,6 +118,8 @@ class Capture:
 
     def install(self) -> None:
         """Route sys.stdout and sys.stderr; on a runner, file descriptors 1 and 2 and new threads too."""
+        global installed
+        installed = self
         out, err = sys.stdout, sys.stderr
         if self.runner:
             self._fds = _FdCapture(self)

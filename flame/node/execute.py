@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import traceback
 from typing import Any, Callable
@@ -23,6 +24,8 @@ from typing import Any, Callable
 from .. import serialize
 from ..errors import SerializationError
 from ..wire import output_message
+from . import aio
+from .aio import is_awaitable
 from .capture import Capture, CallOutput
 
 _HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -98,6 +101,8 @@ class Calls:
     def _outcome(self, call_id: str, name: str, work: Callable[[], Any]) -> tuple[str, dict, tuple]:
         try:
             result = work()
+            if is_awaitable(result):  # a coroutine function, or one that returns an awaitable
+                result = aio.wait(result)
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
             return error_reply(call_id, exc)
         try:
@@ -215,13 +220,18 @@ def error_reply(call_id: str, exc: BaseException) -> tuple[str, dict, tuple]:
     if msg.startswith("<the message of"):
         text += f"({msg[1:-1]})\n"
     fields = {"id": call_id, "type": _type_name(exc), "msg": msg, "tb": text,
-              "cancelled": isinstance(exc, KeyboardInterrupt)}
+              "cancelled": isinstance(exc, KeyboardInterrupt) or _is_cancelled_error(exc)}
     try:
         exc.__traceback__ = None
         frames = tuple(serialize.dumps(exc))
     except BaseException:  # noqa: BLE001 - it goes back as type name, message and traceback
         frames = ()
     return "error", fields, frames
+
+
+def _is_cancelled_error(exc: BaseException) -> bool:
+    asyncio = sys.modules.get("asyncio")  # only a node that ran a coroutine has it
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
 
 def cancelled_reply(call_id: str) -> tuple[str, dict, tuple]:

@@ -2,24 +2,34 @@
 from __future__ import annotations
 
 import ast
-from typing import Any
+from typing import Any, Callable
+
+CO_COROUTINE = 0x0080  # inspect.CO_COROUTINE, without importing inspect on a runner
 
 #: The runner's interactive namespace, shared by every ``%%remote`` cell sent to it.
 NAMESPACE: dict[str, Any] = {"__name__": "__main__"}
 
 
 def run_cell(source: str, variables: dict[str, Any], filename: str = "<remote-cell>") -> None:
-    """Execute ``source`` with ``variables`` bound first; display the last expression's value."""
+    """Execute ``source`` with ``variables`` bound first; display the last expression's value.
+
+    Top-level ``await`` runs on the runner's own event loop.
+    """
     NAMESPACE.update(variables)
     run_source(source, NAMESPACE, filename)
 
 
-def run_source(source: str, namespace: dict, filename: str = "<cell>") -> None:
+def run_source(source: str, namespace: dict, filename: str = "<cell>",
+               loop_for: Callable[[], Any] | None = None) -> None:
     """exec ``source`` in ``namespace`` like a notebook cell: the last expression's value is displayed.
 
     IPython syntax (magics, ``!cmd``) goes through IPython when it is installed: the cell is
     transformed, and the first time it needs ``get_ipython()`` a shell is made over this
     namespace (history off; the process's own shell when it already has one).
+
+    Top-level ``await X`` runs ``X`` on ``loop_for()`` (the node's own loop by default) while
+    the rest of the cell runs here (see ``aio``). A cell whose top level needs a coroutine
+    itself (``async for``, ``async with``) runs whole on that loop.
     """
     from . import display as rich
 
@@ -32,17 +42,47 @@ def run_source(source: str, namespace: dict, filename: str = "<cell>") -> None:
         except ImportError:
             pass
     tree = ast.parse(source, filename, "exec")
+    awaiting = "await" in source or "async" in source
+    if awaiting:
+        from . import aio
+        tree = ast.fix_missing_locations(_AwaitCalls().visit(tree))
+        namespace["__flame_await__"] = aio.awaiter(loop_for or aio.node_loop)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
     import linecache
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(compile(tree, filename, "exec"), namespace)
+    try:
+        code = compile(tree, filename, "exec")
+    except SyntaxError:
+        if not awaiting:
+            raise
+        code = compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if code.co_flags & CO_COROUTINE:
+        aio.wait(eval(code, namespace), (loop_for or aio.node_loop)())
+    else:
+        exec(code, namespace)
     if last is not None:
-        value = eval(compile(last, filename, "eval"), namespace)
+        code = compile(last, filename, "eval", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT if awaiting else 0)
+        value = eval(code, namespace)
+        if code.co_flags & CO_COROUTINE:
+            value = aio.wait(value, (loop_for or aio.node_loop)())
         if value is not None:
             namespace["_"] = value
             rich.display(value)
+
+
+class _AwaitCalls(ast.NodeTransformer):
+    """``await X`` at a cell's top level -> ``__flame_await__(X)``; awaits inside functions stay."""
+
+    def visit_FunctionDef(self, node: ast.AST) -> ast.AST:
+        return node
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_FunctionDef
+
+    def visit_Await(self, node: ast.Await) -> ast.AST:
+        self.generic_visit(node)
+        return ast.copy_location(ast.Call(ast.Name("__flame_await__", ast.Load()), [node.value], []), node)
 
 
 def _shell(namespace: dict) -> object:

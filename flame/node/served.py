@@ -22,7 +22,7 @@ import zmq
 
 from .. import serialize
 from ..wire import Wire, introduction, listener
-from . import display, introspect
+from . import aio, display, introspect
 from .capture import Capture
 from .execute import Calls
 from .interactive import run_source
@@ -179,7 +179,7 @@ class AppNode:
 
         def work() -> Any:
             if kind == "run":
-                run_source(head["code"], self.namespace, filename=f"<cell {rid}>")
+                run_source(head["code"], self.namespace, filename=f"<cell {rid}>", loop_for=_await_loop)
                 return None
             fn, args, kwargs = serialize.loads(frames)
             return fn(*args, **kwargs)
@@ -189,6 +189,11 @@ class AppNode:
                                lambda k, f, b: self.send(ident, k, f, b))
         finally:
             self.running = None
+
+
+def _await_loop() -> Any:
+    """Where an attached cell's awaits run: the app's loop, else the node's own."""
+    return aio.app_loop() or aio.node_loop()
 
 
 _capture: Capture | None = None
