@@ -208,3 +208,56 @@ def test_runner_ids_are_unique_across_pools_and_processes(make_pool):
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=ROOT), timeout=60).stdout.strip()
     assert len(ids | {other}) == 3 and all(i.startswith("same-") for i in ids | {other})
+
+
+def test_garbage_at_a_pool_is_logged_quietly(make_pool, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="flame.wire")
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.setsockopt(zmq.ROUTING_ID, b"rogue")
+    rogue.connect(pool.address)
+    for i in range(5000):
+        rogue.send_multipart([b"garbage %d" % i])
+    from conftest import wait_for
+    assert wait_for(lambda: pool._endpoint.wire.dropped >= 5000, timeout=20)
+    lines = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert 1 <= len(lines) <= 7, f"{len(lines)} log lines for 5000 bad frames"
+    assert pool.call(os.getpid) == pid
+    rogue.close()
+    ctx.term()
+
+
+def test_garbage_at_a_served_app_is_logged_quietly(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    path = str(tmp_path / "app.json")
+    code = ("import flame, sys, time\nflame.serve(connection_file=sys.argv[1])\n"
+            "print('up', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        import json
+        ctx = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(json.load(open(path))["address"])
+        for i in range(5000):
+            rogue.send_multipart([b"garbage %d" % i])
+        time.sleep(3)
+        app = flame.connect(path)  # still serving
+        assert app.call(lambda: 7) == 7
+        app.close()
+        rogue.close()
+        ctx.term()
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    lines = [line for line in err.splitlines() if "dropped" in line]
+    assert 1 <= len(lines) <= 7, f"{len(lines)} log lines for 5000 bad frames:\n" + "\n".join(lines[:20])
