@@ -217,9 +217,21 @@ class AppConnection:
         finally:
             self._requests.pop(rid, None)
 
-    def run(self, code: str) -> None:
-        """Run ``code`` in the app like a notebook cell; output streams to the current sink."""
-        self._request("run", {"code": code}, sink=make_sink())
+    def run(self, code: str, *, user_expressions: dict | None = None,
+            execution_count: int | None = None) -> dict:
+        """Run ``code`` in the app like a notebook cell; output streams to the current sink.
+
+        Returns ``{"data", "metadata", "user_expressions"}``: the mime bundle of the cell's
+        value (``data`` is None when it has none), computed in the app, and each of
+        ``user_expressions`` evaluated there afterwards. With ``execution_count``, the app
+        keeps the value as ``Out[n]`` and ``_n`` too (it always keeps ``_``).
+        """
+        fields: dict = {"code": code}
+        if user_expressions:
+            fields["expressions"] = dict(user_expressions)
+        if execution_count is not None:
+            fields["count"] = execution_count
+        return self._request("run", fields, sink=make_sink())
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the app's worker thread and return its result."""

@@ -66,11 +66,17 @@ class FlameKernel(IPythonKernel):
         from flame import AppGone
         shell = self.shell
         count = shell.execution_count
-        if store_history:
+        if store_history:  # the cell is this notebook's history (In, %history), as a local one
+            shell.history_manager.store_inputs(count, code, code)
             shell.execution_count += 1
         try:
-            node.run(code)
-            return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+            reply = node.run(code, user_expressions=user_expressions,
+                             execution_count=count if store_history else None)
+            if reply.get("data") is not None and not silent:
+                self.send_response(self.iopub_socket, "execute_result", {
+                    "execution_count": count, "data": reply["data"], "metadata": reply.get("metadata", {})})
+            return {"status": "ok", "execution_count": count,
+                    "user_expressions": reply.get("user_expressions", {}), "payload": []}
         except AppGone as exc:
             self.detach()
             error = {"ename": "AppGone", "evalue": f"{exc}; detached: cells run in this kernel again",

@@ -20,6 +20,19 @@ def names_read(source: str) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
+class RemoteValue:
+    """A ``%%remote`` cell's value as the runner rendered it: the cell's ``Out[n]``."""
+
+    def __init__(self, data: dict, metadata: dict) -> None:
+        self.data, self.metadata = data, metadata
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> tuple[dict, dict]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return self.data.get("text/plain", "<remote value>")
+
+
 @magics_class
 class FlameMagics(Magics):
     def __init__(self, shell):
@@ -51,7 +64,7 @@ class FlameMagics(Magics):
         display(HTML("".join(p._repr_html_() for p in pools)))
 
     @cell_magic
-    def remote(self, line: str, cell: str) -> None:
+    def remote(self, line: str, cell: str) -> "RemoteValue | None":
         """%%remote [pool]: run this cell on one runner of the pool, in a namespace that persists there.
 
         Local variables the cell reads are sent along (by value); the last expression is displayed.
@@ -90,7 +103,8 @@ class FlameMagics(Magics):
         pinned = self._pinned.get(id(pool))
         future = pool.submit_to(pinned, run_cell, cell, variables)
         try:
-            future.result()
+            bundle = future.result()
+            return None if bundle is None else RemoteValue(*bundle)
         finally:
             runner = future.runner
             if runner is not None:

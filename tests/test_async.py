@@ -144,7 +144,7 @@ def kernel():
 
 
 def value(msgs, cell):
-    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell) + of_type(msgs, "display_data", cell)]
+    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell)]
 
 
 def test_remote_cells_may_await_on_the_runners_loop(kernel):

@@ -42,7 +42,7 @@ def text_of(msgs, cell):
 
 
 def shown(msgs, cell):
-    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)]
+    return [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell)]
 
 
 def test_serve_writes_a_private_connection_file(app):
@@ -279,3 +279,26 @@ def test_serve_never_writes_its_key_through_a_planted_file(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_attached_cells_have_out_n_history_and_user_expressions(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    execute(kc, f"%attach {path}")
+    msg_id = kc.execute("inventory.items['kiwis'] = 4\nlen(inventory.items)",
+                        user_expressions={"apples": "inventory.items['apples']", "bad": "1/0"})
+    reply, msgs = collect(kc, msg_id)
+    result = of_type(msgs, "execute_result", msg_id)[0]["content"]
+    assert result["data"]["text/plain"] == "2"
+    assert result["execution_count"] == reply["content"]["execution_count"]
+    n = result["execution_count"]
+    exprs = reply["content"]["user_expressions"]
+    assert exprs["apples"]["status"] == "ok" and exprs["apples"]["data"]["text/plain"] == "3"
+    assert exprs["bad"]["status"] == "error" and exprs["bad"]["ename"] == "ZeroDivisionError"
+    cell, (reply, msgs) = execute(kc, f"(_, Out[{n}], _{n}, os.getpid() if 'os' in dir() else __import__('os').getpid())")
+    assert shown(msgs, cell) == [f"(2, 2, 2, {proc.pid})"], "the value is kept in the app, as IPython would"
+    execute(kc, "%detach")
+    cell, (reply, msgs) = execute(kc, "In[-4]")  # the kernel's own history has the attached cells
+    assert "len(inventory.items)" in shown(msgs, cell)[0]
+    cell, (reply, msgs) = execute(kc, "%history -l 4")
+    assert "len(inventory.items)" in text_of(msgs, cell)

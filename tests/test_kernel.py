@@ -134,12 +134,12 @@ def test_remote_cell_magic_keeps_a_namespace_and_sends_locals(kernel):
     execute(kc, "y = 10")
     cell, (reply, msgs) = execute(kc, "%%remote pool\nimport os\nx = 41\nprint('on', os.getpid() != 0)\nx + y")
     assert reply["content"]["status"] == "ok", reply["content"]
-    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["51"]
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell)] == ["51"]
     assert "".join(t for _, t in streams(msgs, cell)) == "on True\n"
     cell, (reply, msgs) = execute(kc, "%%remote pool\nx += 1\nx")
-    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["42"]
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell)] == ["42"]
     cell, (reply, msgs) = execute(kc, "%%remote pool\nx")
-    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)] == ["42"]
+    assert [m["content"]["data"]["text/plain"] for m in of_type(msgs, "execute_result", cell)] == ["42"]
     _, (reply, _) = execute(kc, "x")  # x lives on the runner, not here
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
 

@@ -45,7 +45,7 @@ def test_attach_notebook_runs_cells_in_the_app():
     outs = [c.outputs for c in nb.cells if c.cell_type == "code"]
     pid_line = "".join(o.get("text", "") for o in outs[2])
     assert "running in pid" in pid_line and str(os.getpid()) not in pid_line
-    shown = [o["data"]["text/plain"] for c in outs for o in c if o.get("output_type") == "display_data"]
+    shown = [o["data"]["text/plain"] for c in outs for o in c if o.get("output_type") == "execute_result"]
     assert "{'apples': 3, 'pears': 5}" in shown
 
 

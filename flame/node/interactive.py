@@ -10,18 +10,48 @@ CO_COROUTINE = 0x0080  # inspect.CO_COROUTINE, without importing inspect on a ru
 NAMESPACE: dict[str, Any] = {"__name__": "__main__"}
 
 
-def run_cell(source: str, variables: dict[str, Any], filename: str = "<remote-cell>") -> None:
-    """Execute ``source`` with ``variables`` bound first; display the last expression's value.
+def run_cell(source: str, variables: dict[str, Any], filename: str = "<remote-cell>") -> tuple | None:
+    """Execute ``source`` with ``variables`` bound first (``%%remote``); the mime bundle
+    ``(data, metadata)`` of the last expression's value, computed here, or None.
 
     Top-level ``await`` runs on the runner's own event loop.
     """
     NAMESPACE.update(variables)
-    run_source(source, NAMESPACE, filename)
+    value = run_source(source, NAMESPACE, filename)
+    return None if value is None else result_bundle(value)
+
+
+def result_bundle(value: Any) -> tuple[dict, dict]:
+    """The mime bundle of a cell's value, as an ``execute_result`` carries it."""
+    from .display import mime_bundle
+    return mime_bundle(value)
+
+
+def remember(namespace: dict, value: Any, count: int | None) -> None:
+    """Keep a cell's value as IPython does: ``_``, ``__``, ``___``, and ``Out[n]``/``_n``."""
+    namespace["___"], namespace["__"] = namespace.get("__"), namespace.get("_")
+    namespace["_"] = value
+    if count is not None:
+        namespace.setdefault("Out", {})[count] = value
+        namespace[f"_{count}"] = value
+
+
+def user_expressions(expressions: dict, namespace: dict) -> dict:
+    """Jupyter's ``user_expressions``: each expression evaluated in ``namespace``, as a mime bundle."""
+    out = {}
+    for name, expr in (expressions or {}).items():
+        try:
+            data, md = result_bundle(eval(expr, namespace))
+            out[name] = {"status": "ok", "data": data, "metadata": md}
+        except Exception as exc:
+            out[name] = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
+    return out
 
 
 def run_source(source: str, namespace: dict, filename: str = "<cell>",
-               loop_for: Callable[[], Any] | None = None) -> None:
-    """exec ``source`` in ``namespace`` like a notebook cell: the last expression's value is displayed.
+               loop_for: Callable[[], Any] | None = None, count: int | None = None) -> Any:
+    """exec ``source`` in ``namespace`` like a notebook cell; the last expression's value (kept
+    as ``_``, and ``Out[count]`` when the cell has an execution count), or None.
 
     IPython syntax (magics, ``!cmd``) goes through IPython when it is installed: the cell is
     transformed, and the first time it needs ``get_ipython()`` a shell is made over this
@@ -31,8 +61,6 @@ def run_source(source: str, namespace: dict, filename: str = "<cell>",
     the rest of the cell runs here (see ``aio``). A cell whose top level needs a coroutine
     itself (``async for``, ``async with``) runs whole on that loop.
     """
-    from . import display as rich
-
     if any(ch in source for ch in "%!?"):
         try:
             from IPython.core.inputtransformer2 import TransformerManager
@@ -68,8 +96,9 @@ def run_source(source: str, namespace: dict, filename: str = "<cell>",
         if code.co_flags & CO_COROUTINE:
             value = aio.wait(value, (loop_for or aio.node_loop)())
         if value is not None:
-            namespace["_"] = value
-            rich.display(value)
+            remember(namespace, value, count)
+        return value
+    return None
 
 
 class _AwaitCalls(ast.NodeTransformer):

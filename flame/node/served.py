@@ -25,7 +25,7 @@ from ..wire import Wire, introduction, listener
 from . import aio, display, introspect
 from .capture import Capture
 from .execute import Calls
-from .interactive import run_source
+from .interactive import result_bundle, run_source, user_expressions
 from .node import FLUSH_INTERVAL
 
 log = logging.getLogger("flame.attach")
@@ -179,8 +179,12 @@ class AppNode:
 
         def work() -> Any:
             if kind == "run":
-                run_source(head["code"], self.namespace, filename=f"<cell {rid}>", loop_for=_await_loop)
-                return None
+                count = head.get("count")
+                value = run_source(head["code"], self.namespace, filename=f"<cell {count or rid}>",
+                                   loop_for=_await_loop, count=count)
+                data, md = result_bundle(value) if value is not None else (None, {})
+                return {"data": data, "metadata": md,
+                        "user_expressions": user_expressions(head.get("expressions"), self.namespace)}
             fn, args, kwargs = serialize.loads(frames)
             return fn(*args, **kwargs)
         self.running = (rid, ident)
