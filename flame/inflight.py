@@ -80,6 +80,11 @@ class CallLifecycle:
 
     def _on_message(self: "Pool", peer: str, head: dict, frames: list) -> None:
         kind = head["k"]
+        if kind == "reply":  # to an introspection request (Pool.complete, Pool.inspect)
+            asked = self._requests.pop(head.get("id", ""), None)
+            if asked is not None and asked[0] == peer:
+                _settle(asked[1], head.get("content"))
+            return
         if kind in ("stream", "display"):
             call = self._calls.get(head.get("id", ""))
             if call is not None and call.runner is not None and call.runner.id == peer:

@@ -134,6 +134,8 @@ class Pool(CallLifecycle, RunnerLifecycle):
         self._runners: dict[str, Runner] = {}
         self._waiting: collections.deque[Call] = collections.deque()
         self._calls: dict[str, Call] = {}
+        self._requests: dict[str, tuple] = {}  # introspection requests: id -> (runner id, Future)
+        self._request_ids = itertools.count(1)
         # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
         self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
         self._runner_ids = itertools.count(1)
@@ -144,7 +146,7 @@ class Pool(CallLifecycle, RunnerLifecycle):
         self._reapers: set[threading.Thread] = set()
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
-                                  lambda: bool(self._calls))
+                                  lambda: bool(self._calls or self._requests))
         self.address = backend.connect_address(self._endpoint.address)
         self._watcher = threading.Thread(target=self._watch_loop, name=f"flame-{self.name}-watch", daemon=True)
         self._endpoint.start()
@@ -233,6 +235,38 @@ class Pool(CallLifecycle, RunnerLifecycle):
         except asyncio.CancelledError:
             future.cancel()
             raise
+
+    def complete(self, code: str, cursor: int | None = None, *, runner: str | None = None,
+                 timeout: float = 10.0) -> dict:
+        """Jupyter ``complete_reply`` content for ``code``, computed on a runner against its
+        interactive namespace (the one ``%%remote`` cells run in): runner ``runner`` (an id),
+        else any ready one. Answered at once, also while the runner runs calls."""
+        return self._ask("complete", {"code": code, "cursor": len(code) if cursor is None else cursor},
+                         runner, timeout)
+
+    def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0, *,
+                runner: str | None = None, timeout: float = 10.0) -> dict:
+        """Jupyter ``inspect_reply`` content for the name at ``cursor``, from a runner (see :meth:`complete`)."""
+        return self._ask("inspect", {"code": code, "cursor": len(code) if cursor is None else cursor,
+                                     "detail": detail_level}, runner, timeout)
+
+    def _ask(self, kind: str, fields: dict, runner: str | None, timeout: float) -> dict:
+        from concurrent.futures import Future
+        with self._lock:
+            r = self._runners.get(runner) if runner is not None else None
+            if r is None or r.state != "ready":
+                r = next((x for x in self._runners.values() if x.state == "ready"), None)
+            if r is None:
+                raise LookupError(f"{self.name} has no ready runner to ask")
+            rid = f"q{next(self._request_ids)}"
+            answer: Future = Future()
+            self._requests[rid] = (r.id, answer)
+            self._endpoint.send(r.id, kind, {"id": rid, **fields})
+        self._endpoint.nudge()  # someone must receive the reply
+        try:
+            return answer.result(timeout)
+        finally:
+            self._requests.pop(rid, None)
 
     @property
     def runners(self) -> list[RunnerInfo]:

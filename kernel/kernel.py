@@ -33,7 +33,8 @@ class FlameKernel(IPythonKernel):
 
         from .magics import FlameMagics
         flame.set_sink_factory(lambda: CellSink(self))
-        self.shell.register_magics(FlameMagics)
+        self.flame_magics = FlameMagics(self.shell)
+        self.shell.register_magics(self.flame_magics)
 
     # ---- attach ----------------------------------------------------------------------
     def where(self) -> str:
@@ -102,12 +103,16 @@ class FlameKernel(IPythonKernel):
         once, and everything else goes on as usual. Without that thread (other ipykernel
         versions) requests simply take the usual route.
         """
-        if self.attached is not None and self.session is not None:
+        if self.session is not None:
             try:
                 idents, frames = self.session.feed_identities(msg, copy=False)
                 # Peek first: a full deserialize records the signature against replays, and
                 # a message passed on is deserialized again further down.
                 kind = self.session.deserialize(frames, content=False, copy=False)["header"]["msg_type"]
+                if kind in ("complete_request", "inspect_request") and self.attached is None:
+                    code = self.session.unpack(frames[4].bytes).get("code", "")
+                    if not code.lstrip().startswith("%%remote"):
+                        kind = None  # a local completion: the usual route
             except Exception:
                 kind = None
             if kind in ("complete_request", "inspect_request"):
@@ -130,6 +135,9 @@ class FlameKernel(IPythonKernel):
                 return self.attached.complete(code, cursor_pos)
             except Exception:
                 self.log.warning("flamebook: completion from the attached app failed", exc_info=True)
+        remote = self._on_runner("complete", code, cursor_pos)
+        if remote is not None:
+            return remote
         return super().do_complete(code, cursor_pos)
 
     def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
@@ -138,7 +146,30 @@ class FlameKernel(IPythonKernel):
                 return self.attached.inspect(code, cursor_pos, detail_level)
             except Exception:
                 self.log.warning("flamebook: inspection from the attached app failed", exc_info=True)
+        remote = self._on_runner("inspect", code, cursor_pos, detail_level)
+        if remote is not None:
+            return remote
         return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+
+    def _on_runner(self, kind, code, cursor_pos, detail_level=0):
+        """Completion or inspection in a ``%%remote`` cell, from the runner its namespace lives on."""
+        if cursor_pos is None:
+            cursor_pos = len(code)
+        target = self.flame_magics.remote_target(code, cursor_pos)
+        if target is None:
+            return None
+        pool, runner, body, cursor, offset = target
+        try:
+            if kind == "inspect":
+                return pool.inspect(body, cursor, detail_level, runner=runner)
+            reply = pool.complete(body, cursor, runner=runner)
+        except Exception:
+            self.log.warning("flamebook: %s from a runner failed", kind, exc_info=True)
+            return None
+        if "cursor_start" in reply:
+            reply["cursor_start"] += offset
+            reply["cursor_end"] += offset
+        return reply
 
     def do_shutdown(self, restart):
         # Stop every runner now rather than at interpreter exit: a restart must not wait

@@ -39,6 +39,28 @@ class FlameMagics(Magics):
         super().__init__(shell)
         self._pinned: dict[int, str] = {}  # id(pool) -> runner id holding its %%remote namespace
 
+    def remote_target(self, code: str, cursor: int) -> tuple | None:
+        """For a ``%%remote`` cell with the cursor in its body: ``(pool, runner id or None,
+        body, cursor in body, offset of body)``; else None."""
+        import flame
+        if not code.lstrip().startswith("%%remote"):
+            return None
+        head, sep, body = code.lstrip().partition("\n")
+        offset = len(code) - len(code.lstrip()) + len(head) + len(sep)
+        if not sep or cursor < offset:
+            return None  # completing the magic's own line
+        name = head[len("%%remote"):].strip()
+        if name:
+            pool = self.shell.user_ns.get(name)
+            if not isinstance(pool, flame.Pool):
+                return None
+        else:
+            pools = flame.pools()
+            if len(pools) != 1:
+                return None
+            pool = pools[0]
+        return pool, self._pinned.get(id(pool)), body, cursor - offset, offset
+
     @line_magic
     def attach(self, line: str) -> None:
         """%attach PATH_OR_NAME: run the following cells inside a running app (see flame.serve)."""

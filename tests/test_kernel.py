@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from conftest import wait_for
-from kernel_util import execute, of_type, press_stop, start, streams
+from kernel_util import collect, execute, of_type, press_stop, start, streams
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,37 @@ def test_kernel_end_leaves_no_runners(how):
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=True)
+
+
+def test_completion_in_remote_cells_comes_from_the_runner(kernel):
+    km, kc = kernel
+    execute(kc, "%%remote pool\nzz_only_on_the_runner = {'a': 1}")
+    code = "%%remote pool\nzz_only"
+    kc.complete(code, len(code))
+    reply = kc.get_shell_msg(timeout=30)["content"]
+    assert "zz_only_on_the_runner" in reply["matches"]
+    assert reply["cursor_start"] == len("%%remote pool\n") and reply["cursor_end"] == len(code)
+    _, (r, _) = execute(kc, "zz_only_on_the_runner")
+    assert r["content"]["ename"] == "NameError", "it lives on the runner only"
+    # also while another cell keeps that very runner busy
+    long_cell = kc.execute("%%remote pool\nimport time\ntime.sleep(4)")
+    time.sleep(1.0)
+    asked = kc.complete("%%remote pool\nzz_only_on_the_runner.ke", len("%%remote pool\nzz_only_on_the_runner.ke"))
+    while True:
+        msg = kc.get_shell_msg(timeout=30)
+        assert msg["msg_type"] != "execute_reply", "completion waited for the running cell"
+        if msg["parent_header"]["msg_id"] == asked:
+            break
+    answered = time.monotonic()
+    assert "keys" in msg["content"]["matches"]
+    inspected = kc.inspect("%%remote pool\nzz_only_on_the_runner", len("%%remote pool\nzz_only_on_the_runner"))
+    while True:
+        msg = kc.get_shell_msg(timeout=30)
+        assert msg["msg_type"] != "execute_reply", "inspection waited for the running cell"
+        if msg["parent_header"]["msg_id"] == inspected:
+            break
+    assert msg["content"]["found"] and "dict" in msg["content"]["data"]["text/plain"]
+    reply, msgs = collect(kc, long_cell, timeout=30)
+    idle = [t for t, m in msgs if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == long_cell
+            and m["content"]["execution_state"] == "idle"]
+    assert reply["content"]["status"] == "ok" and idle and answered < idle[0]

@@ -188,6 +188,9 @@ class RunnerNode:
         elif kind == "shutdown":
             self.stopping = True
             self._wake()
+        elif kind in ("complete", "inspect"):
+            # Answered at once, by whichever thread takes it in: also while a call runs.
+            self.post("reply", {"id": head["id"], "content": _introspect(kind, head)})
         # "welcome" and "heartbeat" only prove the parent is alive.
 
     def _dispatch(self, item: tuple) -> None:
@@ -255,6 +258,17 @@ class RunnerNode:
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
+
+
+def _introspect(kind: str, head: dict) -> dict:
+    """Completion or inspection against the runner's interactive namespace (``%%remote``'s)."""
+    from . import interactive, introspect
+    try:
+        if kind == "complete":
+            return introspect.complete(interactive.NAMESPACE, head["code"], head.get("cursor"))
+        return introspect.inspect(interactive.NAMESPACE, head["code"], head.get("cursor"), head.get("detail", 0))
+    except Exception as exc:  # a broken object in the namespace must not cost the runner
+        return {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
 
 
 def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST) -> None:
