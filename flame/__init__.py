@@ -37,6 +37,9 @@ _EXPORTS = {
     "GPU": "flame.gpu",
     "OutputSink": "flame.call",
     "set_sink_factory": "flame.call",
+    "gather": "flame.progress",
+    "set_progress_factory": "flame.progress",
+    "Progress": "flame.progress",
     "FlameError": "flame.errors",
     "RemoteError": "flame.errors",
     "RunnerDied": "flame.errors",
@@ -73,4 +76,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool, pools, shutdown_all
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
+    from .progress import Progress, gather, set_progress_factory
     from .runner import RunnerInfo

@@ -36,6 +36,7 @@ from .endpoint import Endpoint
 from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
+from .progress import Tracker
 from .inflight import CallLifecycle
 from .lifecycle import STOP_GRACE, RunnerLifecycle
 from .runner import Runner, RunnerInfo
@@ -208,15 +209,19 @@ class Pool(CallLifecycle, RunnerLifecycle):
     def map(self, fn: Callable, *iterables: Iterable) -> list:
         """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
 
-        If one call fails, the others are cancelled and its exception is raised.
+        If one call fails, the others are cancelled and its exception is raised. In a notebook,
+        a map that takes more than a second shows a progress line in the cell.
         """
         futures = [self._submit(fn, xs, {}) for xs in zip(*iterables)]
+        tracker = Tracker(f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})", futures)
         try:
             return [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+        finally:
+            tracker.close()
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""

@@ -6,7 +6,7 @@ import asyncio
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.jsonutil import json_clean
 
-from .outputs import CellSink
+from .outputs import CellProgress, CellSink
 
 BANNER_EXTRA = ("flamebook: `import flame; pool = flame.Pool()` runs functions on runners; "
                 "their output lands in the cell that called them. %flame lists pools; "
@@ -33,6 +33,7 @@ class FlameKernel(IPythonKernel):
 
         from .magics import FlameMagics
         flame.set_sink_factory(lambda: CellSink(self))
+        flame.set_progress_factory(lambda: CellProgress(self))
         self.flame_magics = FlameMagics(self.shell)
         self.shell.register_magics(self.flame_magics)
 

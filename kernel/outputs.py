@@ -38,3 +38,22 @@ class CellSink:
         content = {"data": data.get("data", {}), "metadata": data.get("metadata", {}),
                    "transient": data.get("transient", {})}
         self._send("update_display_data" if data.get("update") else "display_data", content)
+
+
+class CellProgress:
+    """A batch's progress line in the cell that started it: one display, updated in place."""
+
+    def __init__(self, kernel: Any) -> None:
+        import uuid
+        self.kernel = kernel
+        self.parent = kernel.get_parent("shell")
+        self.display_id = uuid.uuid4().hex
+        self.shown = False
+
+    def update(self, text: str, final: bool = False) -> None:
+        k = self.kernel
+        msg_type = "update_display_data" if self.shown else "display_data"
+        self.shown = True
+        k.session.send(k.iopub_socket, msg_type, {"data": {"text/plain": text}, "metadata": {},
+                                                  "transient": {"display_id": self.display_id}},
+                       parent=self.parent, ident=k._topic(msg_type))

@@ -143,4 +143,45 @@ def test_lab_streams_remote_output_and_stops_remote_work(lab):
             time.sleep(0.05)
         assert "pool still works" in cell.locator(".jp-OutputArea").inner_text()
         page.screenshot(path=os.path.join(ARTIFACTS, "lab-stopped.png"))
+
+        # a long map shows one progress line, updated in place, final when it ends
+        cell = _run_new_cell(page, "def nap(i):\n    __import__('time').sleep(0.6)\n    return i\n"
+                                   "sum(pool.map(nap, range(8)))")
+        during, t0 = set(), time.monotonic()
+        while time.monotonic() - t0 < 60 and not _finished(cell):
+            text = cell.locator(".jp-OutputArea").inner_text()
+            during.update(line for line in text.splitlines() if line.startswith("map(nap)"))
+            time.sleep(0.05)
+        assert _finished(cell)
+        assert len(during) >= 2, f"the line changed while the map ran: {during}"
+        final = cell.locator(".jp-OutputArea").inner_text()
+        assert final.count("map(nap)") == 1 and "8/8 done" in final, "one line, updated in place"
+        assert "28" in final
+        page.screenshot(path=os.path.join(ARTIFACTS, "lab-progress.png"))
+
+        # attached to an app, a cell's value is its Out[n]
+        cell = _run_new_cell(page, "import os, subprocess, sys, tempfile\n"
+                                   "cf = os.path.join(tempfile.mkdtemp(), 'inv.json')\n"
+                                   "app = subprocess.Popen([sys.executable, 'inventory_app.py', cf], "
+                                   "stdout=subprocess.PIPE, text=True)\n"
+                                   "app.stdout.readline(); app.stdout.readline(); None")
+        _wait_finished(cell)
+        _wait_finished(_run_new_cell(page, "%attach {cf}"))
+        cell = _run_new_cell(page, "len(inventory.items) * 21")
+        _wait_finished(cell)
+        prompt = cell.locator(".jp-InputArea-prompt").inner_text()
+        count = "".join(ch for ch in prompt if ch.isdigit())
+        out = cell.locator(".jp-OutputArea-output").first
+        assert out.inner_text().strip() == "21"
+        assert f"[{count}]" in cell.locator(".jp-OutputArea-prompt").first.inner_text(), "shown as Out[n]"
+        page.screenshot(path=os.path.join(ARTIFACTS, "lab-attached-out.png"))
+        _wait_finished(_run_new_cell(page, "%detach"))
+        _wait_finished(_run_new_cell(page, "app.kill(); app.wait()"))
         browser.close()
+
+
+def _wait_finished(cell, timeout=60):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and not _finished(cell):
+        time.sleep(0.05)
+    assert _finished(cell), cell.locator(".jp-OutputArea").inner_text()

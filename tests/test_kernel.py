@@ -217,3 +217,38 @@ def test_completion_in_remote_cells_comes_from_the_runner(kernel):
     idle = [t for t, m in msgs if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == long_cell
             and m["content"]["execution_state"] == "idle"]
     assert reply["content"]["status"] == "ok" and idle and answered < idle[0]
+
+
+def test_map_and_gather_show_a_progress_line_updated_in_place(kernel):
+    km, kc = kernel
+    execute(kc, "ppool = flame.Pool(max=2)")
+    cell, (reply, msgs) = execute(kc, "def slow(i):\n    time.sleep(0.4)\n    return i\n"
+                                      "r = ppool.map(slow, range(8))\nlen(r)")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    first = of_type(msgs, "display_data", cell)
+    updates = of_type(msgs, "update_display_data", cell)
+    progress = [m for m in first if "map(slow)" in m["content"]["data"]["text/plain"]]
+    assert len(progress) == 1, "one line, shown once..."
+    display_id = progress[0]["content"]["transient"]["display_id"]
+    assert updates and all(m["content"]["transient"]["display_id"] == display_id for m in updates), \
+        "...then updated in place"
+    texts = [m["content"]["data"]["text/plain"] for m in progress + updates]
+    assert any("on pool-" in t for t in texts), "it names the runners working on it"
+    assert "8/8 done" in texts[-1] and "failed" not in texts[-1]
+    cell, (reply, msgs) = execute(kc, "futs = [ppool.submit(slow, i) for i in range(6)]\nsum(flame.gather(futs))")
+    assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] == "15"
+    texts = [m["content"]["data"]["text/plain"] for m in of_type(msgs, "display_data", cell)
+             + of_type(msgs, "update_display_data", cell)]
+    assert texts and "gather: 6/6 done" in texts[-1]
+    cell, (reply, msgs) = execute(kc, "ppool.map(slow, range(2))")  # quick: no line at all
+    assert not of_type(msgs, "display_data", cell)
+    execute(kc, "ppool.shutdown()")
+
+
+def test_tqdm_inside_remote_calls_streams_through_stderr(kernel):
+    km, kc = kernel
+    cell, (reply, msgs) = execute(kc, "def bar():\n    from tqdm import tqdm\n    for _ in tqdm(range(5)):\n"
+                                      "        time.sleep(0.05)\npool.call(bar)")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    err = "".join(t for _, t in streams(msgs, cell, "stderr"))
+    assert "100%" in err and "5/5" in err

@@ -281,3 +281,27 @@ def test_calls_sent_ahead_to_busy_runners_can_still_be_cancelled(make_pool, tmp_
     assert first.result(timeout=10) is None, "the running call was not disturbed"
     assert pool.call(lambda: "after") == "after"
     assert not marker.exists()
+
+
+def test_progress_outside_a_kernel_is_a_stderr_line_only_when_asked(tmp_path):
+    script = tmp_path / "batch.py"
+    script.write_text(textwrap.dedent("""
+        import time, flame
+        def slow(i):
+            import time
+            time.sleep(0.3)
+            return i
+        with flame.Pool(max=2) as pool:
+            print(sum(pool.map(slow, range(10))))
+    """))
+    for asked in (False, True):
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env.pop("FLAME_PROGRESS", None)
+        if asked:
+            env["FLAME_PROGRESS"] = "1"
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+        assert out.stdout.strip() == "45"
+        if asked:
+            assert "map(slow): 10/10 done" in out.stderr
+        else:
+            assert "map(" not in out.stderr
