@@ -67,7 +67,7 @@ class Call:
     """A call from submit until its future is done and its runner slot is free."""
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
-                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity",
+                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead",
                  "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
@@ -78,6 +78,8 @@ class Call:
         self.fn = fn  # kept until done, to map remote traceback lines back to local source
         #: id of the runner this call must run on while that runner lives (``%%remote``)
         self.affinity = affinity
+        #: sent ahead to a busy runner (its arguments are kept until it is done)
+        self.ahead = False
         self.name = name
         self.fn_hash = fn_hash
         self.fn_payload = fn_payload

@@ -37,8 +37,10 @@ class CallLifecycle:
 
     def _start(self: "Pool", call: Call, r: Runner) -> None:
         call.state, call.runner = "running", r
-        r.calls[call.id] = call
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
+        # Sent ahead to a busy runner: its arguments are kept, should it have to go elsewhere.
+        call.ahead = len(r.calls) >= self.max_concurrency
+        r.calls[call.id] = call
         frames = list(call.arg_frames)
         # The out-of-band frames are the arguments' (hashed at submit, outside the lock),
         # unless a function too large to ride inline pushes every frame out of band.
@@ -49,7 +51,15 @@ class CallLifecycle:
             if len(call.fn_payload) >= INLINE_MAX:
                 digest = None
         self._endpoint.send(r.id, "call", fields, frames, digest)
-        call.arg_frames = call.arg_digest = None  # sent; let large buffers go
+        if not call.ahead:
+            call.arg_frames = call.arg_digest = None  # sent; let large buffers go
+
+    def _requeue(self: "Pool", calls: list) -> None:
+        """Calls that provably never started go back to the front of the queue, in their
+        order, to run elsewhere (see ``_drop_runner``)."""
+        for call in reversed(calls):
+            call.state, call.runner, call.ahead = "queued", None, False
+            self._waiting.appendleft(call)
 
     def _finish(self: "Pool", call: Call, result: Any = None, exc: BaseException | None = None) -> None:
         """Release a call's slot and settle its future once the lock is released."""

@@ -92,8 +92,21 @@ class RunnerLifecycle:
         r.state = "dead"
         self._runners.pop(r.id, None)
         self._endpoint.wire.forget(r.id)
+        error = error or RunnerDied(f"runner {r.id} stopped", r.id)
+        # A runner starts its calls in the order they were sent, at most max_concurrency at once,
+        # and sends each reply before it starts another call. So of the calls it has not
+        # answered (r.calls keeps them in the order sent), only the first max_concurrency can
+        # have started: the others provably never did, and run elsewhere instead of failing.
+        unanswered = [c for c in r.calls.values() if c.state == "running"]
+        never_started = unanswered[self.max_concurrency:]
+        if never_started and isinstance(error, RunnerDied) and not self._closed:
+            for call in never_started:
+                r.calls.pop(call.id)
+            self._requeue(never_started)
+            log.info("flame: %d call(s) sent ahead to runner %s never started; queued again",
+                     len(never_started), r.id)
         for call in list(r.calls.values()):
-            self._finish(call, exc=error or RunnerDied(f"runner {r.id} stopped", r.id))
+            self._finish(call, exc=error)
         if r.handle is not None:
             self._later.append(functools.partial(self._reap, r))
         if reschedule and not self._endpoint.stopped.is_set():

@@ -418,3 +418,39 @@ def test_cancels_racing_the_end_of_calls_never_hit_another_call(make_pool):
             except KeyboardInterrupt:
                 pytest.fail(f"call {i} was hit by a cancel meant for another call")
     assert pool.map(lambda i: i, range(8)) == list(range(8))
+
+
+def _logged_work(i, path):
+    import time
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    time.sleep(0.02)
+    return i
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_killing_runners_fails_only_the_calls_that_had_started(make_pool, tmp_path, concurrency):
+    import random
+    import signal
+    # At max: every runner holds a call sent ahead besides the ones it runs.
+    pool = make_pool(max=2, max_concurrency=concurrency, idle_shutdown_after=None)
+    path = str(tmp_path / "ran")
+    futures = [pool.submit(_logged_work, i, path) for i in range(400)]
+    rng, kills = random.Random(3), 0
+    while kills < 12 and not all(f.done() for f in futures):
+        time.sleep(rng.uniform(0.1, 0.3))
+        ready = [r for r in pool.runners if r.state == "ready" and r.active]
+        if ready:
+            os.kill(rng.choice(ready).pid, signal.SIGKILL)
+            kills += 1
+    died = 0
+    for i, f in enumerate(futures):
+        try:
+            assert f.result(timeout=60) == i
+        except flame.RunnerDied:
+            died += 1
+    assert kills >= 5
+    assert died <= kills * concurrency, f"{died} calls failed for {kills} kills: calls that never started failed too"
+    ran = open(path).read().split()
+    assert len(ran) == len(set(ran)), "a call ran twice"
+    assert len(ran) >= 400 - died
