@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "flame.pool",
+    "Remote": "flame.remote",
+    "RemoteGone": "flame.remote",
+    "inspect_remote": "flame.remote",
     "pools": "flame.pool",
     "shutdown_all": "flame.pool",
     "CallFuture": "flame.call",
@@ -74,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)
     from .pool import Pool, pools, shutdown_all
+    from .remote import Remote, RemoteGone, inspect_remote
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
     from .progress import Progress, gather, set_progress_factory

@@ -67,7 +67,7 @@ class Call:
     """A call from submit until its future is done and its runner slot is free."""
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
-                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead",
+                 "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
                  "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
@@ -80,6 +80,8 @@ class Call:
         self.affinity = affinity
         #: sent ahead to a busy runner (its arguments are kept until it is done)
         self.ahead = False
+        #: runs on its affinity runner or nowhere (it uses values held there): RunnerDied if gone
+        self.strict = False
         self.name = name
         self.fn_hash = fn_hash
         self.fn_payload = fn_payload

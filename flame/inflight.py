@@ -161,6 +161,8 @@ class CallLifecycle:
                                     "killing runner %s", call, CANCEL_GRACE, r.id)
                         self._drop_runner(r, None)
                         break
+            if self._releases:
+                self._send_releases()
             if self.timeout is not None:
                 for call in [c for c in self._waiting if now > c.deadline]:
                     self._waiting.remove(call)

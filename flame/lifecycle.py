@@ -107,6 +107,10 @@ class RunnerLifecycle:
                      len(never_started), r.id)
         for call in list(r.calls.values()):
             self._finish(call, exc=error)
+        for call in [c for c in self._waiting if c.strict and c.affinity == r.id]:
+            self._waiting.remove(call)  # it needs values that were on that runner
+            self._finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
+                                              f"{call.name}() needed", r.id))
         if r.handle is not None:
             self._later.append(functools.partial(self._reap, r))
         if reschedule and not self._endpoint.stopped.is_set():

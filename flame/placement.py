@@ -16,7 +16,7 @@ reads runners and calls and changes nothing, so it is tested without processes
    runner still runs at most ``concurrency`` at once.
 5. ``min`` runners are kept, booting or ready.
 6. A ready runner idle for ``idle_after`` seconds stops, unless that would leave fewer than
-   ``min``.
+   ``min`` or it holds values for Remotes (as FLAME's ``track_resources``).
 """
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: 
         for r in runners:
             if keep <= limits.min:
                 break
-            if r.state == "ready" and load[r.id] == 0 and now - r.last_active > limits.idle_after:
+            if (r.state == "ready" and load[r.id] == 0 and not getattr(r, "objects", None)
+                    and now - r.last_active > limits.idle_after):  # values held for Remotes keep it
                 decision.stops.append(r)
                 keep -= 1
     return decision

@@ -37,7 +37,9 @@ from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
 from .progress import Tracker
+from .remote import _sending, remotes_in
 from .inflight import CallLifecycle
+from .holdings import Holdings
 from .lifecycle import STOP_GRACE, RunnerLifecycle
 from .runner import Runner, RunnerInfo
 from .wire import INLINE_MAX, out_of_band_digest
@@ -79,7 +81,7 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
         raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
 
 
-class Pool(CallLifecycle, RunnerLifecycle):
+class Pool(Holdings, CallLifecycle, RunnerLifecycle):
     """An elastic set of runners that execute calls.
 
     Runners are booted on demand, up to ``max``, and shut down after being idle.
@@ -136,6 +138,7 @@ class Pool(CallLifecycle, RunnerLifecycle):
         self._waiting: collections.deque[Call] = collections.deque()
         self._calls: dict[str, Call] = {}
         self._requests: dict[str, tuple] = {}  # introspection requests: id -> (runner id, Future)
+        self._releases: list = []  # (runner id, object id) of values no Remote refers to any more
         self._request_ids = itertools.count(1)
         # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
         self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
@@ -172,20 +175,33 @@ class Pool(CallLifecycle, RunnerLifecycle):
         self._endpoint.nudge()
         return future
 
-    def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None) -> CallFuture:
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
+                strict: bool = False, origin: str = "") -> CallFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_payload, fn_hash = self._functions.get(fn)
-        arg_frames = serialize.dumps_args(fn, args, kwargs)
+        found = remotes_in(args, kwargs) if args or kwargs else None
+        if found:  # the call runs where its Remotes live, and they arrive as the real objects
+            affinity, strict, origin = self._holder_of(found), True, found[0]._held.origin
+            _sending.runner = affinity
+            try:
+                arg_frames = serialize.dumps_args(fn, args, kwargs)
+            finally:
+                _sending.runner = None
+        else:
+            arg_frames = serialize.dumps_args(fn, args, kwargs)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
                     fn_payload, arg_frames, (out_of_band_digest(arg_frames)
                      if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
                     deadline, affinity)
+        call.strict = strict
         self._lock.acquire()  # not _state(): this is the per-call path
         try:
             if self._closed:
                 raise PoolClosed(f"{self.name} is shut down")
+            if strict and affinity not in self._runners:
+                raise self._lost(affinity, origin)
             self._calls[call.id] = call
             if not self._waiting and affinity is None:
                 runner = placement.least_loaded(self._runners.values(), self.max_concurrency)

@@ -16,14 +16,26 @@ def pool_html(pool: Any) -> str:
         names = {g.get("id"): g.get("name") for g in r.extra.get("gpu_info", [])}
         gpus = ", ".join(f"{g} ({names[g]})" if names.get(g) else str(g) for g in r.gpus) or "–"
         rows.append(f"<tr><td>{html.escape(r.id)}</td><td>{r.state}</td><td>{html.escape(r.host)}</td>"
-                    f"<td>{r.pid or ''}</td><td>{r.active}</td><td>{up}</td><td>{html.escape(gpus)}</td></tr>")
-    body = "".join(rows) or '<tr><td colspan="7"><i>no runners</i></td></tr>'
+                    f"<td>{r.pid or ''}</td><td>{r.active}</td><td>{r.objects}</td>"
+                    f"<td>{size(r.object_bytes) if r.objects else ''}</td><td>{up}</td>"
+                    f"<td>{html.escape(gpus)}</td></tr>")
+    body = "".join(rows) or '<tr><td colspan="9"><i>no runners</i></td></tr>'
     return (f"<div><b>flame.Pool {html.escape(pool.name)}</b> — {html.escape(repr(pool.backend))}, "
             f"max={pool.max}, max_concurrency={pool.max_concurrency}, waiting calls: {pool.waiting}"
             f"{' (shut down)' if pool.closed else ''}"
             "<table><thead><tr><th>runner</th><th>state</th><th>host</th><th>pid</th>"
-            "<th>active calls</th><th>uptime</th><th>GPUs</th></tr></thead>"
+            "<th>active calls</th><th>objects</th><th>held</th><th>uptime</th><th>GPUs</th></tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
+
+
+def size(nbytes: int) -> str:
+    """``1.5 MB``: a byte count for people."""
+    value = float(nbytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 def describe_exit(code: int) -> str:

@@ -26,6 +26,10 @@ class RunnerInfo:
     python: str = ""
     idle_for: float | None = None
     extra: dict = field(default_factory=dict)
+    #: values the runner holds for this pool's Remotes
+    objects: int = 0
+    #: their size in bytes, best effort (``nbytes`` where known, else ``sys.getsizeof``)
+    object_bytes: int = 0
 
 
 class Runner:
@@ -45,6 +49,8 @@ class Runner:
         self.stop_deadline: float | None = None
         #: the calls on this runner, by call id: running, or sent ahead
         self.calls: dict[str, Any] = {}
+        #: values it holds for Remotes: object id -> bytes
+        self.objects: dict[int, int] = {}
         self.last_active = time.monotonic()
         self.last_heard = time.monotonic()
         self.fns: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -76,7 +82,9 @@ class Runner:
         return None
 
     def info(self) -> RunnerInfo:
-        idle = time.monotonic() - self.last_active if self.state == "ready" and not self.calls else None
+        idle = (time.monotonic() - self.last_active
+                if self.state == "ready" and not self.calls and not self.objects else None)
         return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.calls),
                           self.started, tuple(self.gpus), self.python, idle,
-                          {"gpu_info": list(self.gpu_info)} if self.gpu_info else {})
+                          {"gpu_info": list(self.gpu_info)} if self.gpu_info else {},
+                          len(self.objects), sum(self.objects.values()))

@@ -136,10 +136,30 @@ class FlameKernel(IPythonKernel):
                 return self.attached.complete(code, cursor_pos)
             except Exception:
                 self.log.warning("flamebook: completion from the attached app failed", exc_info=True)
-        remote = self._on_runner("complete", code, cursor_pos)
+        remote = self._on_runner("complete", code, cursor_pos) or self._remote_attributes(code, cursor_pos)
         if remote is not None:
             return remote
         return super().do_complete(code, cursor_pos)
+
+    def _remote_attributes(self, code, cursor_pos):
+        """Tab after ``obj.`` where ``obj`` is a flame.Remote: its attributes, listed on its runner."""
+        import re
+
+        import flame
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        m = re.search(r"([A-Za-z_][\w]*)\.(\w*)$", code[:cursor_pos])
+        obj = self.shell.user_ns.get(m.group(1)) if m else None
+        if not isinstance(obj, flame.Remote):
+            return None
+        try:
+            names = obj.__dir__()
+        except Exception:
+            self.log.warning("flamebook: listing a Remote's attributes failed", exc_info=True)
+            return None
+        prefix = m.group(2)
+        matches = [n for n in names if n.startswith(prefix) and (prefix.startswith("_") or not n.startswith("_"))]
+        return {"status": "ok", "matches": matches, "cursor_start": cursor_pos - len(prefix),
+                "cursor_end": cursor_pos, "metadata": {}}
 
     def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         if self.attached is not None:
@@ -147,10 +167,32 @@ class FlameKernel(IPythonKernel):
                 return self.attached.inspect(code, cursor_pos, detail_level)
             except Exception:
                 self.log.warning("flamebook: inspection from the attached app failed", exc_info=True)
-        remote = self._on_runner("inspect", code, cursor_pos, detail_level)
+        remote = self._on_runner("inspect", code, cursor_pos, detail_level) or \
+            self._remote_inspection(code, cursor_pos, detail_level)
         if remote is not None:
             return remote
         return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+
+    def _remote_inspection(self, code, cursor_pos, detail_level):
+        """``obj?`` where ``obj`` is a flame.Remote: its docstring and signature, from its runner."""
+        import re
+
+        import flame
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        left = re.search(r"[A-Za-z_][\w.]*$", code[:cursor_pos])
+        right = re.match(r"\w*", code[cursor_pos:])
+        name = ((left.group(0) if left else "") + (right.group(0) if right else "")).strip(".")
+        head, *rest = name.split(".") if name else [""]
+        obj = self.shell.user_ns.get(head)
+        if not isinstance(obj, flame.Remote):
+            return None
+        for part in rest:
+            obj = getattr(obj, part)
+        try:
+            return flame.inspect_remote(obj, detail_level)
+        except Exception:
+            self.log.warning("flamebook: inspecting a Remote failed", exc_info=True)
+            return None
 
     def _on_runner(self, kind, code, cursor_pos, detail_level=0):
         """Completion or inspection in a ``%%remote`` cell, from the runner its namespace lives on."""

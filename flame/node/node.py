@@ -188,6 +188,9 @@ class RunnerNode:
         elif kind == "shutdown":
             self.stopping = True
             self._wake()
+        elif kind == "release":  # values no Remote refers to any more
+            from . import objects
+            objects.release(head["ids"])
         elif kind in ("complete", "inspect"):
             # Answered at once, by whichever thread takes it in: also while a call runs.
             self.post("reply", {"id": head["id"], "content": _introspect(kind, head)})

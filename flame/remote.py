@@ -1,0 +1,198 @@
+"""Remote: the local handle of a value that lives on a runner (``pool.spawn``).
+
+Operations on a Remote run where the value lives and give a new Remote: attribute access,
+calls and method calls, ``[]``, arithmetic and comparisons. Attribute access is lazy: it
+costs nothing until the attribute is used, so ``model.generate("hi")`` is one round trip.
+Where Python needs a plain value (``repr``, ``str``, ``len``, ``bool``, ``int``, ``float``,
+``__index__``, ``format``, ``dir``, ``__doc__``, the notebook's rich display) it is computed
+on the runner and only it travels; iteration fetches items in chunks.
+
+The value is freed on its runner once the last Remote that refers to it is garbage
+collected here (or on :meth:`Remote.release`): releases travel batched, within a tick.
+A runner holding values is never stopped for being idle. A Remote does not leave this
+process by accident: pickling one outside flame's own calls raises.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Iterator
+
+from .errors import FlameError, SerializationError
+
+#: While flame pickles a call's arguments for a runner: that runner's id (Remotes on it
+#: travel as references the runner resolves to the real objects).
+_sending = threading.local()
+
+#: Items fetched per round trip when iterating over a Remote.
+ITER_CHUNK = 100
+
+
+class RemoteGone(FlameError):
+    """The Remote was released, or its pool shut down."""
+
+
+class _Held:
+    """One value held on a runner: released there when the last Remote referring to it goes."""
+
+    __slots__ = ("pool", "runner", "oid", "origin", "type_name", "nbytes", "released", "finalizer",
+                 "__weakref__")
+
+    def __init__(self, pool: Any, runner: str, oid: int, origin: str, type_name: str, nbytes: int) -> None:
+        self.pool, self.runner, self.oid = pool, runner, oid
+        self.origin, self.type_name, self.nbytes = origin, type_name, nbytes
+        self.released = False
+        # Runs once: when the last Remote on this value is collected, or at release().
+        self.finalizer = weakref.finalize(self, pool._release_object, runner, oid)
+
+
+class Remote:
+    __slots__ = ("_held", "_path", "__weakref__")
+
+    def __init__(self, held: _Held, path: tuple = ()) -> None:
+        # Every Remote on the same value shares one _Held; the value is released when the last
+        # of them (hence the _Held) is collected.
+        self._held = held
+        self._path = path
+
+    # ---- the handle itself ------------------------------------------------------------------
+    @property
+    def runner(self) -> str:
+        """The id of the runner that holds the value."""
+        return self._held.runner
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Copy the value here. A value that cannot be pickled raises SerializationError naming
+        it, and stays on the runner."""
+        from .node import objects
+        return self._call(objects.fetch, (self._held.oid, self._path), timeout=timeout)
+
+    def release(self) -> None:
+        """Free the value on its runner now (idempotent). Any later use raises RemoteGone."""
+        held = self._held
+        held.released = True
+        held.finalizer()
+
+    def __reduce__(self) -> Any:
+        held = self._held
+        if getattr(_sending, "runner", None) == held.runner:
+            from .node import objects
+            return objects.lookup, (held.oid, self._path)
+        raise SerializationError(
+            f"a Remote ({self._describe()}) cannot be pickled: it stays on its runner. Pass it to a "
+            f"call of its pool (it arrives there as the real object), or use .get() to copy the value here")
+
+    def _describe(self) -> str:
+        held = self._held
+        return f"{held.origin}{''.join('.' + p for p in self._path)} on runner {held.runner}"
+
+    # ---- operations -----------------------------------------------------------------------
+    def _call(self, fn: Any, args: tuple, timeout: float | None = None) -> Any:
+        held = self._held
+        if held.released:
+            raise RemoteGone(f"the Remote {self._describe()} was released")
+        return held.pool._on_holder(held, fn, args).result(timeout)
+
+    def _op(self, op: str, args: tuple = (), kwargs: dict | None = None) -> "Remote":
+        from .node import objects
+        held = self._held
+        ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs))
+        what = {"call": "()", "getitem": "[]", "attr": ""}.get(op, f" {op} ")
+        return held.pool._remote_from(held.runner, ref, f"{held.origin}{''.join('.' + p for p in self._path)}{what}")
+
+    def _plain(self, what: str, arg: Any = None) -> Any:
+        from .node import objects
+        return self._call(objects.plain, (self._held.oid, self._path, what, arg))
+
+    def __getattr__(self, name: str) -> "Remote":
+        if name.startswith("__") or name.startswith(("_ipython", "_repr_", "_jupyter")):
+            raise AttributeError(name)  # probes by IPython, pickle, copy: not the remote object's
+        return Remote(self._held, self._path + (name,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Remote":
+        return self._op("call", args, kwargs)
+
+    def __getitem__(self, key: Any) -> "Remote":
+        return self._op("getitem", (key,))
+
+    def __repr__(self) -> str:
+        if self._held.released or self._held.pool.closed:
+            return f"<flame.Remote {self._describe()} (gone)>"
+        return self._plain("repr")
+
+    def __str__(self) -> str:
+        return self._plain("str")
+
+    def __len__(self) -> int:
+        return self._plain("len")
+
+    def __bool__(self) -> bool:
+        return self._plain("bool")
+
+    def __int__(self) -> int:
+        return self._plain("int")
+
+    def __float__(self) -> float:
+        return self._plain("float")
+
+    def __index__(self) -> int:
+        return self._plain("index")
+
+    def __format__(self, spec: str) -> str:
+        return self._plain("format", spec)
+
+    def __dir__(self) -> list[str]:
+        return self._plain("dir")
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self._plain("doc")
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self._plain("mimebundle")
+
+    def __iter__(self) -> Iterator[Any]:
+        it_id = None
+        while True:
+            it_id, items = self._plain("iter", (it_id, ITER_CHUNK))
+            yield from items
+            if len(items) < ITER_CHUNK:
+                return
+
+    __hash__ = object.__hash__
+
+
+def _binary(op: str, reflected: bool = False) -> Any:
+    def method(self: Remote, other: Any) -> Remote:
+        return self._op(op, (other,), {"reflected": True} if reflected else None)
+    method.__name__ = f"__{'r' if reflected else ''}{op.rstrip('_')}__"
+    return method
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_", "xor",
+            "lshift", "rshift"):
+    setattr(Remote, f"__{_op.rstrip('_')}__", _binary(_op))
+    setattr(Remote, f"__r{_op.rstrip('_')}__", _binary(_op, reflected=True))
+for _op in ("eq", "ne", "lt", "le", "gt", "ge"):
+    setattr(Remote, f"__{_op}__", _binary(_op))
+for _op in ("neg", "pos", "abs", "invert"):
+    setattr(Remote, f"__{_op}__", lambda self, _o=_op: self._op(_o))
+
+
+def remotes_in(args: tuple, kwargs: dict) -> list[Remote]:
+    """The Remotes among a call's arguments, at the top level or inside a list, tuple or dict."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Remote):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, Remote))
+        elif isinstance(value, dict):
+            found.extend(v for v in (*value.keys(), *value.values()) if isinstance(v, Remote))
+    return found
+
+
+def inspect_remote(remote: Remote, detail_level: int = 0) -> dict:
+    """Jupyter ``inspect_reply`` content (docstring, signature, type) for a Remote's value,
+    computed on its runner: what a frontend shows for ``remote?``."""
+    return remote._plain("inspect", detail_level)
