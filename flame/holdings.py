@@ -1,8 +1,8 @@
 """Values the pool's runners hold for Remotes: spawning them, placing operations with them,
 and releasing them in batches.
 
-A mixin of :class:`flame.pool.Pool`, working on its state under its lock. A Remote's
-finalizer may run in any thread, at any point where the garbage collector runs, the pool's
+A mixin of :class:`flame.pool.Pool`, working on its state under its lock. Releasing a
+Remote's value (``_Held.__del__``) may run in any thread, at any point where the garbage collector runs, the pool's
 own locked sections included: so it only appends to a list, and the tick sends what the list
 holds, one ``release`` message per runner, every TICK.
 """
@@ -34,23 +34,19 @@ class Holdings:
         ref = future.result()
         return self._remote_from(future.runner, ref, f"spawn({name})")
 
-    def _remote_from(self: "Pool", runner: str, ref: tuple, origin: str) -> Remote:
-        """Wrap a runner's reference ``(id, type name, bytes)`` as a Remote, and count it."""
-        oid, type_name, nbytes = ref
-        held = _Held(self, runner, oid, origin, type_name, nbytes)
-        with self._lock:
-            r = self._runners.get(runner)
-            if r is not None:
-                r.objects[oid] = nbytes
-        return Remote(held)
+    def _remote_from(self: "Pool", runner: str, ref: tuple, origin: Any) -> Remote:
+        """Wrap a runner's reference ``(id, bytes)`` as a Remote, and count it."""
+        oid, nbytes = ref
+        r = self._runners.get(runner)
+        if r is not None:
+            r.objects[oid] = nbytes  # one dict store: atomic, no lock needed
+        return Remote(_Held(self, runner, oid, origin, nbytes))
 
     def _on_holder(self: "Pool", held: _Held, fn: Callable, args: tuple) -> "CallFuture":
         """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else."""
         if self._closed:
             raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
-        future = self._submit(fn, args, {}, held.runner, strict=True, origin=held.origin)
-        self._endpoint.nudge()
-        return future
+        return self._submit(fn, args, {}, held.runner, strict=True, origin=held)  # the caller waits
 
     def _holder_of(self: "Pool", found: list[Remote]) -> str:
         """The one runner the Remotes among a call's arguments live on."""
@@ -65,7 +61,8 @@ class Holdings:
                 raise RemoteGone(f"the Remote {r._describe()} was released")
         return runners.pop()
 
-    def _lost(self: "Pool", runner: str, origin: str) -> RunnerDied:
+    def _lost(self: "Pool", runner: str, origin: Any) -> RunnerDied:
+        origin = getattr(origin, "origin", origin)
         return RunnerDied(f"runner {runner} is gone, and with it the value from {origin}", runner)
 
     def _release_object(self: "Pool", runner: str, oid: int) -> None:

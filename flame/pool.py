@@ -176,13 +176,14 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         return future
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
-                strict: bool = False, origin: str = "") -> CallFuture:
+                strict: bool = False, origin: Any = "") -> CallFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_payload, fn_hash = self._functions.get(fn)
-        found = remotes_in(args, kwargs) if args or kwargs else None
-        if found:  # the call runs where its Remotes live, and they arrive as the real objects
-            affinity, strict, origin = self._holder_of(found), True, found[0]._held.origin
+        found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
+        if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
+            if found:
+                affinity, strict, origin = self._holder_of(found), True, found[0]._held
             _sending.runner = affinity
             try:
                 arg_frames = serialize.dumps_args(fn, args, kwargs)
@@ -203,9 +204,14 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             if strict and affinity not in self._runners:
                 raise self._lost(affinity, origin)
             self._calls[call.id] = call
-            if not self._waiting and affinity is None:
-                runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
-                if runner is not None:  # the common case: straight to a runner with room
+            if not self._waiting:  # the common case: straight to a runner with room
+                if affinity is None:
+                    runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
+                else:
+                    runner = self._runners.get(affinity)
+                    if runner is not None and (runner.state != "ready" or len(runner.calls) >= self.max_concurrency):
+                        runner = None
+                if runner is not None:
                     self._start(call, runner)
                     return call.future
             self._waiting.append(call)

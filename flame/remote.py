@@ -15,10 +15,10 @@ process by accident: pickling one outside flame's own calls raises.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Any, Iterator
 
 from .errors import FlameError, SerializationError
+from .node import objects
 
 #: While flame pickles a call's arguments for a runner: that runner's id (Remotes on it
 #: travel as references the runner resolves to the real objects).
@@ -35,15 +35,35 @@ class RemoteGone(FlameError):
 class _Held:
     """One value held on a runner: released there when the last Remote referring to it goes."""
 
-    __slots__ = ("pool", "runner", "oid", "origin", "type_name", "nbytes", "released", "finalizer",
-                 "__weakref__")
+    __slots__ = ("pool", "runner", "oid", "_origin", "nbytes", "released")
 
-    def __init__(self, pool: Any, runner: str, oid: int, origin: str, type_name: str, nbytes: int) -> None:
+    def __init__(self, pool: Any, runner: str, oid: int, origin: Any, nbytes: int) -> None:
         self.pool, self.runner, self.oid = pool, runner, oid
-        self.origin, self.type_name, self.nbytes = origin, type_name, nbytes
+        self._origin, self.nbytes = origin, nbytes  # origin: a text, or (held, path, op) made into one on demand
         self.released = False
-        # Runs once: when the last Remote on this value is collected, or at release().
-        self.finalizer = weakref.finalize(self, pool._release_object, runner, oid)
+
+    def release(self) -> None:
+        """Release the value on its runner, once (release() or the last Remote collected)."""
+        if not self.released:
+            self.released = True
+            self.pool._release_object(self.runner, self.oid)
+
+    def __del__(self) -> None:
+        # The last Remote on this value is gone. Cheaper than weakref.finalize, which costs
+        # more than the rest of a Remote's bookkeeping on the per-operation path.
+        try:
+            self.release()
+        except Exception:  # at interpreter exit, the pool may be half torn down
+            pass
+
+    @property
+    def origin(self) -> str:
+        """How the value was made, for messages: ``spawn(Model).generate()``."""
+        if not isinstance(self._origin, str):
+            base, path, op = self._origin
+            what = {"call": "()", "getitem": "[]", "attr": ""}.get(op, f" {op} ...")
+            self._origin = f"{base.origin}{''.join('.' + p for p in path)}{what}"
+        return self._origin
 
 
 class Remote:
@@ -64,19 +84,15 @@ class Remote:
     def get(self, timeout: float | None = None) -> Any:
         """Copy the value here. A value that cannot be pickled raises SerializationError naming
         it, and stays on the runner."""
-        from .node import objects
         return self._call(objects.fetch, (self._held.oid, self._path), timeout=timeout)
 
     def release(self) -> None:
         """Free the value on its runner now (idempotent). Any later use raises RemoteGone."""
-        held = self._held
-        held.released = True
-        held.finalizer()
+        self._held.release()
 
     def __reduce__(self) -> Any:
         held = self._held
         if getattr(_sending, "runner", None) == held.runner:
-            from .node import objects
             return objects.lookup, (held.oid, self._path)
         raise SerializationError(
             f"a Remote ({self._describe()}) cannot be pickled: it stays on its runner. Pass it to a "
@@ -94,14 +110,16 @@ class Remote:
         return held.pool._on_holder(held, fn, args).result(timeout)
 
     def _op(self, op: str, args: tuple = (), kwargs: dict | None = None) -> "Remote":
-        from .node import objects
         held = self._held
+        if args or kwargs:  # Remotes among the arguments must live where this one does
+            for other in remotes_in(args, kwargs or {}):
+                if other._held.runner != held.runner:
+                    raise ValueError(f"{other._describe()} lives on another runner than {self._describe()}; "
+                                     "copy it here with .get() first, or spawn both on one runner")
         ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs))
-        what = {"call": "()", "getitem": "[]", "attr": ""}.get(op, f" {op} ")
-        return held.pool._remote_from(held.runner, ref, f"{held.origin}{''.join('.' + p for p in self._path)}{what}")
+        return held.pool._remote_from(held.runner, ref, (held, self._path, op))
 
     def _plain(self, what: str, arg: Any = None) -> Any:
-        from .node import objects
         return self._call(objects.plain, (self._held.oid, self._path, what, arg))
 
     def __getattr__(self, name: str) -> "Remote":

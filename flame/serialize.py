@@ -102,13 +102,26 @@ def dumps_function(fn: Any) -> bytes:
                                  f"{type(exc).__name__}: {exc}") from exc
 
 
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether plain pickle gives what cloudpickle would: scalars, and small tuples, lists and
+    dicts of them."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if depth < 2 and (kind is tuple or kind is list) and len(value) <= 8:
+        return all(_plain(v, depth + 1) for v in value)
+    if depth < 2 and kind is dict and len(value) <= 8:
+        return all(type(k) in _PLAIN and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def dumps_args(fn: Any, args: tuple, kwargs: dict) -> list:
     """Pickle a call's arguments into frames; a SerializationError names the one that does not pickle."""
     if not kwargs:
         if not args:
             return [_NO_ARGS]
         for value in args:
-            if type(value) not in _PLAIN:
+            if not _plain(value):
                 break
         else:
             return [pickle.dumps((args, {}), protocol=5)]

@@ -211,10 +211,12 @@ def fastapi_app(tmp_path):
     conn, port = str(tmp_path / "web.json"), free_port()
     proc = subprocess.Popen([sys.executable, str(script), conn, str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert "serving" in proc.stdout.readline()
-    yield proc, conn, port
-    proc.kill()
-    proc.wait()
+    try:
+        assert "serving" in proc.stdout.readline()
+        yield proc, conn, port
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def get(port, path):

@@ -69,3 +69,15 @@ def test_attach_async_notebook_awaits_on_the_apps_loop():
     shown = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
              if o.get("output_type") in ("display_data", "execute_result")]
     assert "True" in shown  # the awaited coroutine ran on the app's own loop
+
+
+def test_remote_notebook_keeps_values_on_runners():
+    path = os.path.join(ROOT, "notebooks", "remote.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=180,
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    results = [o["data"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+               if o.get("output_type") == "execute_result"]
+    assert "<table" in results[0]["text/html"] and "customer" in results[0]["text/plain"]
+    assert "([0, 3, 6, 9, 12], 5)" in [r["text/plain"] for r in results]
+    assert any("<th>objects</th>" in r.get("text/html", "") for r in results)

@@ -26,6 +26,8 @@ _UNARY = {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert
 
 def size_of(value: Any) -> int:
     """Best effort: ``nbytes`` where known (numpy, pandas), else ``sys.getsizeof``."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return sys.getsizeof(value)
     try:
         nbytes = getattr(value, "nbytes", None)
         if isinstance(nbytes, int):
@@ -39,17 +41,16 @@ def size_of(value: Any) -> int:
         return 0
 
 
-def keep(value: Any) -> tuple[int, str, int]:
-    """Hold ``value`` here; the reference ``(id, type name, bytes)`` the parent wraps as a Remote."""
+def keep(value: Any) -> tuple[int, int]:
+    """Hold ``value`` here; the reference ``(id, bytes)`` the parent wraps as a Remote."""
     if is_awaitable(value):
         return _keep_when_done(value)  # type: ignore[return-value]  # awaited by the node
     oid = next(_ids)
     TABLE[oid] = value
-    kind = type(value)
-    return oid, f"{kind.__module__}.{kind.__qualname__}", size_of(value)
+    return oid, size_of(value)
 
 
-async def _keep_when_done(awaitable: Any) -> tuple[int, str, int]:
+async def _keep_when_done(awaitable: Any) -> tuple[int, int]:
     return keep(await awaitable)
 
 
@@ -64,7 +65,7 @@ def lookup(oid: int, path: tuple = ()) -> Any:
     return value
 
 
-def spawn(fn: Any, args: tuple, kwargs: dict) -> tuple[int, str, int]:
+def spawn(fn: Any, args: tuple, kwargs: dict) -> tuple[int, int]:
     """``fn(*args, **kwargs)``, kept here."""
     return keep(fn(*args, **kwargs))
 
