@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 
 import flame
-from table import print_table, stats
+from table import print_table, stats, timed
 
 # ---- the floor: ~40 lines of raw pyzmq + cloudpickle, pickle-5 buffers out of band ----------
 ECHO_SERVER = r"""
@@ -83,15 +83,6 @@ def noop():
 
 def tiny(x):
     return x + 1
-
-
-def timed(fn, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def interleaved(systems: dict, measure, rounds: int) -> dict:

@@ -11,7 +11,7 @@ import sys
 import time
 
 import flame
-from table import print_table, stats
+from table import print_table, stats, timed
 
 
 class Model:
@@ -26,15 +26,6 @@ def noop():
 def held():
     from flame.node import objects
     return objects.held()[0]
-
-
-def timed(fn, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main(quick: bool = False) -> None:

@@ -2,7 +2,18 @@
 from __future__ import annotations
 
 import statistics
-from typing import Sequence
+import time
+from typing import Callable, Sequence
+
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds each of ``n`` runs of ``fn()`` took."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def stats(samples: Sequence[float]) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from .endpoint import Endpoint
 from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
-from .progress import Tracker
+from .progress import gather
 from .remote import _sending, remotes_in
 from .inflight import CallLifecycle
 from .holdings import Holdings
@@ -235,15 +235,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         a map that takes more than a second shows a progress line in the cell.
         """
         futures = [self._submit(fn, xs, {}) for xs in zip(*iterables)]
-        tracker = Tracker(f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})", futures)
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            tracker.close()
+        return gather(futures, title=f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})")
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""

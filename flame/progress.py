@@ -118,15 +118,16 @@ class Tracker:
             self._safe(self._text(), True)
 
 
-def gather(futures: Iterable[Any], *, return_exceptions: bool = False) -> list:
+def gather(futures: Iterable[Any], *, return_exceptions: bool = False, title: str = "gather") -> list:
     """Wait for ``futures`` (from ``pool.submit``) and return their results in order, showing a
     progress line in a notebook while it takes more than a second.
 
     The first exception is raised (the other futures are cancelled), unless
-    ``return_exceptions``: then exceptions take the place of results.
+    ``return_exceptions``: then exceptions take the place of results. ``title`` starts the
+    progress line. Defaults to "gather".
     """
     futures = list(futures)
-    tracker = Tracker("gather", futures)
+    tracker = Tracker(title, futures)
     try:
         if not return_exceptions:
             return [f.result() for f in futures]

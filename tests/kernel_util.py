@@ -1,6 +1,7 @@
 """Drive a real flamebook kernel through jupyter_client, as a frontend would."""
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 
@@ -10,6 +11,17 @@ from jupyter_client.manager import start_new_kernel
 def start(kernel_name: str = "flamebook"):
     km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=60)
     return km, kc
+
+
+@contextlib.contextmanager
+def kernel_session(kernel_name: str = "flamebook"):
+    """A started kernel and its client, shut down afterwards."""
+    km, kc = start(kernel_name)
+    try:
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def execute(kc, code: str, timeout: float = 60.0, stop_when=None):

@@ -12,7 +12,7 @@ import pytest
 
 import flame
 from conftest import ROOT, gone, wait_for
-from kernel_util import collect, execute, of_type, press_stop, start, streams
+from kernel_util import collect, execute, kernel_session, of_type, press_stop, streams
 
 
 async def double_later(x):
@@ -137,10 +137,8 @@ def test_a_task_that_ignores_cancellation_gets_its_runner_replaced(make_pool):
 # ---- cells -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kernel():
-    km, kc = start()
-    yield km, kc
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)
+    with kernel_session() as session:
+        yield session
 
 
 def value(msgs, cell):

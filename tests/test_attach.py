@@ -12,7 +12,7 @@ import pytest
 
 import flame
 from conftest import ROOT
-from kernel_util import collect, execute, of_type, press_stop, start, streams
+from kernel_util import collect, execute, kernel_session, of_type, press_stop, start, streams
 
 APP = os.path.join(ROOT, "notebooks", "inventory_app.py")
 
@@ -31,10 +31,8 @@ def app(tmp_path):
 
 @pytest.fixture
 def kernel():
-    km, kc = start()
-    yield km, kc
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)
+    with kernel_session() as session:
+        yield session
 
 
 def text_of(msgs, cell):

@@ -185,6 +185,15 @@ def test_kernel_end_leaves_no_runners(how):
             km.shutdown_kernel(now=True)
 
 
+def _before_the_running_cell(kc, msg_id):
+    """The shell reply to ``msg_id``, which must come before the running cell's execute_reply."""
+    while True:
+        msg = kc.get_shell_msg(timeout=30)
+        assert msg["msg_type"] != "execute_reply", "answered only after the running cell"
+        if msg["parent_header"]["msg_id"] == msg_id:
+            return msg
+
+
 def test_completion_in_remote_cells_comes_from_the_runner(kernel):
     km, kc = kernel
     execute(kc, "%%remote pool\nzz_only_on_the_runner = {'a': 1}")
@@ -198,20 +207,12 @@ def test_completion_in_remote_cells_comes_from_the_runner(kernel):
     # also while another cell keeps that very runner busy
     long_cell = kc.execute("%%remote pool\nimport time\ntime.sleep(4)")
     time.sleep(1.0)
-    asked = kc.complete("%%remote pool\nzz_only_on_the_runner.ke", len("%%remote pool\nzz_only_on_the_runner.ke"))
-    while True:
-        msg = kc.get_shell_msg(timeout=30)
-        assert msg["msg_type"] != "execute_reply", "completion waited for the running cell"
-        if msg["parent_header"]["msg_id"] == asked:
-            break
+    msg = _before_the_running_cell(kc, kc.complete("%%remote pool\nzz_only_on_the_runner.ke",
+                                                   len("%%remote pool\nzz_only_on_the_runner.ke")))
     answered = time.monotonic()
     assert "keys" in msg["content"]["matches"]
-    inspected = kc.inspect("%%remote pool\nzz_only_on_the_runner", len("%%remote pool\nzz_only_on_the_runner"))
-    while True:
-        msg = kc.get_shell_msg(timeout=30)
-        assert msg["msg_type"] != "execute_reply", "inspection waited for the running cell"
-        if msg["parent_header"]["msg_id"] == inspected:
-            break
+    msg = _before_the_running_cell(kc, kc.inspect("%%remote pool\nzz_only_on_the_runner",
+                                                  len("%%remote pool\nzz_only_on_the_runner")))
     assert msg["content"]["found"] and "dict" in msg["content"]["data"]["text/plain"]
     reply, msgs = collect(kc, long_cell, timeout=30)
     idle = [t for t, m in msgs if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == long_cell
