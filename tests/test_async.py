@@ -85,6 +85,7 @@ def test_max_concurrency_runs_coroutines_concurrently_on_one_runner(make_pool):
 
 async def write_after(path, seconds):
     import asyncio
+    open(path + ".started", "w").close()
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
@@ -109,7 +110,7 @@ def test_timeout_and_cancel_cancel_the_task_remotely(make_pool, tmp_path):
     pool2 = make_pool(max=1)
     path2 = str(tmp_path / "other")
     fut = pool2.submit(write_after, path2, 2.0)
-    time.sleep(0.5)
+    assert wait_for(lambda: os.path.exists(path2 + ".started"), timeout=30)  # running remotely
     assert fut.cancel()
     assert wait_for(lambda: os.path.exists(path2 + ".cancelled"))
     time.sleep(2.0)
