@@ -72,8 +72,16 @@ def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: 
     ``calls`` (the calls on them), ``handle`` (None while the backend is still starting them)
     and ``last_active``; calls have ``affinity`` (a runner id or None)."""
     decision = Decision()
-    by_id = {r.id: r for r in runners}
-    load = {r.id: len(r.calls) for r in runners}
+    by_id, load = {}, {}
+    booting = ready = starting = 0
+    for r in runners:  # one pass: what placement needs to know of each runner
+        by_id[r.id] = r
+        load[r.id] = len(r.calls)
+        if r.state == "booting":
+            booting += 1
+            starting += r.handle is None
+        elif r.state == "ready":
+            ready += 1
 
     def place(queue: Iterable[Any], limit: int) -> tuple[list, int | None]:
         """Start what can start at ``limit`` calls per runner, in order. Returns the calls left
@@ -98,11 +106,9 @@ def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: 
 
     pinned, stuck = place(waiting, limits.concurrency)
     others = 0 if stuck is None else len(waiting) - stuck  # left, not pinned (counted, not copied)
-    booting = sum(1 for r in runners if r.state == "booting")
-    live = booting + sum(1 for r in runners if r.state == "ready")
+    live = booting + ready
     room = limits.max - len(runners) if limits.can_boot else 0
     if limits.capacity is not None:
-        starting = sum(1 for r in runners if r.state == "booting" and r.handle is None)
         room = min(room, limits.capacity - starting)  # boots under way have not taken theirs yet
     need = others - booting * limits.concurrency
     if need > 0 and room > 0:

@@ -146,6 +146,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self._closed = False
         self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
         self._capacity = backend.capacity()  # read outside the lock, after each boot and terminate
+        self._limits: placement.Limits | None = None
+        self._limits_key: tuple = ()
         self._next_beat = 0.0
         self._reapers: set[threading.Thread] = set()
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
@@ -386,9 +388,13 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
 
     def _schedule(self) -> None:
         """Apply placement's decision (caller holds the lock)."""
-        limits = placement.Limits(
-            self.min, self.max, self.max_concurrency, PREFETCH, self._capacity, self.idle_shutdown_after,
-            refill=not (self._closed or self._min_paused), can_boot=not self._endpoint.stopped.is_set())
+        key = (self._capacity, self._closed or self._min_paused, self._endpoint.stopped.is_set())
+        limits = self._limits
+        if limits is None or key != self._limits_key:  # made anew only when one of these changed
+            limits = self._limits = placement.Limits(
+                self.min, self.max, self.max_concurrency, PREFETCH, key[0], self.idle_shutdown_after,
+                refill=not key[1], can_boot=not key[2])
+            self._limits_key = key
         decision = placement.decide(self._waiting, list(self._runners.values()), limits, time.monotonic())
         for call, r in decision.starts:
             self._waiting.remove(call)

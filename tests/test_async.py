@@ -295,3 +295,34 @@ def test_flamebook_serve_finds_the_loop_asyncio_run_starts_later(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_serve_can_name_the_apps_loop(tmp_path):
+    script = tmp_path / "threaded_loop.py"
+    script.write_text(textwrap.dedent("""
+        import asyncio, sys, threading, time
+        import flame
+
+        app_loop = asyncio.new_event_loop()  # the app runs its loop on a thread of its own
+        threading.Thread(target=app_loop.run_forever, daemon=True).start()
+
+        async def which():
+            return asyncio.get_running_loop() is app_loop
+
+        flame.serve(connection_file=sys.argv[1], loop=app_loop)
+        print("up", flush=True)
+        time.sleep(600)
+    """))
+    conn = str(tmp_path / "app.json")
+    proc = subprocess.Popen([sys.executable, str(script), conn], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        app = flame.connect(conn)
+        try:
+            assert app.run("await which()")["data"]["text/plain"] == "True"
+        finally:
+            app.close()
+    finally:
+        proc.kill()
+        proc.wait()

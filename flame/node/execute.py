@@ -85,7 +85,7 @@ class Calls:
                              lambda kind, data: send(*output_message(call_id, kind, data)))
             flight = self._running[call_id] = _InFlight(ident, out)
         self.capture.begin(ident, out)
-        reply = cancelled_reply(call_id)
+        reply = None  # stays None only if the cancel landed before the outcome was packaged
         started = False
         while True:
             try:
@@ -96,7 +96,7 @@ class Calls:
                 break
             except KeyboardInterrupt:
                 continue  # the one interrupt aimed at this call landed outside its work
-        send(*reply)
+        send(*(reply or cancelled_reply(call_id)))
 
     def _outcome(self, call_id: str, name: str, work: Callable[[], Any]) -> tuple[str, dict, tuple]:
         try:
@@ -122,9 +122,8 @@ class Calls:
                 del self._running[call_id]
                 if flight.interrupted and flight.ident != self._main:
                     _async_raise(flight.ident, None)  # withdraw it if not yet delivered
-        self.capture.end(flight.ident, flight.out)
-        with self._lock:
             self._dirty.discard(flight.out)
+        self.capture.end(flight.ident, flight.out)
         flight.out.drain()  # the rest of its output, before its reply
 
     # ---- output ---------------------------------------------------------------------------
