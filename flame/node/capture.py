@@ -21,6 +21,8 @@ import sys
 import threading
 from typing import Any, Callable
 
+from ..wire import output_message
+
 #: The call an asyncio task writes to (tasks run on a loop's thread, not the call's): set by
 #: the task that awaits a call's coroutine (``aio.wait``), inherited by the tasks it starts.
 task_output: contextvars.ContextVar["CallOutput | None"] = contextvars.ContextVar("flame_task_output",
@@ -33,13 +35,13 @@ class CallOutput:
     __slots__ = ("call_id", "events", "lock", "on_first", "send", "closed")
 
     def __init__(self, call_id: str, on_first: Callable[["CallOutput"], None],
-                 send: Callable[[str, Any], None]) -> None:
+                 send: Callable[..., None]) -> None:
         self.call_id = call_id
         self.events: list[list[Any]] = []
         self.lock = threading.Lock()
         #: called when the first event is buffered (after each drain): schedules a flush
         self.on_first = on_first
-        #: send(kind, payload): where drained events go
+        #: send(kind, fields, frames): the node's, for the messages drained events become
         self.send = send
         #: the call has ended: late writes from threads it started go elsewhere
         self.closed = False
@@ -63,15 +65,17 @@ class CallOutput:
             self.on_first(self)
 
     def drain(self) -> None:
-        """Hand every pending event to ``send(kind, payload)``, in order.
+        """Send every pending event as a message, in order.
 
         The lock is held while sending so that two drains of the same call (timer
         and end of call) cannot reorder events.
         """
+        if not self.events:
+            return
         with self.lock:
             events, self.events = self.events, []
             for kind, payload in events:
-                self.send(kind, "".join(payload) if kind != "display" else payload)
+                self.send(*output_message(self.call_id, kind, "".join(payload) if kind != "display" else payload))
 
 
 #: The capture routing this process's output, once one is installed.

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from .. import serialize
 from ..errors import SerializationError
-from ..wire import output_message
 from . import aio
 from .aio import is_awaitable
 from .capture import Capture, CallOutput
@@ -81,8 +80,7 @@ class Calls:
                 self._skip.discard(call_id)
                 return
             ident = threading.get_ident()
-            out = CallOutput(call_id, self._output_pending,
-                             lambda kind, data: send(*output_message(call_id, kind, data)))
+            out = CallOutput(call_id, self._output_pending, send)
             flight = self._running[call_id] = _InFlight(ident, out)
         self.capture.begin(ident, out)
         reply = None  # stays None only if the cancel landed before the outcome was packaged
