@@ -300,3 +300,42 @@ def test_attached_cells_have_out_n_history_and_user_expressions(app, kernel):
     assert "len(inventory.items)" in shown(msgs, cell)[0]
     cell, (reply, msgs) = execute(kc, "%history -l 4")
     assert "len(inventory.items)" in text_of(msgs, cell)
+
+
+def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
+    # Force thread switches at every chance, so that a cancel races the end of its cell as
+    # often as it can: it must interrupt that cell or nothing, never the next one, and every
+    # cell must answer.
+    path = str(tmp_path / "racy.json")
+    code = ("import flame, sys, time\nsys.setswitchinterval(1e-6)\nn = 0\n"
+            "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    app = None
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        app = flame.connect(path)
+        hit_wrong = lost = 0
+        for i in range(300):
+            rid = f"race{i}"
+            req = app._new_request(None, rid)
+            app._send("run", {"id": rid, "code": "n += 1"})
+            if i % 2 == 0:
+                app._send("cancel", {"id": rid})
+            try:
+                req.future.result(timeout=5)
+            except KeyboardInterrupt:
+                hit_wrong += i % 2  # an odd cell was never cancelled
+            except Exception as exc:
+                if type(exc).__name__ == "TimeoutError":
+                    lost += 1
+            finally:
+                app._requests.pop(rid, None)
+        assert lost == 0, f"{lost} cells never answered"
+        assert hit_wrong == 0, f"{hit_wrong} cells were hit by a cancel meant for another"
+        assert app.call(lambda: 7) == 7
+    finally:
+        if app is not None:
+            app.close()
+        proc.kill()
+        proc.wait()
