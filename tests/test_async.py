@@ -204,14 +204,15 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 def fastapi_app(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from services import free_port
+    from services import free_port, wait_port
     script = tmp_path / "web.py"
     script.write_text(FASTAPI_APP)
     conn, port = str(tmp_path / "web.json"), free_port()
     proc = subprocess.Popen([sys.executable, str(script), conn, str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        assert "serving" in proc.stdout.readline()
+        assert "serving" in proc.stdout.readline()  # the lifespan ran: uvicorn binds the port next
+        assert wait_port(port, timeout=30), "uvicorn did not listen"
         yield proc, conn, port
     finally:
         proc.kill()
