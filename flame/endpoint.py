@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
+from .node.boot import BOOT
 from .wire import Wire, listener, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
@@ -32,19 +33,23 @@ TICK = 0.05
 
 #: handle(peer, header, frames), called for each checked message, in arrival order.
 Handler = Callable[[str, dict, list], None]
+#: serve(peer, digest): the code archive named ``digest`` for a booting runner, or None.
+Server = Callable[[str, str], "bytes | None"]
 
 
 class Endpoint:
     """A pool's socket. ``handle`` gets every checked message; ``tick(now)`` runs every TICK on
     the I/O thread; ``fail(exc)`` is told if the I/O thread dies; ``outstanding()`` says whether
-    any call awaits its result."""
+    any call awaits its result; ``serve(peer, digest)`` answers the code requests of runners
+    that boot from code archives (``flame/node/boot.py``)."""
 
     def __init__(self, name: str, key: bytes, bind_host: str, handle: Handler,
                  tick: Callable[[float], None], fail: Callable[[BaseException], None],
-                 outstanding: Callable[[], bool]) -> None:
+                 outstanding: Callable[[], bool], serve: Server | None = None) -> None:
         self.name = name
         self.wire = Wire(key, "parent")
         self._handle, self._tick, self._fail, self._outstanding = handle, tick, fail, outstanding
+        self._serve = serve
         self._ctx = zmq.Context()
         self._sock, self.curve_public = listener(self._ctx, bind_host)
         self._sock.bind(f"tcp://{bind_host}:0")
@@ -120,9 +125,23 @@ class Endpoint:
             peer = ident.decode()
         except UnicodeDecodeError:
             peer = repr(ident)
+        if len(parts) == 4 and len(parts[1]) == len(BOOT) and parts[1].bytes == BOOT:
+            self._code_request(ident, peer, parts[2].bytes, parts[3].bytes)
+            return
         msg = self.wire.decode(parts[1:], peer=peer)
         if msg is not None:
             self._handle(peer, *msg)
+
+    def _code_request(self, ident: bytes, peer: str, digest: bytes, mac: bytes) -> None:
+        """A booting runner asks for a code archive: checked before anything is looked up."""
+        if self._serve is None or not self.wire.check_request(peer, BOOT + ident + digest, mac):
+            return
+        data = self._serve(peer, digest.decode("ascii", "replace"))
+        if data is None:
+            return
+        with self._sock_lock:
+            if not self._sock.closed:
+                send_parts(self._sock, [ident, BOOT, digest, data])
 
     def wait(self, future: Any, timeout: float | None = None) -> None:
         """Receive and handle messages in this thread until ``future.settled``, the timeout

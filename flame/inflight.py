@@ -36,6 +36,8 @@ class CallLifecycle:
     method says otherwise)."""
 
     def _start(self: "Pool", call: Call, r: Runner) -> None:
+        if self._code_now is not None and r.code != self._code_now.digest:
+            self._push_code(r)
         call.state, call.runner = "running", r
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
         # Sent ahead to a busy runner: its arguments are kept, should it have to go elsewhere.
@@ -117,11 +119,19 @@ class CallLifecycle:
                     r.pid = head.get("pid", r.pid)
                     r.host, r.python = head.get("host", r.host), head.get("python", "")
                     r.gpus, r.gpu_info = tuple(head.get("gpus", ())), head.get("gpu_info", [])
+                    r.executable = head.get("executable", "")
+                    if head.get("cache"):
+                        r.cache = (r.host, head["cache"])
+                        if r.code:
+                            self._code_hosts.setdefault(r.cache, set()).add(r.code)
                     r.last_active = time.monotonic()
                     self._min_paused = False
                     self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name})
                     log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
                     self._schedule()
+            elif kind == "code-missing":  # its host's cache lost an archive: send it whole
+                self._code_hosts.get(r.cache, set()).discard(head.get("h"))
+                r.code = None
             elif kind in ("result", "error"):
                 call = r.calls.get(head.get("id", ""))
                 if call is not None:
@@ -138,8 +148,10 @@ class CallLifecycle:
         elif cancelled:
             _settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
         else:
-            _settle(call.future, exc=serialize.rebuild_error(
-                head, frames, present.local_source(head.get("tb", ""), call.fn)))
+            exc = serialize.rebuild_error(head, frames, present.local_source(head.get("tb", ""), call.fn))
+            if head.get("type") == "builtins.ModuleNotFoundError" or isinstance(exc, ModuleNotFoundError):
+                present.explain_missing_module(exc, call.runner)
+            _settle(call.future, exc=exc)
         call.fn = None
 
     def _tick(self: "Pool", now: float) -> None:

@@ -10,13 +10,16 @@ outside the lock and then acts on what it heard, under it.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from . import present
 from .backends.base import RunnerSpec
+from .codesync import flame_archive
 from .endpoint import TICK
 from .errors import BootError, RunnerDied
 from .runner import Runner
@@ -46,6 +49,14 @@ class RunnerLifecycle:
         }, self.max_concurrency)
         if self._endpoint.curve_public is not None:
             spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
+        if self.backend.remote:  # it boots from archives it fetches from us (node/boot.py)
+            flame, code = flame_archive(), self._code_now
+            checks = {a.digest: a.check for a in (flame, code) if a is not None}
+            spec.env["FLAME_BOOT"] = json.dumps({
+                "flame": flame.digest, "code": code.digest if code else None, "checks": checks,
+                "versions": _versions(), "python": "%d.%d" % sys.version_info[:2]})
+            code = code.digest if code else None
+            r.code = code
         threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
                          daemon=True).start()
         log.info("flame: booting runner %s", rid)
@@ -67,6 +78,36 @@ class RunnerLifecycle:
                 self._later.append(functools.partial(self._reap, r))
             else:
                 self._schedule()
+
+    # ---- code sync: runners on other machines get flame and the local code from the pool --------
+    def _serve_code(self: "Pool", peer: str, digest: str) -> bytes | None:
+        """On the receiving thread: the archive a booting runner of this pool asks for."""
+        with self._lock:
+            r = self._runners.get(peer.removesuffix("/boot"))
+            if r is None or r.state != "booting":
+                return None
+        flame = flame_archive()
+        data = flame.data if digest == flame.digest else self._code.get(digest) if self._code else None
+        if data is not None:
+            with self._lock:
+                self.code_bytes_sent += len(data)
+            log.info("flame: sent code archive %s (%d bytes) to runner %s", digest[:12], len(data), r.id)
+        return data
+
+    def _push_code(self: "Pool", r: Runner) -> None:
+        """The local code changed since ``r`` got it: send the new archive ahead of its next call,
+        or only its name where the runner's host is known to have it."""
+        archive = self._code_now
+        have = self._code_hosts.setdefault(r.cache, set()) if r.cache else set()
+        frames = () if archive.digest in have else (archive.data,)
+        self._endpoint.send(r.id, "code", {"h": archive.digest}, frames)
+        r.code = archive.digest
+        r.fns.clear()  # the runner forgets its functions too: some refer to the old modules
+        have.add(archive.digest)
+        if frames:
+            self.code_bytes_sent += len(archive.data)
+            log.info("flame: sent code archive %s (%d bytes) to runner %s", archive.digest[:12],
+                     len(archive.data), r.id)
 
     def _boot_failed(self: "Pool", r: Runner, error: BootError) -> None:
         log.warning("flame: %s", error)
@@ -181,3 +222,17 @@ class RunnerLifecycle:
         elif why == "silent":
             self._drop_runner(r, RunnerDied(f"runner {r.id} stopped answering (no heartbeat for "
                                             f"{time.monotonic() - r.last_heard:.0f} s)" + note, r.id))
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    """This process's versions of what a runner needs besides the standard library, so that
+    a host lacking one is told the exact ``pip install``."""
+    from importlib import metadata
+    found = {}
+    for dist in ("pyzmq", "cloudpickle", "psutil"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

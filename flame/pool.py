@@ -27,11 +27,12 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import placement, present, serialize
 from .backends.base import Backend
 from .call import Call, CallFuture
+from .codesync import CODE_LIMIT, CodeSync
 from .endpoint import Endpoint
 from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
@@ -95,7 +96,9 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
     def __init__(self, backend: Backend | None = None, *, min: int = 0, max: int = 4,
                  max_concurrency: int = 1, idle_shutdown_after: float | None = 30.0,
                  boot_timeout: float = 30.0, timeout: float | None = None,
-                 parent_timeout: float = 5.0, name: str | None = None) -> None:
+                 parent_timeout: float = 5.0, name: str | None = None,
+                 code_sync: bool | Sequence[str] | None = None, code_exclude: Sequence[str] = (),
+                 code_limit: int = CODE_LIMIT) -> None:
         """
         Args:
             backend: how runners are started. Defaults to ``LocalBackend()``.
@@ -107,6 +110,15 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             timeout: seconds from submit to result for each call; past it the remote work is stopped and CallTimeout raised (None: no deadline). Defaults to None.
             parent_timeout: seconds without a heartbeat from this process after which runners exit. Defaults to 5.
             name: label for logs and displays. Defaults to "pool-N".
+            code_sync: local code sent to runners on other machines: True finds it (modules loaded
+                from outside the standard library and site-packages, and the sources in local
+                directories on ``sys.path``), a list names what to send (modules, packages, or
+                directories to import from), False sends none. Defaults to True for backends on other machines (SSH, Slurm),
+                False for LocalBackend, whose runners import from this file system.
+            code_exclude: glob patterns of files and directories code sync leaves out, besides
+                .git, virtualenvs and caches. Defaults to none.
+            code_limit: most bytes of local code code sync sends; past it, CodeSyncError names
+                the largest files. Defaults to 100 MB.
         """
         if backend is None:
             from .backends.local import LocalBackend
@@ -122,6 +134,17 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         _check_number("boot_timeout", boot_timeout, minimum=0, positive=True)
         _check_number("timeout", timeout, minimum=0, optional=True, positive=True)
         _check_number("parent_timeout", parent_timeout, minimum=0, positive=True)
+        _check_number("code_limit", code_limit, minimum=1, integer=True)
+        if code_sync is None:
+            code_sync = backend.remote
+        if not isinstance(code_sync, bool) and (isinstance(code_sync, str) or not all(
+                isinstance(p, str) for p in code_sync)):
+            raise TypeError(f"code_sync must be True, False or a list of paths, got {code_sync!r}")
+        if code_sync is not False and not backend.remote:
+            raise ValueError(f"code_sync is for runners on other machines; {backend!r} runners "
+                             "import from this file system")
+        if isinstance(code_exclude, str) or not all(isinstance(p, str) for p in code_exclude):
+            raise TypeError(f"code_exclude must be a list of glob patterns, got {code_exclude!r}")
         self.backend = backend
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
@@ -131,6 +154,12 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self.name = name or f"pool-{next(_pool_ids)}"
 
         self._key = new_key()
+        #: bytes of code archives this pool has sent to runners, flame's own included
+        self.code_bytes_sent = 0
+        self._code = None if code_sync is False else CodeSync(
+            None if code_sync is True else list(code_sync), code_exclude, code_limit)
+        self._code_now = self._code.current() if self._code is not None else None  # errors at the door
+        self._code_hosts: dict[tuple, set] = {}  # (host, cache) -> archives known to be there
         self._functions = FunctionCache(dumps=serialize.dumps_function)
         self._lock = threading.Lock()
         self._later: list = []  # effects queued under the lock, run once it is released
@@ -152,7 +181,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self._reapers: set[threading.Thread] = set()
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
-                                  lambda: bool(self._calls or self._requests))
+                                  lambda: bool(self._calls or self._requests),
+                                  self._serve_code if backend.remote else None)
         self.address = backend.connect_address(self._endpoint.address)
         self._watcher = threading.Thread(target=self._watch_loop, name=f"flame-{self.name}-watch", daemon=True)
         self._endpoint.start()
@@ -182,6 +212,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_payload, fn_hash = self._functions.get(fn)
+        if self._code is not None:
+            self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
         found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
         if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
             if found:

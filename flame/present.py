@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import re
 from typing import Any
 
 
@@ -89,3 +90,25 @@ def local_source(tb: str, fn: Any) -> str:
                 return f'File "{code.co_filename}", line {line}, in {name}' + (f"\n    {src}" if src else "")
         return m.group(0)
     return re.sub(r'File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
+
+
+def explain_missing_module(exc: BaseException, runner: Any) -> None:
+    """Add to a runner's ModuleNotFoundError, in place, that the module is installed here (its
+    version) but not on the runner's host, and how to install it there: installed packages are
+    never sent by code sync."""
+    from .codesync import missing_module_hint
+    from .errors import RemoteError
+    name = getattr(exc, "name", None)
+    text = exc.message if isinstance(exc, RemoteError) else str(exc)
+    if not name:
+        found = re.search(r"No module named '([^']+)'", text)
+        name = found.group(1) if found else None
+    hint = missing_module_hint(name, getattr(runner, "host", "") or "localhost",
+                               getattr(runner, "executable", ""))
+    if not hint:
+        return
+    if isinstance(exc, RemoteError):
+        exc.message += hint
+    elif isinstance(exc, ImportError):
+        exc.msg = text + hint
+        exc.args = (exc.msg,)

@@ -54,6 +54,11 @@ class Runner:
         self.last_active = time.monotonic()
         self.last_heard = time.monotonic()
         self.fns: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: the local code's archive the runner has (code sync), and where it keeps archives:
+        #: (host, cache directory), from its hello
+        self.code: str | None = None
+        self.cache: tuple | None = None
+        self.executable = ""
 
     def knows(self, fn_hash: str) -> bool:
         """Record that ``fn_hash`` is sent now; True if the runner already holds it (mirrors its LRU)."""

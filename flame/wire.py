@@ -262,6 +262,14 @@ class Wire:
         self._last[sender] = seq
         return head, frames
 
+    def check_request(self, peer: str, signed: bytes, mac: bytes) -> bool:
+        """Whether ``mac`` is the HMAC of ``signed`` under the key (a code request, which a
+        runner sends before flame is importable: see ``flame/node/boot.py``); dropped if not."""
+        if hmac.compare_digest(self._mac(signed), mac):
+            return True
+        self._drop("bad signature on a code request", peer)
+        return False
+
     def forget(self, peer: str) -> None:
         """Drop the replay state of a peer that is gone."""
         self._last.pop(peer, None)
@@ -305,11 +313,12 @@ LOG_EVERY = 60.0
 
 
 def introduction() -> dict:
-    """Who this process is, as ``hello`` and ``welcome`` tell the peer: pid, host, python, cwd."""
+    """Who this process is, as ``hello`` and ``welcome`` tell the peer: pid, host, python, executable, cwd."""
     import platform
     import socket
+    import sys
     return {"pid": os.getpid(), "host": socket.gethostname(), "python": platform.python_version(),
-            "cwd": os.getcwd()}
+            "executable": sys.executable, "cwd": os.getcwd()}
 
 
 def output_message(call_id: str, kind: str, data: Any) -> tuple[str, dict, tuple]:

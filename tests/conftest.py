@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import psutil
@@ -11,6 +13,10 @@ import pytest
 import flame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where runners on "other machines" (SSH, Slurm) keep code archives during the tests: removed
+#: at the end. Slurm jobs inherit it; SSH backends pass it in their env.
+CODE_CACHE = tempfile.mkdtemp(prefix="flame-test-code-")
+os.environ["FLAME_CODE_CACHE"] = CODE_CACHE
 
 
 def runner_processes() -> list[psutil.Process]:
@@ -18,7 +24,8 @@ def runner_processes() -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmd = p.info["cmdline"] or []
-            if "flame.node" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+            booted = any(part.endswith("# flame.node boot") for part in cmd[1:3])  # code sync's bootstrap
+            if ("flame.node" in cmd or booted) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -53,6 +60,7 @@ def no_runner_left_behind(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CODE_CACHE, ignore_errors=True)
     left = runner_processes()
     if left:
         for p in left:
@@ -165,3 +173,14 @@ def slurm(tmp_path_factory):
     cluster = Slurm(str(tmp_path_factory.mktemp("services")))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_host(sshd):
+    """REMOTE_USER, who cannot read the tests' files, with venvs of this Python's minor version
+    (see services.RemoteHost); sshd lets it log in with the client key."""
+    from services import RemoteHost
+    _need_root_and("/usr/sbin/useradd", f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+    host = RemoteHost()
+    yield host
+    host.stop()

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 
@@ -38,9 +39,13 @@ class Sshd:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(self.dir, name)],
                            check=True)
         self.client_key = os.path.join(self.dir, "client_key")
-        auth = os.path.join(self.dir, "authorized_keys")
+        # sshd reads authorized_keys as the user logging in: for REMOTE_USER too, it lives
+        # where any user can read it (it holds only a public key).
+        self.public = tempfile.mkdtemp(prefix="flame-sshd-")
+        os.chmod(self.public, 0o755)
+        auth = os.path.join(self.public, "authorized_keys")
         shutil.copy(self.client_key + ".pub", auth)
-        os.chmod(auth, 0o600)
+        os.chmod(auth, 0o644)
         self.port = free_port()
         config = os.path.join(self.dir, "sshd_config")
         with open(config, "w") as f:
@@ -55,7 +60,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
-AllowUsers root@127.0.0.1
+AllowUsers root@127.0.0.1 {REMOTE_USER}@127.0.0.1
 AllowTcpForwarding yes
 """)
         subprocess.run(["/usr/sbin/sshd", "-t", "-f", config], check=True)
@@ -68,6 +73,63 @@ AllowTcpForwarding yes
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        shutil.rmtree(self.public, ignore_errors=True)
+
+
+#: An unprivileged user for runners that must prove code came over the wire (RemoteHost).
+REMOTE_USER = "flamerunner"
+
+
+class RemoteHost:
+    """The other side of an SSH login as REMOTE_USER: a user who cannot read the tests'
+    files, a home for its code cache, and venvs it can run, made from the system Python of
+    this one's minor version with only the packages named (copied from this venv), never flame.
+    """
+
+    def __init__(self) -> None:
+        import site
+        import sys
+        self.python_base = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
+        if not os.path.exists(self.python_base):
+            raise FileNotFoundError(self.python_base)
+        self.dir = tempfile.mkdtemp(prefix="flame-remote-host-")
+        os.chmod(self.dir, 0o755)
+        self.home = os.path.join(self.dir, "home")
+        self.created = subprocess.run(["id", REMOTE_USER], capture_output=True).returncode != 0
+        if self.created:
+            subprocess.run(["useradd", "--no-create-home", "--home-dir", self.home, "--shell", "/bin/sh",
+                            "--password", "*", REMOTE_USER], check=True)
+        else:
+            subprocess.run(["usermod", "--home", self.home, REMOTE_USER], check=True)
+        os.makedirs(self.home)
+        shutil.chown(self.home, REMOTE_USER, REMOTE_USER)
+        os.chmod(self.home, 0o700)
+        self._site = site.getsitepackages()[0]
+        self.venvs: dict[str, str] = {}
+
+    def venv(self, name: str, modules: tuple[str, ...] = ("zmq", "cloudpickle", "psutil")) -> str:
+        """The python of a venv (made once) that has ``modules``, copied from this venv."""
+        if name not in self.venvs:
+            path = os.path.join(self.dir, name)
+            subprocess.run([self.python_base, "-m", "venv", "--without-pip", path], check=True)
+            target = subprocess.run([os.path.join(path, "bin", "python"), "-c",
+                                     "import site; print(site.getsitepackages()[0])"],
+                                    check=True, capture_output=True, text=True).stdout.strip()
+            for entry in os.listdir(self._site):
+                top = entry.split("-")[0].split(".")[0].lower()
+                wanted = {m: m for m in modules} | ({"pyzmq": "zmq"} if "zmq" in modules else {})
+                if top in wanted:
+                    src = os.path.join(self._site, entry)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(target, entry))
+            subprocess.run(["chmod", "-R", "a+rX", path], check=True)
+            self.venvs[name] = os.path.join(path, "bin", "python")
+        return self.venvs[name]
+
+    def stop(self) -> None:
+        subprocess.run(["pkill", "-KILL", "-u", REMOTE_USER], capture_output=True)
+        if self.created:
+            subprocess.run(["userdel", REMOTE_USER], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Slurm:

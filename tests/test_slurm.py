@@ -15,7 +15,8 @@ from conftest import ROOT, kill_runner_mid_call, wait_for
 
 def backend(tmp_path, **kw):
     kw.setdefault("python", sys.executable)
-    return flame.SlurmBackend(env={"PYTHONPATH": ROOT}, work_dir=str(tmp_path / "slurm"), **kw)
+    # No PYTHONPATH: flame reaches the jobs over the pool's connection (code sync).
+    return flame.SlurmBackend(work_dir=str(tmp_path / "slurm"), **kw)
 
 
 def no_flame_jobs(slurm):

@@ -11,12 +11,14 @@ import psutil
 import pytest
 
 import flame
-from conftest import ROOT, gone, kill_runner_mid_call, wait_for
+from conftest import CODE_CACHE, ROOT, gone, kill_runner_mid_call, wait_for
 
 
 def backend(sshd, hosts=None, **kw):
     kw.setdefault("python", sys.executable)
-    return flame.SSHBackend(hosts or [sshd.host], key=sshd.client_key, known_hosts=None, env={"PYTHONPATH": ROOT}, **kw)
+    # No PYTHONPATH: flame reaches the runners over the connection (code sync).
+    return flame.SSHBackend(hosts or [sshd.host], key=sshd.client_key, known_hosts=None,
+                            env={"FLAME_CODE_CACHE": CODE_CACHE}, **kw)
 
 
 def under_sshd(pid):
@@ -39,7 +41,8 @@ def test_cold_boot_call_and_streamed_output(sshd, make_pool, collect):
     assert collect.text() == "remote 0\nremote 1\nremote 2\n"
     assert pid != os.getpid() and under_sshd(pid), "the runner was started through sshd"
     cmd = psutil.Process(pid).cmdline()
-    assert cmd[-3:] == ["-m", "flame.node", "--stdin"], "the key is not on the command line"
+    assert cmd[-3] == "-c" and cmd[-2].endswith("# flame.node boot") and cmd[-1] == "--stdin"
+    assert not any(pool._key.hex() in part for part in cmd), "the key is not on the command line"
     assert pool.runners[0].host == __import__("socket").gethostname()  # as the runner reports it
 
 
@@ -72,7 +75,7 @@ def test_sigkilled_parent_leaves_nothing_on_the_host(sshd, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import flame, os, sys, time
         b = flame.SSHBackend([{sshd.host!r}], python=sys.executable, key={sshd.client_key!r},
-                             known_hosts=None, env={{"PYTHONPATH": {ROOT!r}}})
+                             known_hosts=None, env={{"FLAME_CODE_CACHE": {CODE_CACHE!r}}})
         pool = flame.Pool(b, min=2, max=2)
         pids = pool.map(lambda _: (__import__("time").sleep(0.3), __import__("os").getpid())[1], range(2))
         print(" ".join(map(str, pids)), flush=True)

@@ -7,7 +7,10 @@ it to stop. Scheduling, deadlines, idle shutdown, liveness and graceful stop
 from __future__ import annotations
 
 import abc
+import base64
+import functools
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -50,6 +53,9 @@ class Backend(abc.ABC):
 
     #: Interface the pool's socket binds to: loopback unless runners live elsewhere.
     bind_host: str = "127.0.0.1"
+    #: Runners run on other machines, which may lack flame and the local code: they start
+    #: with :func:`node_command`'s bootstrap, which fetches both from the pool (code sync).
+    remote: bool = False
 
     @abc.abstractmethod
     def boot(self, spec: RunnerSpec) -> RunnerHandle:
@@ -66,6 +72,24 @@ class Backend(abc.ABC):
     def connect_address(self, bound: str) -> str:
         """The address runners should connect to, given the one the pool bound."""
         return bound
+
+
+def node_command(python: str, spec: RunnerSpec) -> list[str]:
+    """The command that starts a runner: ``python -m flame.node``; when the spec's settings
+    name code archives (FLAME_BOOT, for runners on other machines), the bootstrap of
+    ``flame/node/boot.py`` instead, which fetches them first. Neither holds a secret."""
+    if "FLAME_BOOT" not in spec.env:
+        return [python, "-m", "flame.node"]
+    return [python, "-c", _bootstrap()]
+
+
+@functools.lru_cache(maxsize=1)
+def _bootstrap() -> str:
+    from ..node import boot
+    with open(boot.__file__, "rb") as f:
+        packed = base64.b64encode(zlib.compress(f.read(), 9)).decode()
+    # The trailing comment names the process in ps (and for the tests' leak checks).
+    return f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{packed}')))  # flame.node boot"
 
 
 def tail(source: str | IO[bytes], lines: int = 40) -> str:

@@ -10,7 +10,7 @@ import threading
 from typing import IO, Mapping, Sequence
 
 from ..gpu import discover, visible_ids
-from .base import Backend, RunnerHandle, RunnerSpec, tail
+from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
 
 log = logging.getLogger("flame.backends.local")
 
@@ -127,7 +127,7 @@ class LocalBackend(Backend):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         out = tempfile.TemporaryFile(prefix=f"flame-{spec.runner_id}-")
         try:
-            proc = subprocess.Popen([self.python, "-m", "flame.node"], env=env,
+            proc = subprocess.Popen(node_command(self.python, spec), env=env,
                                     cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         except OSError as exc:

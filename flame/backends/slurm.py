@@ -19,7 +19,7 @@ import time
 from typing import Mapping, Sequence
 
 from ..keys import write_private
-from .base import Backend, RunnerHandle, RunnerSpec, tail
+from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
 
 log = logging.getLogger("flame.backends.slurm")
 
@@ -118,7 +118,11 @@ def _slurm(argv: list[str], check: bool = True, input: str | None = None,
 
 
 class SlurmBackend(Backend):
-    """One Slurm job per runner."""
+    """One Slurm job per runner. Compute nodes need a Python of this one's minor version with
+    pyzmq, cloudpickle and psutil: flame itself, and the local code, come over the pool's
+    connection (code sync)."""
+
+    remote = True
 
     def __init__(self, partition: str | None = None, gpus_per_runner: int = 0, cpus_per_runner: int = 1,
                  time: str | None = None, account: str | None = None, sbatch_args: Sequence[str] = (),
@@ -132,7 +136,7 @@ class SlurmBackend(Backend):
             time: wall-time limit of each job (``--time``). Defaults to the partition's.
             account: account to charge (``--account``). Defaults to the user's default.
             sbatch_args: further sbatch options, passed as given. Defaults to none.
-            python: interpreter that runs ``python -m flame.node`` on the compute nodes. Defaults to "python3".
+            python: interpreter that runs runners on the compute nodes. Defaults to "python3".
             connect_host: address of this machine as compute nodes reach it; the pool binds it too.
                 Defaults to 127.0.0.1 (a single-node cluster).
             env: extra environment variables for every runner. Defaults to none.
@@ -183,7 +187,7 @@ class SlurmBackend(Backend):
         write_private(key_path, settings.pop("FLAME_KEY"), replace=False)  # ids are unique: never taken
         settings["FLAME_KEY_FILE"] = key_path
         env = {**os.environ, **settings}
-        script = f"#!/bin/sh\nexec {shlex.quote(self.python)} -m flame.node\n"
+        script = f"#!/bin/sh\nexec {shlex.join(node_command(self.python, spec))}\n"
         try:
             out = _slurm(self.sbatch_command(spec, log_path), input=script, env=env)
         except Exception:

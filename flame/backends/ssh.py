@@ -21,7 +21,7 @@ import shlex
 import threading
 from typing import Any, Mapping, Sequence
 
-from .base import Backend, RunnerHandle, RunnerSpec
+from .base import Backend, RunnerHandle, RunnerSpec, node_command
 
 log = logging.getLogger("flame.backends.ssh")
 
@@ -62,7 +62,13 @@ class SSHHandle(RunnerHandle):
 
 
 class SSHBackend(Backend):
-    """Runners on SSH hosts, spread across them; a host that is down is skipped for the next."""
+    """Runners on SSH hosts, spread across them; a host that is down is skipped for the next.
+
+    A host needs a Python of this one's minor version with pyzmq, cloudpickle and psutil:
+    flame itself, and the local code, come over the connection (code sync).
+    """
+
+    remote = True
 
     def __init__(self, hosts: Sequence[str], python: str = "python3", key: str | None = None,
                  known_hosts: str | None | tuple = (), connect_timeout: float = 10.0,
@@ -70,7 +76,7 @@ class SSHBackend(Backend):
         """
         Args:
             hosts: where runners may start, as "user@host:port" (user and port optional).
-            python: interpreter that runs ``python -m flame.node`` on the hosts. Defaults to "python3".
+            python: interpreter that runs runners on the hosts. Defaults to "python3".
             key: path of the private key to log in with. Defaults to the SSH agent and ~/.ssh keys.
             known_hosts: known_hosts file to check host keys against; None turns checking off.
                 Defaults to ~/.ssh/known_hosts.
@@ -161,7 +167,7 @@ class SSHBackend(Backend):
         settings = {**self.env, **spec.env, "FLAME_ADDRESS": f"tcp://127.0.0.1:{port}"}
         cd = f"cd {shlex.quote(self.cwd)} && " if self.cwd else ""
         # `echo $$; exec` tells us the runner's pid before Python starts, for terminate().
-        command = f"{cd}echo $$; exec {shlex.quote(self.python)} -m flame.node --stdin"
+        command = f"{cd}echo $$; exec {shlex.join(node_command(self.python, spec))} --stdin"
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
         process.stdin.write(json.dumps(settings) + "\n")
         line = await asyncio.wait_for(process.stdout.readline(), self.connect_timeout)

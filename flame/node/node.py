@@ -89,6 +89,8 @@ class RunnerNode:
         # With one call at a time the main thread runs it, and a cancel is a SIGINT.
         self.calls = Calls(self.capture, signal_main=self.concurrency == 1)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self.boot = "FLAME_BOOT" in env  # booted from code archives (code sync)
+        self.code: str | None = env.get("FLAME_CODE")  # the local code's archive on sys.path
         self.stopping = False
         self.busy = False  # the main thread is executing a call and not watching the socket
         self._main_ident = threading.main_thread().ident
@@ -133,6 +135,9 @@ class RunnerNode:
         hello = introduction()
         gpus = _visible_gpus()
         hello.update(gpus=gpus, gpu_info=_gpu_info(gpus))
+        if self.boot:
+            from .boot import cache_root
+            hello["cache"] = cache_root()
         self.post("hello", hello)
         while True:
             # take_in drains the socket, re-arming its edge-triggered descriptor; after calls
@@ -188,6 +193,9 @@ class RunnerNode:
         elif kind == "shutdown":
             self.stopping = True
             self._wake()
+        elif kind == "code":  # the pool's local code changed: take it in before the next call
+            self.fns.clear()  # as the parent does: functions by reference must be looked up again
+            self._take_code(head["h"], frames[0] if frames else None)
         elif kind == "release":  # values no Remote refers to any more
             from . import objects
             objects.release(head["ids"])
@@ -195,6 +203,27 @@ class RunnerNode:
             # Answered at once, by whichever thread takes it in: also while a call runs.
             self.post("reply", {"id": head["id"], "content": _introspect(kind, head)})
         # "welcome" and "heartbeat" only prove the parent is alive.
+
+    def _take_code(self, digest: str, data: Any) -> None:
+        """Unpack archive ``digest`` (sent, or already in this host's cache), put it on
+        ``sys.path`` in place of the previous one, and drop every module imported from that
+        one: the next call imports the new code."""
+        from . import boot
+        root = boot.cache_root()
+        path = os.path.join(root, digest)
+        try:
+            if data is not None:
+                boot.install(root, digest, data)
+            elif not os.path.isdir(path):
+                self.post("code-missing", {"h": digest})
+                return
+        except Exception as exc:
+            log.warning("flame runner %s: cannot take in code archive %s: %s", self.id, digest[:12], exc)
+            self.post("code-missing", {"h": digest})
+            return
+        old = os.path.join(root, self.code) if self.code else None
+        boot.switch(old, path)
+        self.code = digest
 
     def _dispatch(self, item: tuple) -> None:
         if self.concurrency == 1:
@@ -307,8 +336,7 @@ def _config_from_stdin() -> None:
     """``--stdin``: the FLAME_* settings (the key among them) arrive as one JSON line on stdin.
 
     Used over SSH, where a command line is visible in ``ps`` and servers refuse to pass
-    arbitrary environment variables. stdin then stays open: EOF means the connection
-    to the parent is gone, and the runner exits at once.
+    arbitrary environment variables. stdin then stays open (see :func:`_watch_stdin`).
     """
     # Read byte by byte up to the newline: a buffered reader would swallow what follows.
     fd = sys.stdin.fileno()
@@ -323,20 +351,28 @@ def _config_from_stdin() -> None:
     line = b"".join(chunks)
     os.environ.update({k: str(v) for k, v in json.loads(line).items()})
 
-    def watch_stdin() -> None:
+
+def _watch_stdin() -> None:
+    """EOF on stdin means the connection to the parent is gone: exit at once."""
+    fd = sys.stdin.fileno()
+
+    def watch() -> None:
         try:
             while os.read(fd, 65536):
                 pass
         except OSError:
             pass
         exit_now("its connection (stdin) closed")
-    threading.Thread(target=watch_stdin, name="flame-node-stdin", daemon=True).start()
+    threading.Thread(target=watch, name="flame-node-stdin", daemon=True).start()
 
 
 def main() -> None:
     faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
     if "--stdin" in sys.argv[1:]:
         _config_from_stdin()
+        _watch_stdin()
+    elif os.environ.pop("FLAME_WATCH_STDIN", None):  # the bootstrap read the settings (boot.py)
+        _watch_stdin()
     env = dict(os.environ)
     for name in ("FLAME_KEY", "FLAME_KEY_FILE"):
         os.environ.pop(name, None)  # user code and its subprocesses never see the key

@@ -1,0 +1,203 @@
+"""The bootstrap of a runner on another machine: flame's runner side, and the local code,
+come over the pool's own connection (after Mitogen), so a host needs only a Python of the
+parent's minor version with pyzmq, cloudpickle and psutil.
+
+The parent sends this file's source on the command line (``python -c``, compressed; it
+holds no secret), the settings as usual (SSH: a line on stdin; Slurm: the environment and
+a 0600 key file). FLAME_BOOT names the archives the runner needs, flame's own and the
+pool's local code, by the SHA-256 of their files, with the SHA-256 of each archive. Each
+one the host's cache lacks is fetched from the parent over ZeroMQ, checked against that
+SHA-256 before a byte is written, unpacked into ``$XDG_CACHE_HOME/flamebook/code/<name>``
+(0700) and put first on ``sys.path``; then ``flame.node`` starts as if run with ``-m``. A
+request carries an HMAC of the pool's key, so only the pool's runners are served; the
+answer needs none: the settings came over a trusted channel, and the answer's hash is checked.
+
+Runs before flame is importable, maybe under the wrong Python: stdlib only, syntax any
+Python 3 parses, so that a wrong version or a missing package is *said*, not crashed on.
+Once flame runs, the runner uses :func:`install` and :func:`cache_root` from here to take
+in code changes (``node.py``).
+"""
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+
+#: First frame of a code request and of its answer (flamebook's wire starts b"FL\x02").
+BOOT = b"FLboot"
+#: Exit code when this host cannot run a runner (wrong Python, missing package).
+EXIT_UNFIT = 5
+#: What a runner imports that is not in the standard library: module -> distribution.
+NEEDS = (("zmq", "pyzmq"), ("cloudpickle", "cloudpickle"), ("psutil", "psutil"))
+
+
+def cache_root():
+    """Where this host keeps code archives, unpacked, by name: FLAME_CODE_CACHE if set, else
+    ``$XDG_CACHE_HOME/flamebook/code`` (``~/.cache/flamebook/code``)."""
+    if os.environ.get("FLAME_CODE_CACHE"):
+        return os.environ["FLAME_CODE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flamebook", "code")
+
+
+def request_mac(key, ident, digest):
+    """The HMAC that proves a code request comes from a holder of the pool's key."""
+    return hmac.new(key, BOOT + ident + digest.encode(), "sha256").digest()
+
+
+def install(root, digest, data, check=None):
+    """Unpack archive ``digest`` into ``root/digest`` and return that path; ``check`` is the
+    SHA-256 that ``data`` must have (when it did not come over the signed wire).
+
+    Unpacked into a private temporary directory first and renamed into place, so that runners
+    booting side by side on one host never see half an archive.
+    """
+    if check is not None and hashlib.sha256(data).hexdigest() != check:
+        raise ValueError("code archive %s arrived corrupted" % digest[:12])
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, digest)
+    if os.path.isdir(path):
+        return path
+    tmp = tempfile.mkdtemp(prefix=".unpack-", dir=root)
+    try:
+        import io
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            z.extractall(tmp)  # zipfile drops absolute paths and "..": nothing lands outside tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another runner got there first
+            if not os.path.isdir(path):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def switch(old, new):
+    """Put code directory ``new`` on ``sys.path`` in place of ``old``, and forget every module
+    imported from ``old`` (all of them, not only the changed ones: a package kept from the
+    old directory would go on importing its submodules from there)."""
+    import importlib
+    if old and old != new:
+        prefix = old + os.sep
+        for name, module in list(sys.modules.items()):
+            where = [getattr(module, "__file__", None) or ""]
+            try:
+                where += list(getattr(module, "__path__", None) or ())
+            except TypeError:
+                pass
+            if any(isinstance(w, str) and w.startswith(prefix) for w in where):
+                del sys.modules[name]
+    if old in sys.path:
+        sys.path[sys.path.index(old)] = new
+    elif new not in sys.path:
+        sys.path.insert(0, new)
+    importlib.invalidate_caches()
+
+
+def _unfit(text):
+    sys.stderr.write("flame: " + text + "\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_UNFIT)
+
+
+def _check(boot):
+    here = "%d.%d" % sys.version_info[:2]
+    python = "%s (Python %s)" % (sys.executable, sys.version.split()[0])
+    if here != boot["python"]:
+        _unfit("the runner's Python is %s, but the parent runs Python %s: runners need the same "
+               "minor version (pass python=... to the backend)" % (python, boot["python"]))
+    missing = []
+    for module, dist in NEEDS:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(dist)
+    if missing:
+        pins = " ".join("'%s==%s'" % (d, boot["versions"][d]) if boot["versions"].get(d) else d
+                        for d in missing)
+        _unfit("the runner's Python %s lacks %s; install it there: %s -m pip install %s"
+               % (python, ", ".join(missing), sys.executable, pins))
+
+
+def _read_key(settings):
+    if settings.get("FLAME_KEY"):
+        return bytes.fromhex(settings["FLAME_KEY"])
+    with open(settings["FLAME_KEY_FILE"], "rb") as f:
+        return bytes.fromhex(f.read().decode().strip())
+
+
+def _fetch(settings, digests, checks, root, deadline):
+    """Ask the parent for each archive in ``digests``; check each against ``checks`` (its
+    SHA-256, from the settings) and unpack it as it comes."""
+    import time
+    import zmq
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    ident = (settings["FLAME_RUNNER_ID"] + "/boot").encode()
+    sock.setsockopt(zmq.ROUTING_ID, ident)
+    sock.setsockopt(zmq.LINGER, 0)
+    server = settings.get("FLAME_CURVE_SERVER")
+    if server:
+        public, secret = zmq.curve_keypair()
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server.encode(), public, secret
+    sock.connect(settings["FLAME_ADDRESS"])
+    key = _read_key(settings)
+    try:
+        for digest in digests:
+            sock.send_multipart([BOOT, digest.encode(), request_mac(key, ident, digest)])
+        left = set(digests)
+        while left:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not sock.poll(int(wait * 1000)):
+                raise SystemExit("flame: the parent did not send code archive(s) %s in time"
+                                 % ", ".join(d[:12] for d in sorted(left)))
+            parts = sock.recv_multipart(copy=False)
+            if len(parts) != 3 or parts[0].bytes != BOOT:
+                continue
+            digest = parts[1].bytes.decode()
+            if digest in left:
+                install(root, digest, parts[2].buffer, checks[digest])
+                left.discard(digest)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def main():
+    import time
+    start = time.monotonic()
+    if "--stdin" in sys.argv[1:]:
+        # Byte by byte up to the newline: stdin stays open, and the runner watches it for EOF.
+        fd, chunks = sys.stdin.fileno(), []
+        while True:
+            ch = os.read(fd, 1)
+            if not ch:
+                raise SystemExit("flame: no configuration on stdin")
+            if ch == b"\n":
+                break
+            chunks.append(ch)
+        os.environ.update({k: str(v) for k, v in json.loads(b"".join(chunks).decode()).items()})
+        os.environ["FLAME_WATCH_STDIN"] = "1"
+    settings = dict(os.environ)
+    boot = json.loads(settings["FLAME_BOOT"])
+    _check(boot)
+    root = cache_root()
+    wanted = [d for d in (boot["flame"], boot.get("code")) if d]
+    missing = [d for d in wanted if not os.path.isdir(os.path.join(root, d))]
+    if missing:
+        _fetch(settings, missing, boot["checks"], root, start + float(settings.get("FLAME_FAILSAFE", "60")))
+    sys.path[:0] = [os.path.join(root, d) for d in reversed(wanted)]  # the local code first
+    if boot.get("code"):
+        os.environ["FLAME_CODE"] = boot["code"]
+    sys.argv[:] = ["flame.node"]
+    from flame.node.node import main as run
+    run()
+
+
+if __name__ == "__main__":
+    main()
