@@ -15,7 +15,6 @@ released (:meth:`Pool._state`).
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import contextlib
@@ -185,6 +184,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                                   self._serve_code if backend.remote else None)
         self.address = backend.connect_address(self._endpoint.address)
         self._watcher = threading.Thread(target=self._watch_loop, name=f"flame-{self.name}-watch", daemon=True)
+        backend.acquire()
+        self._backend_held = True
         self._endpoint.start()
         self._watcher.start()
         _live_pools.add(self)
@@ -282,6 +283,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
 
     async def acall(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Like :meth:`call` for asyncio: awaiting it runs the call; cancelling the task stops it."""
+        import asyncio  # here, not at the top: it is most of what importing flame would cost
         future = self.submit(fn, *args, **kwargs)
         try:
             return await asyncio.wrap_future(future)
@@ -374,6 +376,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         deadline = time.monotonic() + TERMINATE_WAIT
         for t in list(self._reapers):
             t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._release_backend()
         _live_pools.discard(self)
 
     def __enter__(self) -> "Pool":
@@ -449,4 +452,12 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             for r in list(self._runners.values()):
                 self._drop_runner(r, error, reschedule=False)
         self._endpoint.wake()
+        self._release_backend()
         _live_pools.discard(self)
+
+    def _release_backend(self) -> None:
+        with self._lock:
+            if self._backend_held is False:
+                return
+            self._backend_held = False
+        self.backend.release()

@@ -25,7 +25,8 @@ def runner_processes() -> list[psutil.Process]:
         try:
             cmd = p.info["cmdline"] or []
             booted = any(part.endswith("# flame.node boot") for part in cmd[1:3])  # code sync's bootstrap
-            if ("flame.node" in cmd or booted) and p.status() != psutil.STATUS_ZOMBIE:
+            # A template process, and the runners forked from it, have the template's command line.
+            if ("flame.node" in cmd or "flame.node.template" in cmd or booted) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -73,10 +74,19 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture
-def make_pool():
+def pool_backend():
+    """A factory of the backend ``make_pool`` uses when given none; None: the Pool's default.
+    Overridden where a suite runs against several (test_pool.py: runners forked or not)."""
+    return None
+
+
+@pytest.fixture
+def make_pool(pool_backend):
     pools = []
 
     def make(**kwargs):
+        if "backend" not in kwargs and pool_backend is not None:
+            kwargs["backend"] = pool_backend()
         pool = flame.Pool(**kwargs)
         pools.append(pool)
         return pool

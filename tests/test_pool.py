@@ -17,6 +17,15 @@ from flame import serialize
 from conftest import wait_for
 
 
+@pytest.fixture(params=["spawned", "forked"])
+def pool_backend(request):
+    """Every pool here runs both ways: runners as fresh interpreters, and runners forked from a
+    template process that preloaded numpy (``LocalBackend(preload=...)``)."""
+    if request.param == "spawned":
+        return None
+    return lambda: flame.LocalBackend(preload=["numpy"])
+
+
 def test_lambda_closure_and_kwargs(make_pool):
     pool = make_pool(max=1)
     offset = 100

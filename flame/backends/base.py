@@ -73,6 +73,13 @@ class Backend(abc.ABC):
         """The address runners should connect to, given the one the pool bound."""
         return bound
 
+    def acquire(self) -> None:
+        """A pool starts using this backend (a backend may serve several)."""
+
+    def release(self) -> None:
+        """A pool that used this backend has shut down and its runners are gone: let go of what
+        the last one needed (LocalBackend's template process)."""
+
 
 def node_command(python: str, spec: RunnerSpec) -> list[str]:
     """The command that starts a runner: ``python -m flame.node``; when the spec's settings

@@ -1,16 +1,20 @@
 """Runner processes on this machine."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import IO, Mapping, Sequence
 
 from ..gpu import discover, visible_ids
 from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
+from .template import ForkedHandle, Template
 
 log = logging.getLogger("flame.backends.local")
 
@@ -39,7 +43,8 @@ class LocalBackend(Backend):
 
     def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None,
                  cwd: str | None = None, gpus_per_runner: int = 0,
-                 gpu_ids: Sequence[int | str] | None = None) -> None:
+                 gpu_ids: Sequence[int | str] | None = None,
+                 preload: Sequence[str] | None = None) -> None:
         """
         Args:
             python: interpreter that runs ``python -m flame.node``. Defaults to ``sys.executable``.
@@ -48,6 +53,9 @@ class LocalBackend(Backend):
             gpus_per_runner: GPUs each runner gets for itself, through CUDA_VISIBLE_DEVICES. Defaults to 0.
             gpu_ids: the GPUs to hand out (indices or UUIDs). Defaults to the parent's
                 CUDA_VISIBLE_DEVICES if set, else every GPU that NVML or nvidia-smi finds.
+            preload: modules a template process imports once, at the first boot; runners are then
+                forked from it, with those modules and flame's runner side already imported
+                (``[]``: flame's alone). Defaults to None: each runner is a fresh interpreter.
         """
         if python is not None and not isinstance(python, str):
             raise TypeError(f"python must be a path string, got {python!r}")
@@ -72,6 +80,13 @@ class LocalBackend(Backend):
         elif gpu_ids is not None:
             raise ValueError("gpu_ids is only used with gpus_per_runner > 0")
         self.gpu_sets = tuple(self._free)
+        if preload is not None and (isinstance(preload, str) or not all(
+                isinstance(m, str) and all(part.isidentifier() for part in m.split(".")) for m in preload)):
+            raise TypeError(f"preload must be a list of module names, got {preload!r}")
+        self.preload = None if preload is None else list(preload)
+        self._template: Template | None = None
+        self._template_lock = threading.Lock()
+        self._users = 0  # pools using this backend: the template stops with the last
 
     def _gpu_candidates(self, gpu_ids: Sequence[int | str] | None) -> list[str]:
         if gpu_ids is not None:
@@ -96,7 +111,8 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         gpus = f", gpus_per_runner={self.gpus_per_runner}" if self.gpus_per_runner else ""
-        return f"LocalBackend(python={self.python!r}{gpus})"
+        preload = f", preload={self.preload!r}" if self.preload is not None else ""
+        return f"LocalBackend(python={self.python!r}{gpus}{preload})"
 
     def capacity(self) -> int | None:
         if not self.gpus_per_runner:
@@ -104,7 +120,7 @@ class LocalBackend(Backend):
         with self._lock:
             return len(self._free)
 
-    def runner_env(self, spec: RunnerSpec) -> dict[str, str]:
+    def runner_env(self, spec: RunnerSpec | None) -> dict[str, str]:
         env = dict(os.environ)
         # The parent's import path, so functions pickled by reference resolve the same way.
         paths = [p or os.getcwd() for p in sys.path]
@@ -112,9 +128,32 @@ class LocalBackend(Backend):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.update(self.env)
-        env.update(spec.env)
+        env.update(spec.env if spec is not None else {})
         env["FLAME_PARENT_PID"] = str(os.getpid())
         return env
+
+    def template(self) -> Template:
+        """The template process runners are forked from: started at the first boot, and again
+        if it died."""
+        with self._template_lock:
+            if self._template is None or not self._template.alive:
+                env = self.runner_env(None)
+                self._template = Template(self.python, self.preload or [], env, self.cwd)
+                log.info("flame: template process %d imported %s", self._template.proc.pid,
+                         ", ".join(self.preload or []) or "flame's runner side")
+            return self._template
+
+    def acquire(self) -> None:
+        with self._template_lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._template_lock:
+            self._users = max(0, self._users - 1)
+            template = self._template if not self._users else None
+            self._template = None if template is not None else self._template
+        if template is not None:
+            template.stop()
 
     def boot(self, spec: RunnerSpec) -> RunnerHandle:
         env = self.runner_env(spec)
@@ -126,6 +165,14 @@ class LocalBackend(Backend):
                 gpus = self._free.pop(0)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         out = tempfile.TemporaryFile(prefix=f"flame-{spec.runner_id}-")
+        if self.preload is not None:
+            try:
+                pid = self.template().fork(env, self.cwd or os.getcwd(), out.fileno())
+            except Exception:
+                out.close()
+                self._release(gpus)
+                raise
+            return ForkedHandle(pid, self._template, out, gpus)
         try:
             proc = subprocess.Popen(node_command(self.python, spec), env=env,
                                     cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
@@ -144,6 +191,15 @@ class LocalBackend(Backend):
                     self._free.sort(key=self.gpu_sets.index)
 
     def terminate(self, handle: RunnerHandle) -> None:
+        if isinstance(handle, ForkedHandle):
+            if handle.exit_status() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(handle.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while handle.exit_status() is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            self._release(handle.gpus)
+            return
         assert isinstance(handle, LocalHandle)
         if handle.proc.poll() is None:
             handle.proc.kill()

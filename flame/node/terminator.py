@@ -14,8 +14,10 @@ class Terminator:
 
     - ``failsafe``: the parent never answered the hello within this many seconds.
     - ``parent_timeout``: no message from the parent for this many seconds.
-    - ``parent_pid``: for runners started on the parent's machine, the parent's pid; when the
-      process is re-parented (parent died, even by SIGKILL) the node exits at once.
+    - ``parent_pid``: for runners started on the parent's machine, the parent's pid: when that
+      process is gone (even by SIGKILL) the node exits at once. A runner the parent started
+      itself notices by being re-parented, a runner forked by a template process (whose parent
+      is the template) by probing the pid: the template may die and its runners live on.
     """
 
     def __init__(self, parent_timeout: float, failsafe: float, parent_pid: int | None) -> None:
@@ -30,7 +32,7 @@ class Terminator:
 
     def verdict(self) -> str | None:
         now = time.monotonic()
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid and not _alive(self.parent_pid):
             return f"parent process {self.parent_pid} is gone"
         if self.last_heard is None:
             if now - self.started > self.failsafe:
@@ -38,3 +40,13 @@ class Terminator:
         elif now - self.last_heard > self.parent_timeout:
             return f"no word from the parent for {self.parent_timeout:g} s"
         return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
