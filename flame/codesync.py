@@ -19,17 +19,13 @@ has imported a module since the last look, or reloaded one (``importlib.reload``
 from __future__ import annotations
 
 import collections
-import fnmatch
 import hashlib
 import io
 import logging
 import os
 import re
-import site
 import sys
-import sysconfig
 import threading
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -68,6 +64,8 @@ class Archive:
 
 def _installed() -> tuple[str, ...]:
     """Directories that hold installed code: the standard library and every site-packages."""
+    import site
+    import sysconfig
     paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     try:
         paths.update(site.getsitepackages())
@@ -81,6 +79,7 @@ def _installed() -> tuple[str, ...]:
 
 def _patterns(globs: Sequence[str]) -> re.Pattern:
     """One regular expression for all of ``globs`` (fnmatch's, case-sensitive)."""
+    import fnmatch
     return re.compile("|".join(fnmatch.translate(g) for g in globs))
 
 
@@ -122,6 +121,7 @@ def pack(files: dict, cache: dict | None = None, compiled: bool = False) -> Arch
     on the runner, whose Python has this one's minor version, whatever the files' times
     there, and its first import need not compile them. Measured: 60-80 ms off a cold boot.
     """
+    import zipfile
     buf = io.BytesIO()
     sizes = {}
     content = hashlib.sha256()

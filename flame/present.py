@@ -3,13 +3,14 @@ pointed back at local source."""
 from __future__ import annotations
 
 import datetime
-import html
 import re
 from typing import Any
 
 
 def pool_html(pool: Any) -> str:
     """The pool as an HTML table of its runners (notebooks show a pool this way; ``%flame`` too)."""
+    import html  # only when a pool is shown
+
     rows = []
     now = datetime.datetime.now()
     for r in pool.runners:

@@ -314,10 +314,10 @@ LOG_EVERY = 60.0
 
 def introduction() -> dict:
     """Who this process is, as ``hello`` and ``welcome`` tell the peer: pid, host, python, executable, cwd."""
-    import platform
     import socket
     import sys
-    return {"pid": os.getpid(), "host": socket.gethostname(), "python": platform.python_version(),
+    # sys.version, not platform.python_version(): importing platform costs a runner 7 ms at start.
+    return {"pid": os.getpid(), "host": socket.gethostname(), "python": sys.version.split()[0],
             "executable": sys.executable, "cwd": os.getcwd()}
 
 

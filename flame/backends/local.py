@@ -10,11 +10,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Mapping, Sequence
 
-from ..gpu import discover, visible_ids
 from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
-from .template import ForkedHandle, Template
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .template import Template
 
 log = logging.getLogger("flame.backends.local")
 
@@ -89,6 +90,7 @@ class LocalBackend(Backend):
         self._users = 0  # pools using this backend: the template stops with the last
 
     def _gpu_candidates(self, gpu_ids: Sequence[int | str] | None) -> list[str]:
+        from ..gpu import discover, visible_ids
         if gpu_ids is not None:
             if isinstance(gpu_ids, (str, bytes)) or not all(isinstance(g, (int, str)) for g in gpu_ids):
                 raise TypeError(f"gpu_ids must be a list of GPU indices or UUIDs, got {gpu_ids!r}")
@@ -137,6 +139,7 @@ class LocalBackend(Backend):
         if it died."""
         with self._template_lock:
             if self._template is None or not self._template.alive:
+                from .template import Template
                 env = self.runner_env(None)
                 self._template = Template(self.python, self.preload or [], env, self.cwd)
                 log.info("flame: template process %d imported %s", self._template.proc.pid,
@@ -172,6 +175,7 @@ class LocalBackend(Backend):
                 out.close()
                 self._release(gpus)
                 raise
+            from .template import ForkedHandle
             return ForkedHandle(pid, self._template, out, gpus)
         try:
             proc = subprocess.Popen(node_command(self.python, spec), env=env,
@@ -191,7 +195,7 @@ class LocalBackend(Backend):
                     self._free.sort(key=self.gpu_sets.index)
 
     def terminate(self, handle: RunnerHandle) -> None:
-        if isinstance(handle, ForkedHandle):
+        if not isinstance(handle, LocalHandle):  # forked from the template (backends/template.py)
             if handle.exit_status() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(handle.pid, signal.SIGKILL)

@@ -17,14 +17,9 @@ Python 3 parses, so that a wrong version or a missing package is *said*, not cra
 Once flame runs, the runner uses :func:`install` and :func:`cache_root` from here to take
 in code changes (``node.py``).
 """
-import hashlib
-import hmac
 import json
 import os
-import shutil
 import sys
-import tempfile
-import zipfile
 
 #: First frame of a code request and of its answer (flamebook's wire starts b"FL\x02").
 BOOT = b"FLboot"
@@ -45,6 +40,7 @@ def cache_root():
 
 def request_mac(key, ident, digest):
     """The HMAC that proves a code request comes from a holder of the pool's key."""
+    import hmac
     return hmac.new(key, BOOT + ident + digest.encode(), "sha256").digest()
 
 
@@ -55,6 +51,11 @@ def install(root, digest, data, check=None):
     Unpacked into a private temporary directory first and renamed into place, so that runners
     booting side by side on one host never see half an archive.
     """
+    import hashlib
+    import io
+    import shutil
+    import tempfile
+    import zipfile
     if check is not None and hashlib.sha256(data).hexdigest() != check:
         raise ValueError("code archive %s arrived corrupted" % digest[:12])
     os.makedirs(root, mode=0o700, exist_ok=True)
@@ -63,7 +64,6 @@ def install(root, digest, data, check=None):
         return path
     tmp = tempfile.mkdtemp(prefix=".unpack-", dir=root)
     try:
-        import io
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             z.extractall(tmp)  # zipfile drops absolute paths and "..": nothing lands outside tmp
         try:
