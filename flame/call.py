@@ -68,7 +68,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "__weakref__")
+                 "shm", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -78,6 +78,8 @@ class Call:
         self.fn = fn  # kept until done, to map remote traceback lines back to local source
         #: id of the runner this call must run on while that runner lives (``%%remote``)
         self.affinity = affinity
+        #: where its large arguments wait in the pool's shared memory (shm.Arena.put), if they do
+        self.shm: list | None = None
         #: sent ahead to a busy runner (its arguments are kept until it is done)
         self.ahead = False
         #: runs on its affinity runner or nowhere (it uses values held there): RunnerDied if gone

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import present, serialize
 from .call import Call, CallFuture, Pickled
-from .errors import CallTimeout
+from .errors import CallTimeout, SerializationError
 from .lifecycle import HEARTBEAT
 from .runner import Runner
 from .wire import INLINE_MAX, introduction, read_output
@@ -40,6 +40,9 @@ class CallLifecycle:
             self._push_code(r)
         call.state, call.runner = "running", r
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
+        if call.shm is not None:
+            fields["m"] = call.shm
+            self._arena.lend(call.shm[1], r.id)
         # Sent ahead to a busy runner: its arguments are kept, should it have to go elsewhere.
         call.ahead = len(r.calls) >= self.max_concurrency
         r.calls[call.id] = call
@@ -70,6 +73,9 @@ class CallLifecycle:
 
     def _retire(self: "Pool", call: Call) -> None:
         call.state = "done"
+        if call.shm is not None:  # the pool will not send it again; its runners free it when done
+            self._arena.release(call.shm[1], "pool")
+            call.shm = None
         self._calls.pop(call.id, None)
         r = call.runner
         if r is not None and r.calls.pop(call.id, None) is not None:
@@ -120,15 +126,21 @@ class CallLifecycle:
                     r.host, r.python = head.get("host", r.host), head.get("python", "")
                     r.gpus, r.gpu_info = tuple(head.get("gpus", ())), head.get("gpu_info", [])
                     r.executable = head.get("executable", "")
+                    if head.get("blake3") and self._fast:
+                        self._endpoint.wire.fast_peers.add(r.id)
                     if head.get("cache"):
                         r.cache = (r.host, head["cache"])
                         if r.code:
                             self._code_hosts.setdefault(r.cache, set()).add(r.code)
                     r.last_active = time.monotonic()
                     self._min_paused = False
-                    self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name})
+                    self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name,
+                                                          "blake3": self._fast})
                     log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
                     self._schedule()
+            elif kind == "free":  # a region of our arena the runner no longer uses
+                if self._arena is not None:
+                    self._arena.release(head.get("at", -1), peer)
             elif kind == "code-missing":  # its host's cache lost an archive: send it whole
                 self._code_hosts.get(r.cache, set()).discard(head.get("h"))
                 r.code = None
@@ -144,6 +156,14 @@ class CallLifecycle:
         if call is None or call.future.settled:
             return
         if kind == "result":  # unpickled by result(), in the caller's thread: it runs user code
+            if "m" in head:  # its large buffers wait in the runner's shared memory
+                try:
+                    frames = [*frames, *self._mappings.take(
+                        head["m"], peer, functools.partial(_free_later, self._frees, peer))]
+                except (OSError, ValueError) as exc:
+                    _settle(call.future, exc=SerializationError(
+                        f"the result of {call.name}() arrived but its shared memory cannot be read: {exc}"))
+                    return
             _settle(call.future, Pickled(frames, call.name))
         elif cancelled:
             _settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
@@ -153,6 +173,9 @@ class CallLifecycle:
                 present.explain_missing_module(exc, call.runner)
             _settle(call.future, exc=exc)
         call.fn = None
+        # The future keeps its call, not the other way round: no cycle left for the garbage
+        # collector, so a result is freed (its shared memory reused) as soon as it is dropped.
+        call.future = None
 
     def _tick(self: "Pool", now: float) -> None:
         """Heartbeats, call deadlines, cancels overdue, placement. No backend call: a slow
@@ -175,6 +198,9 @@ class CallLifecycle:
                         break
             if self._releases:
                 self._send_releases()
+            while self._frees:
+                peer, offset = self._frees.popleft()
+                self._endpoint.send(peer, "free", {"at": offset})
             if self.timeout is not None:
                 for call in [c for c in self._waiting if now > c.deadline]:
                     self._waiting.remove(call)
@@ -189,6 +215,12 @@ class CallLifecycle:
         else:  # still on its runner until it answers the interrupt
             self._later.append(functools.partial(_settle, call.future, None, CallTimeout(
                 f"{call.name}() passed its timeout of {self.timeout:g} s; its remote work was stopped")))
+
+
+def _free_later(frees: Any, peer: str, offset: int) -> None:
+    """A finalizer: a region of ``peer``'s arena is no longer used here. It may run inside any
+    code, locks held, so it only queues; the tick sends it."""
+    frees.append((peer, offset))
 
 
 def _settle(future: CallFuture, result: Any = None, exc: BaseException | None = None) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import present
+from . import present, shm
 from .backends.base import RunnerSpec
 from .codesync import flame_archive
 from .endpoint import TICK
@@ -133,6 +133,10 @@ class RunnerLifecycle:
         r.state = "dead"
         self._runners.pop(r.id, None)
         self._endpoint.wire.forget(r.id)
+        self._endpoint.wire.fast_peers.discard(r.id)
+        if self._arena is not None:
+            self._arena.release_all(r.id)  # whatever it held of ours is ours again
+        self._mappings.forget(f"flame-{r.id}-")
         error = error or RunnerDied(f"runner {r.id} stopped", r.id)
         # A runner starts its calls in the order they were sent, at most max_concurrency at once,
         # and sends each reply before it starts another call. So of the calls it has not
@@ -162,6 +166,8 @@ class RunnerLifecycle:
         def reap() -> None:
             try:
                 self.backend.terminate(r.handle)
+                if self._shm_on:
+                    shm.sweep(r.id)  # its arena, now that it cannot make one any more
             except Exception:
                 log.exception("flame: backend failed to terminate runner %s", r.id)
             finally:

@@ -28,7 +28,7 @@ import weakref
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import placement, present, serialize
+from . import placement, present, serialize, shm
 from .backends.base import Backend
 from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync
@@ -42,7 +42,7 @@ from .inflight import CallLifecycle
 from .holdings import Holdings
 from .lifecycle import STOP_GRACE, RunnerLifecycle
 from .runner import Runner, RunnerInfo
-from .wire import INLINE_MAX, out_of_band_digest
+from .wire import INLINE_MAX, fast_digests, out_of_band_digest
 
 log = logging.getLogger("flame.pool")
 
@@ -159,6 +159,13 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             None if code_sync is True else list(code_sync), code_exclude, code_limit)
         self._code_now = self._code.current() if self._code is not None else None  # errors at the door
         self._code_hosts: dict[tuple, set] = {}  # (host, cache) -> archives known to be there
+        # Shared memory with runners on this machine (shm.py): our arena, theirs mapped, and
+        # the frees of their regions our finalizers queue for the I/O thread to send.
+        self._shm_on = bool(getattr(backend, "shared_memory", False)) and shm.available()
+        self._arena: shm.Arena | None = None
+        self._mappings = shm.Mappings()
+        self._frees: collections.deque = collections.deque()
+        self._fast = fast_digests()  # large frames digested with BLAKE3, for runners that can too
         self._functions = FunctionCache(dumps=serialize.dumps_function)
         self._lock = threading.Lock()
         self._later: list = []  # effects queued under the lock, run once it is released
@@ -226,12 +233,20 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                 _sending.runner = None
         else:
             arg_frames = serialize.dumps_args(fn, args, kwargs)
+        shared = None
+        if self._shm_on and len(arg_frames) > 1 and shm.oob_total(arg_frames) >= shm.SHM_MIN:
+            shared = self._shared_memory().put(arg_frames[1:], "pool")  # copied outside the lock
+            if shared is not None:
+                arg_frames = arg_frames[:1]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
-                    fn_payload, arg_frames, (out_of_band_digest(arg_frames)
+                    fn_payload, arg_frames, (out_of_band_digest(arg_frames, self._fast)
                      if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
                     deadline, affinity)
-        call.strict = strict
+        call.strict, call.shm = strict, shared
+        while self._frees:  # regions of runners' memory we let go of: theirs to reuse at once
+            peer, offset = self._frees.popleft()
+            self._endpoint.send(peer, "free", {"at": offset})
         self._lock.acquire()  # not _state(): this is the per-call path
         try:
             if self._closed:
@@ -251,6 +266,10 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                     return call.future
             self._waiting.append(call)
             self._schedule()
+        except BaseException:
+            if call.shm is not None:  # refused: nothing will ever read its shared memory
+                self._arena.release(call.shm[1], "pool")
+            raise
         finally:
             self._release()
         return call.future
@@ -376,6 +395,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         deadline = time.monotonic() + TERMINATE_WAIT
         for t in list(self._reapers):
             t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._arena is not None:
+            self._arena.close()
         self._release_backend()
         _live_pools.discard(self)
 
@@ -452,8 +473,16 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             for r in list(self._runners.values()):
                 self._drop_runner(r, error, reschedule=False)
         self._endpoint.wake()
+        if self._arena is not None:
+            self._arena.close()
         self._release_backend()
         _live_pools.discard(self)
+
+    def _shared_memory(self) -> shm.Arena:
+        with self._lock:
+            if self._arena is None:
+                self._arena = shm.Arena(self._id_prefix[:-1] + "p")
+            return self._arena
 
     def _release_backend(self) -> None:
         with self._lock:

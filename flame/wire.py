@@ -42,13 +42,38 @@ _CHUNK = 2 * 1024 * 1024
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-def frames_digest(frames: Iterable[Any]) -> bytes:
-    """SHA-256 over each frame's length and bytes (bytes, memoryview, zmq.Frame).
+_blake3: Any = False  # the blake3 module, None if not installed; looked up at first use
 
-    A frame of PARALLEL_MIN bytes or more contributes the SHA-256 of each of its chunks
-    instead of its bytes: hashlib releases the GIL, so the chunks are hashed on every
-    core, and a 100 MB array is signed and checked several times faster.
+
+def fast_digests() -> bool:
+    """Whether this process can digest frames with BLAKE3 (the ``blake3`` package)."""
+    global _blake3
+    if _blake3 is False:
+        try:
+            import blake3
+            _blake3 = blake3
+        except ImportError:
+            _blake3 = None
+    return _blake3 is not None
+
+
+def frames_digest(frames: Iterable[Any], fast: bool = False) -> bytes:
+    """A digest of each frame's length and bytes (bytes, memoryview, zmq.Frame).
+
+    ``fast``: BLAKE3, on every core (measured here: 100 MB in about 20 ms, against 70 ms
+    for SHA-256 split across threads). Otherwise SHA-256, for peers without the blake3
+    package: a frame of PARALLEL_MIN bytes or more contributes the SHA-256 of each of its
+    chunks, hashed on several threads (hashlib releases the GIL).
     """
+    if fast and fast_digests():
+        b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        for f in frames:
+            view = memoryview(f)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            b3.update(_LEN.pack(view.nbytes))
+            b3.update(view)
+        return b3.digest()
     h = hashlib.sha256()
     for f in frames:
         view = memoryview(f)
@@ -145,18 +170,20 @@ def split(frames: Sequence[Any]) -> int:
     return len(frames)
 
 
-def out_of_band_digest(frames: Sequence[Any]) -> bytes | None:
-    """The digest of the frames that :func:`split` sends out of band, or None if none.
+def out_of_band_digest(frames: Sequence[Any], fast: bool = False) -> tuple | None:
+    """``(fast, digest)`` of the frames that :func:`split` sends out of band, or None if none.
 
     Computed once, outside locks, for a large argument; pass it to :meth:`Wire.encode`.
     """
     k = split(frames)
-    return frames_digest(frames[k:]) if k < len(frames) else None
+    return (fast, frames_digest(frames[k:], fast)) if k < len(frames) else None
 
 
 _HEAD = struct.Struct("!I")
 #: Starts every message: a peer running another flamebook version is named as such, not as a forger.
 MAGIC = b"FL\x02"
+#: The same format, its out-of-band frames digested with BLAKE3 rather than SHA-256.
+MAGIC_FAST = b"FL\x03"
 _SIG = len(MAGIC) + 32  # then HMAC-SHA256
 
 
@@ -186,12 +213,16 @@ class Wire:
         #: why the last message from each named peer was dropped, for error messages
         self.refused: dict[str, str] = {}
         self._quiet: dict[str, list] = {}  # peer -> [dropped since last logged, when logged]
+        #: peers that said they digest with BLAKE3 too (hello/welcome): large frames to them are
+        #: digested with it
+        self.fast_peers: set[str] = set()
 
     def encode(self, kind: str, to: str, fields: dict | None = None,
-               frames: Sequence[Any] = (), digest: bytes | None = None) -> list:
+               frames: Sequence[Any] = (), digest: tuple | None = None) -> list:
         """Build a signed message.
 
-        ``digest`` is the out-of-band frames' digest when precomputed (:func:`out_of_band_digest`).
+        ``digest`` is the out-of-band frames' ``(fast, digest)`` when precomputed
+        (:func:`out_of_band_digest`); one of the wrong kind for ``to`` is computed again.
         """
         self._seq += 1
         head = {"k": kind, "f": self.me, "t": to, "q": self._seq}
@@ -209,7 +240,10 @@ class Wire:
         if k == len(frames):
             return [MAGIC + self._mac(signed) + signed]
         oob = frames[k:]
-        return [MAGIC + self._mac(signed, digest or frames_digest(oob)) + signed, *oob]
+        fast = to in self.fast_peers
+        if digest is None or digest[0] != fast:
+            digest = (fast, frames_digest(oob, fast))
+        return [(MAGIC_FAST if fast else MAGIC) + self._mac(signed, digest[1]) + signed, *oob]
 
     def _mac(self, *data: Any) -> bytes:
         mac = self._hmac.copy()
@@ -227,13 +261,17 @@ class Wire:
         if not parts:
             return self._drop("no frames", peer)
         first = memoryview(parts[0])
-        if first[:len(MAGIC)] != MAGIC:
+        magic = first[:len(MAGIC)]
+        fast = magic == MAGIC_FAST
+        if magic != MAGIC and not fast:
             return self._drop("not flamebook's wire format, or another version of it: is the same "
                               "flamebook installed on both sides?", peer)
+        if fast and len(parts) > 1 and not fast_digests():
+            return self._drop("large frames digested with BLAKE3, and blake3 is not installed here", peer)
         if first.nbytes < _SIG + _HEAD.size:
             return self._drop("too short", peer)
         signed = first[_SIG:]
-        mac = self._mac(signed) if len(parts) == 1 else self._mac(signed, frames_digest(parts[1:]))
+        mac = self._mac(signed) if len(parts) == 1 else self._mac(signed, frames_digest(parts[1:], fast))
         if not hmac.compare_digest(mac, first[len(MAGIC):_SIG]):
             return self._drop("bad signature", peer)
         try:

@@ -274,3 +274,10 @@ def test_slurm_jobs_get_the_code_over_the_wire(slurm, local, make_pool, tmp_path
     value, where = pool.call(mymodel.train, 6)
     assert value == 42 and where.startswith(CODE_CACHE + "/"), where
     assert pool.code_bytes_sent > 0
+
+
+def test_a_host_without_blake3_gets_sha256_digests(sshd, remote_host, make_pool):
+    pool = make_pool(backend=remote_backend(sshd, remote_host), max=1)
+    big = bytearray(os.urandom(12 * 2**20))
+    assert pool.call(lambda b: b[::-1], big) == big[::-1]
+    assert pool.runners[0].id not in pool._endpoint.wire.fast_peers

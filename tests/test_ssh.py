@@ -123,3 +123,12 @@ def test_a_new_connection_gets_a_new_tunnel(sshd, make_pool):
     b.close()  # the connection, and the tunnel it carried, are gone; so is the runner
     assert wait_for(lambda: gone(pid) and pool.runners == [], timeout=15)
     assert pool.call(lambda: "through a fresh tunnel") == "through a fresh tunnel"
+
+
+def test_large_frames_over_ssh_are_digested_with_blake3(sshd, make_pool):
+    pool = make_pool(backend=backend(sshd, python=sys.executable), max=1)
+    big = bytearray(os.urandom(12 * 2**20))  # out of band: a frame of its own, both ways
+    assert pool.call(lambda b: b[::-1], big) == big[::-1]
+    rid = pool.runners[0].id
+    assert rid in pool._endpoint.wire.fast_peers, "both sides have blake3: large frames use it"
+    assert pool._arena is None, "an SSH runner shares no memory with us"

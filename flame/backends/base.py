@@ -56,6 +56,8 @@ class Backend(abc.ABC):
     #: Runners run on other machines, which may lack flame and the local code: they start
     #: with :func:`node_command`'s bootstrap, which fetches both from the pool (code sync).
     remote: bool = False
+    #: Runners share this machine's memory: large buffers travel through shared memory (shm.py).
+    shared_memory: bool = False
 
     @abc.abstractmethod
     def boot(self, spec: RunnerSpec) -> RunnerHandle:

@@ -45,7 +45,7 @@ class LocalBackend(Backend):
     def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None,
                  cwd: str | None = None, gpus_per_runner: int = 0,
                  gpu_ids: Sequence[int | str] | None = None,
-                 preload: Sequence[str] | None = None) -> None:
+                 preload: Sequence[str] | None = None, shared_memory: bool = True) -> None:
         """
         Args:
             python: interpreter that runs ``python -m flame.node``. Defaults to ``sys.executable``.
@@ -57,6 +57,8 @@ class LocalBackend(Backend):
             preload: modules a template process imports once, at the first boot; runners are then
                 forked from it, with those modules and flame's runner side already imported
                 (``[]``: flame's alone). Defaults to None: each runner is a fresh interpreter.
+            shared_memory: large arguments and results (1 MB or more of buffers) travel through
+                shared memory rather than the socket. Defaults to True.
         """
         if python is not None and not isinstance(python, str):
             raise TypeError(f"python must be a path string, got {python!r}")
@@ -85,6 +87,9 @@ class LocalBackend(Backend):
                 isinstance(m, str) and all(part.isidentifier() for part in m.split(".")) for m in preload)):
             raise TypeError(f"preload must be a list of module names, got {preload!r}")
         self.preload = None if preload is None else list(preload)
+        if not isinstance(shared_memory, bool):
+            raise TypeError(f"shared_memory must be True or False, got {shared_memory!r}")
+        self.shared_memory = shared_memory
         self._template: Template | None = None
         self._template_lock = threading.Lock()
         self._users = 0  # pools using this backend: the template stops with the last
@@ -132,6 +137,8 @@ class LocalBackend(Backend):
         env.update(self.env)
         env.update(spec.env if spec is not None else {})
         env["FLAME_PARENT_PID"] = str(os.getpid())
+        if self.shared_memory:
+            env["FLAME_SHM"] = "1"
         return env
 
     def template(self) -> Template:

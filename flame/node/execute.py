@@ -14,6 +14,7 @@ Two promises hold whatever the user's code and objects do:
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from . import aio
 from .aio import is_awaitable
 from .capture import Capture, CallOutput
 
+log = logging.getLogger("flame.node")
 _HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 #: send(kind, fields, frames): how a call's output and reply leave the node.
 Send = Callable[[str, dict, tuple], None]
@@ -49,8 +51,11 @@ class Calls:
     then installs :meth:`on_sigint` as the SIGINT handler.
     """
 
-    def __init__(self, capture: Capture, signal_main: bool = False) -> None:
+    def __init__(self, capture: Capture, signal_main: bool = False,
+                 pack: Callable[[list], tuple] | None = None) -> None:
         self.capture = capture
+        #: pack(frames) -> (frames, header fields): a result's large buffers into shared memory
+        self.pack = pack
         self._lock = threading.Lock()
         self._running: dict[str, _InFlight] = {}
         self._queued: set[str] = set()  # received and not started (calls sent ahead)
@@ -111,7 +116,14 @@ class Calls:
             return error_reply(call_id, SerializationError(
                 f"cannot send the result of {name}: {serialize.describe(result)}: "
                 f"{type(exc).__name__}: {safe_str(exc)}"))
-        return "result", {"id": call_id}, tuple(frames)
+        fields = {"id": call_id}
+        if self.pack is not None:
+            try:
+                frames, extra = self.pack(frames)
+                fields.update(extra)
+            except OSError as exc:  # /dev/shm full, say: the socket still carries it
+                log.warning("flame: result of %s goes over the socket: shared memory failed: %s", name, exc)
+        return "result", fields, tuple(frames)
 
     def _retire(self, call_id: str, flight: _InFlight) -> None:
         """The call has ended: from here on no interrupt can reach it. Idempotent."""

@@ -39,9 +39,10 @@ from typing import Any
 
 import zmq
 
-from .. import serialize
+from .. import serialize, shm
 from ..keys import read_key
-from ..wire import FN_CACHE_SIZE, Wire, curve_client, introduction, pending, recv_ready, send_parts
+from ..wire import (FN_CACHE_SIZE, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
+                    send_parts)
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .terminator import Terminator
@@ -87,7 +88,15 @@ class RunnerNode:
         self.inbox: collections.deque = collections.deque()
         self.capture = capture or Capture(runner=True)
         # With one call at a time the main thread runs it, and a cancel is a SIGINT.
-        self.calls = Calls(self.capture, signal_main=self.concurrency == 1)
+        # Shared memory with a parent on this machine (shm.py): our arena for results, the
+        # parent's mapped for arguments, and the frees our finalizers queue for the watch thread.
+        self.shm = env.get("FLAME_SHM") == "1" and shm.available()
+        self.arena: shm.Arena | None = None
+        self.maps = shm.Mappings()
+        self.frees: collections.deque = collections.deque()
+        self.parent_owner = self.id[:self.id.rfind("-r")] + "-p"
+        self.calls = Calls(self.capture, signal_main=self.concurrency == 1,
+                           pack=self._pack if self.shm else None)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.boot = "FLAME_BOOT" in env  # booted from code archives (code sync)
         self.code: str | None = env.get("FLAME_CODE")  # the local code's archive on sys.path
@@ -134,7 +143,7 @@ class RunnerNode:
         wake_r, inbox = self._wake_r, self.inbox
         hello = introduction()
         gpus = _visible_gpus()
-        hello.update(gpus=gpus, gpu_info=_gpu_info(gpus))
+        hello.update(gpus=gpus, gpu_info=_gpu_info(gpus), blake3=fast_digests())
         if self.boot:
             from .boot import cache_root
             hello["cache"] = cache_root()
@@ -184,7 +193,7 @@ class RunnerNode:
                                     "msg": f"runner {self.id} does not hold function {head['fn']}", "tb": ""})
                 return
             self.calls.queued(call_id)
-            self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:]))
+            self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:], head.get("m")))
             if threading.get_ident() != self._main_ident:
                 self._wake()
         elif kind == "cancel":
@@ -196,13 +205,19 @@ class RunnerNode:
         elif kind == "code":  # the pool's local code changed: take it in before the next call
             self.fns.clear()  # as the parent does: functions by reference must be looked up again
             self._take_code(head["h"], frames[0] if frames else None)
+        elif kind == "free":  # a region of our arena the parent no longer uses
+            if self.arena is not None:
+                self.arena.release(head.get("at", -1), PARENT)
         elif kind == "release":  # values no Remote refers to any more
             from . import objects
             objects.release(head["ids"])
         elif kind in ("complete", "inspect"):
             # Answered at once, by whichever thread takes it in: also while a call runs.
             self.post("reply", {"id": head["id"], "content": _introspect(kind, head)})
-        # "welcome" and "heartbeat" only prove the parent is alive.
+        elif kind == "welcome":
+            if head.get("blake3") and fast_digests():
+                self.wire.fast_peers.add(PARENT)
+        # "heartbeat" only proves the parent is alive.
 
     def _take_code(self, digest: str, data: Any) -> None:
         """Unpack archive ``digest`` (sent, or already in this host's cache), put it on
@@ -234,6 +249,7 @@ class RunnerNode:
                 pass  # a stray SIGINT; Calls raises only inside the call a cancel targets
             finally:
                 self.busy = False
+            self._send_frees()
         else:
             self.work_queue.put(item)
 
@@ -250,13 +266,42 @@ class RunnerNode:
             fns.move_to_end(digest)
         return entry
 
-    def execute(self, call_id: str, name: str, entry: list, arg_frames: list) -> None:
+    def execute(self, call_id: str, name: str, entry: list, arg_frames: list, shared: list | None = None) -> None:
+        taken = []
+
         def work() -> Any:
             if entry[1] is None:
                 entry[1] = serialize.loads([entry[0]])
-            args, kwargs = serialize.loads(arg_frames)
+            frames = arg_frames
+            if shared is not None:  # its large arguments wait in the parent's shared memory
+                frames = [*arg_frames, *self.maps.take(shared, self.parent_owner, self.frees.append)]
+                taken.append(True)
+            args, kwargs = serialize.loads(frames)
             return entry[1](*args, **kwargs)
         self.calls.execute(call_id, f"{name}()", work, self.post)
+        if shared is not None and not taken:  # cancelled before it ran, or its memory unreadable
+            self.frees.append(shared[1])
+
+    def _send_frees(self) -> None:
+        """Tell the parent which regions of its memory we let go of (our finalizers only queue:
+        they may run inside any code, locks held): at once after a call, else at the next flush."""
+        frees = self.frees
+        while frees:
+            try:
+                offset = frees.popleft()
+            except IndexError:
+                return
+            self.post("free", {"at": offset})
+
+    def _pack(self, frames: list) -> tuple[list, dict]:
+        """A result's large buffers into our arena, when they are worth it and there is room."""
+        if len(frames) < 2 or shm.oob_total(frames) < shm.SHM_MIN:
+            return frames, {}
+        if self.arena is None:
+            self.arena = shm.Arena(self.id)
+            _cleanup.append(self.arena.close)
+        ref = self.arena.put(frames[1:], PARENT)
+        return (frames[:1], {"m": ref}) if ref is not None else (frames, {})
 
     def worker(self) -> None:
         while True:
@@ -265,6 +310,7 @@ class RunnerNode:
                 self.execute(*item)
             except KeyboardInterrupt:
                 continue  # a stray interrupt; Calls raises only inside the call a cancel targets
+            self._send_frees()
 
     # ---- watch thread ----------------------------------------------------------------
     def watch_loop(self) -> None:
@@ -280,13 +326,14 @@ class RunnerNode:
                 if self.busy or self.concurrency > 1:
                     self.take_in()  # the main thread is not looking at the socket: take in cancels
                 self.calls.flush()
+                self._send_frees()
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
                     self.post("heartbeat")
                 why = self.terminator.verdict()
                 if why is not None:
-                    exit_now(why, self.id)
+                    exit_now(why, self.id, parent_gone=why.startswith("parent process"))
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
@@ -303,10 +350,22 @@ def _introspect(kind: str, head: dict) -> dict:
         return {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
 
 
-def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST) -> None:
+#: Run before the node exits, whatever the way: unlink our shared memory.
+_cleanup: list = []
+
+
+def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST, parent_gone: bool = False) -> None:
     """Exit at once (the parent is gone, or the runner cannot go on). Saying why is best effort:
     stderr may be a closed pipe (an SSH channel that went away), and that must not keep the
-    runner alive."""
+    runner alive. With the parent's process gone, its shared memory goes too: no one else would
+    unlink it (a parent that is merely silent keeps it)."""
+    try:
+        for fn in _cleanup:
+            fn()
+        if parent_gone and "-r" in runner_id:
+            shm.sweep(runner_id[:runner_id.rfind("-r")] + "-p")
+    except BaseException:
+        pass
     try:
         log.warning("flame runner %s exiting: %s", runner_id, why)
         sys.__stderr__.flush()
@@ -389,6 +448,8 @@ def main() -> None:
         for i in range(node.concurrency):
             threading.Thread(target=node.worker, name=f"flame-node-worker-{i + 1}", daemon=True).start()
     node.main_loop()
+    for fn in _cleanup:
+        fn()
     with node.sock_lock:
         node.sock.close()
     node.ctx.term()

@@ -1,0 +1,169 @@
+"""Large arguments and results through shared memory between a pool and its local runners
+(issue #13): correct values, nothing left in /dev/shm whatever dies, and regions reused."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import flame
+from flame import shm, wire
+from conftest import ROOT, wait_for
+
+MB = 1 << 20
+
+
+def segments(prefix=""):
+    return sorted(glob.glob(f"/dev/shm/flame-{prefix}*"))
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_dev_shm():
+    before = set(segments())
+    yield
+    assert wait_for(lambda: set(segments()) <= before, timeout=10), set(segments()) - before
+
+
+def echo(x):
+    return x
+
+
+def test_values_come_back_equal_through_shared_memory(make_pool):
+    pool = make_pool(max=1)
+    big = np.arange(4 * MB // 8, dtype=np.float64)
+    frozen = big.copy()
+    frozen.flags.writeable = False
+    values = {
+        "array": big,
+        "2d": np.arange(3 * MB // 4, dtype=np.int32).reshape(-1, 1024),
+        "read-only array": frozen,
+        "bytes": os.urandom(2 * MB),
+        "bytearray": bytearray(os.urandom(2 * MB)),
+        "in containers": {"a": [big, (frozen, "x")], "b": {"c": np.ones(MB // 8)}},
+    }
+    for name, value in values.items():
+        back = pool.call(echo, value)
+        if name == "in containers":
+            assert np.array_equal(back["a"][0], big) and np.array_equal(back["a"][1][0], frozen)
+            assert back["a"][1][1] == "x" and np.array_equal(back["b"]["c"], np.ones(MB // 8))
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(back, value) and back.dtype == value.dtype and back.shape == value.shape
+            assert back.flags.writeable == value.flags.writeable, name
+        else:
+            assert back == value and type(back) is type(value), name
+    view = pool.call(echo, memoryview(bytes(range(256)) * (8 * 1024)))
+    assert bytes(view) == bytes(range(256)) * (8 * 1024)
+    # It went through shared memory both ways: the pool's arena lent a region, and the result
+    # is backed by the runner's, not by a copy of a socket's frame.
+    assert pool._arena is not None and segments(pool.runners[0].id)
+    result = pool.call(echo, big)
+    base = result
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and type(base.obj).__name__ == "Region"
+    result[0] = 42.0  # writable, and ours: the runner's copy is not touched
+    assert pool.call(lambda a: float(a[0]), big) == 0.0
+
+
+def test_pandas_through_shared_memory(make_pool):
+    pd = pytest.importorskip("pandas")
+    pool = make_pool(max=1)
+    frame = pd.DataFrame({"x": np.arange(MB // 4, dtype=np.float64), "y": np.arange(MB // 4)})
+    back = pool.call(lambda df: df.assign(z=df.x * 2), frame)
+    assert back["z"].sum() == frame["x"].sum() * 2 and list(back.columns) == ["x", "y", "z"]
+    series = pool.call(echo, frame["x"])
+    assert series.equals(frame["x"])
+
+
+def test_regions_are_reused_not_grown(make_pool):
+    pool = make_pool(max=1)
+    a = np.random.rand(16 * MB // 8)
+    for _ in range(12):
+        b = pool.call(echo, a)
+        del b
+    ours = os.stat(os.path.join(shm.DIR, pool._arena.name)).st_blocks * 512
+    [theirs] = segments(pool.runners[0].id)
+    used = os.stat(theirs).st_blocks * 512
+    # 12 round trips of 16 MB each way: a few regions, written again and again.
+    assert ours <= 3 * 16 * MB and used <= 3 * 16 * MB, (ours, used)
+
+
+def test_socket_when_shared_memory_is_off_and_below_the_threshold(make_pool):
+    pool = make_pool(backend=flame.LocalBackend(shared_memory=False), max=1)
+    a = np.arange(4 * MB // 8)
+    assert np.array_equal(pool.call(echo, a), a)
+    assert pool._arena is None and not segments(pool.runners[0].id)
+    small = make_pool(max=1)
+    assert np.array_equal(small.call(echo, a[:1000]), a[:1000])
+    assert small._arena is None
+
+
+def test_a_runner_killed_mid_transfer_leaves_nothing(make_pool):
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+    rid = pool.runners[0].id
+    a = np.ones(32 * MB // 8)
+    assert pool.call(lambda x: x * 1, a).sum() == a.size  # arenas made both ways
+    assert segments(rid)
+
+    def hold_then_sleep(x):
+        import time
+        global KEPT
+        KEPT = x * 2  # a result-sized value, held while the call sleeps
+        time.sleep(60)
+    fut = pool.submit(hold_then_sleep, a)
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(flame.RunnerDied):
+        fut.result(timeout=10)
+    assert wait_for(lambda: not segments(rid), timeout=10), segments(rid)
+    assert not pool._arena.lent, "what it held of the pool's memory is free again"
+    pool.shutdown()
+    assert not segments(pool._id_prefix[:-1])
+
+
+def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, time, numpy as np, flame
+        pool = flame.Pool(max=2, min=2, parent_timeout=2)
+        a = np.ones(32 * 2**20 // 8)
+        pool.map(lambda x: x * 2, [a, a])  # both runners: arenas made, regions lent both ways
+        futs = [pool.submit(lambda x: (__import__("time").sleep(60), x)[1], a) for _ in range(2)]
+        print(pool._id_prefix[:-1], flush=True)
+        time.sleep(600)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        prefix = parent.stdout.readline().strip()
+        assert prefix and wait_for(lambda: len(segments(prefix)) >= 3, timeout=20), segments(prefix)
+    finally:
+        parent.kill()
+        parent.wait()
+    # Its runners notice at once (by pid) and unlink their arenas and the parent's.
+    assert wait_for(lambda: not segments(prefix), timeout=10), segments(prefix)
+
+
+def test_a_tampered_large_frame_is_refused_with_either_digest():
+    key = os.urandom(32)
+    for fast in (False, True):
+        sender, receiver = wire.Wire(key, "a"), wire.Wire(key, "b")
+        if fast:
+            sender.fast_peers.add("b")
+        big = os.urandom(9 * MB)
+        parts = sender.encode("result", "b", {"id": 1}, [b"head", big])
+        assert parts[0][:3] == (wire.MAGIC_FAST if fast else wire.MAGIC)
+        assert receiver.decode(parts) is not None
+        parts = sender.encode("result", "b", {"id": 2}, [b"head", big])
+        tampered = bytearray(parts[1])
+        tampered[MB] ^= 1
+        assert receiver.decode([parts[0], bytes(tampered)]) is None
+        assert receiver.dropped == 1
