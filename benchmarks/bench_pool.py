@@ -1,11 +1,16 @@
-"""flame.Pool against its floor (raw pyzmq + cloudpickle echo) and ProcessPoolExecutor.
+"""flame.Pool against its floor (raw pyzmq + cloudpickle echo), ProcessPoolExecutor, and Ray
+and Dask when installed (the `bench` extra).
 
-Prints one table: median and p90 of each measure, and flame's ratio to the floor
-measured in the same run, the systems taking turns so that the machine's drift hits
-all of them alike. Run: `python benchmarks/bench_pool.py [--quick]`.
+Prints one table per measure: median and p90, and each system's ratio to the floor measured
+in the same run, the systems taking turns so that the machine's drift hits all of them
+alike; writes benchmarks/results/bench_pool.png. The tiny-task floor sends every task
+before reading a reply; the 100 MB round trip runs through shared memory (flame) and over
+the socket (flame (socket): LocalBackend(shared_memory=False)), next to one numpy copy of
+the array. Run: `python benchmarks/bench_pool.py [--quick]`.
 """
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import time
@@ -54,6 +59,20 @@ class Floor:
         self.send(self.ids[0], fn, *args)
         return self.recv()[1]
 
+    def pipelined(self, fn, items):
+        """Every task sent, round robin, before any reply is read: the best a raw user would write."""
+        items = list(items)
+        order: dict = {ident: collections.deque() for ident in self.ids}
+        for i, x in enumerate(items):
+            ident = self.ids[i % len(self.ids)]
+            order[ident].append(i)
+            self.send(ident, fn, x)
+        results = {}
+        for _ in items:  # each worker answers in the order it was sent its tasks
+            ident, value = self.recv()
+            results[order[ident].popleft()] = value
+        return [results[i] for i in range(len(items))]
+
     def map(self, fn, items):
         items, results, free = list(items), {}, list(self.ids)
         inflight = {}
@@ -85,6 +104,10 @@ def tiny(x):
     return x + 1
 
 
+def echo(a):
+    return a
+
+
 def interleaved(systems: dict, measure, rounds: int) -> dict:
     """Run ``measure(system)`` for each system in turn, ``rounds`` times, pooling the samples.
 
@@ -98,67 +121,175 @@ def interleaved(systems: dict, measure, rounds: int) -> dict:
     return out
 
 
+# ---- peers, when installed (the `bench` extra) -----------------------------------------------
+class RayPeer:
+    def __init__(self, workers: int) -> None:
+        import os
+        import tempfile
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # listen on loopback
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in ~/.ray
+        import ray
+        self.ray = ray
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="flame-bench-ray-"))
+        self.fns: dict = {}
+
+    def remote(self, fn):
+        if fn not in self.fns:  # a class would make an actor: wrap it in a function
+            self.fns[fn] = self.ray.remote(fn if not isinstance(fn, type) else (lambda *a, f=fn: f(*a)))
+        return self.fns[fn]
+
+    def call(self, fn, *args):
+        return self.ray.get(self.remote(fn).remote(*args))
+
+    def map(self, fn, xs):
+        f = self.remote(fn)
+        return self.ray.get([f.remote(x) for x in xs])
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+class DaskPeer:
+    def __init__(self, workers: int) -> None:
+        from dask.distributed import Client, LocalCluster
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        self.client = Client(self.cluster)
+
+    def call(self, fn, *args):
+        return self.client.submit(fn, *args, pure=False).result()
+
+    def map(self, fn, xs):
+        return self.client.gather(self.client.map(fn, list(xs), pure=False))
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def peers() -> dict:
+    found = {}
+    for name, module, make in (("Ray", "ray", RayPeer), ("Dask", "distributed", DaskPeer)):
+        try:
+            __import__(module)
+            found[name] = make
+        except ImportError:
+            pass
+    return found
+
+
 def main(quick: bool = False) -> None:
-    n_warm, rounds, n_cold, n_big, n_tasks, t_rounds = ((300, 3, 3, 2, 1000, 1) if quick
-                                                        else (6000, 20, 7, 5, 5000, 5))
+    n_warm, rounds, n_cold, n_big, n_tasks, t_rounds = ((300, 3, 3, 3, 1000, 1) if quick
+                                                        else (3000, 10, 7, 7, 5000, 5))
     big = np.ones(100 * 1024 * 1024 // 8)
-    echo = lambda a: a  # noqa: E731 - a lambda, sent by value like a notebook's
+    spare = np.empty_like(big)
+    others = peers()
+    table: dict = {}  # measure -> {system: samples}
 
     # warm calls and the 100 MB round trip: one worker each
-    floor, pool, ex = Floor(1), flame.Pool(max=1), ProcessPoolExecutor(1)
-    calls = {"floor": lambda fn, *a: floor.call(fn, *a), "flame": pool.call,
-             "ppe": lambda fn, *a: ex.submit(fn, *a).result()}
+    systems = {"floor": Floor(1), "flame": flame.Pool(max=1),
+               "flame (socket)": flame.Pool(flame.LocalBackend(shared_memory=False), max=1),
+               "ProcessPoolExecutor": ProcessPoolExecutor(1)}
+    for name, make in others.items():
+        systems[name] = make(1)
+    calls = {name: (lambda fn, *a, s=s: s.submit(fn, *a).result()) if isinstance(s, ProcessPoolExecutor)
+             else s.call for name, s in systems.items()}
     for call in calls.values():
         call(noop)
-    warm = interleaved(calls, lambda call: timed(lambda: call(noop), n_warm // rounds), rounds)
-    calls["ppe"] = lambda fn, *a: ex.submit(np.copy, *a).result()  # ProcessPoolExecutor can't send lambdas
-    big_rt = interleaved(calls, lambda call: timed(lambda: call(echo, big), 1), n_big)
-    floor.close(), pool.shutdown(), ex.shutdown()
+    warm_calls = {k: v for k, v in calls.items() if k != "flame (socket)"}
+    table["warm no-op call (µs)"] = interleaved(
+        warm_calls, lambda call: [t * 1e6 for t in timed(lambda: call(noop), n_warm // rounds)], rounds)
+    big_calls = dict(calls, **{"numpy copy (reference)": lambda fn, a: np.copyto(spare, a)})
+    big_calls["ProcessPoolExecutor"] = lambda fn, a: systems["ProcessPoolExecutor"].submit(np.copy, a).result()
+    table["100 MB numpy round trip (ms)"] = interleaved(
+        big_calls, lambda call: [t * 1e3 for t in timed(lambda: call(echo, big), 1)], n_big)
+    for s in systems.values():
+        (s.shutdown if hasattr(s, "shutdown") else s.close)()
 
-    # throughput: tiny tasks on two workers
-    floor, pool, ex = Floor(2), flame.Pool(max=2), ProcessPoolExecutor(2)
-    maps = {"floor": floor.map, "flame": pool.map, "ppe": lambda fn, xs: list(ex.map(fn, xs))}
+    # throughput: tiny tasks on two workers. The floor sends every task before reading a reply.
+    systems = {"floor": Floor(2), "flame": flame.Pool(max=2), "ProcessPoolExecutor": ProcessPoolExecutor(2)}
+    for name, make in others.items():
+        systems[name] = make(2)
+    maps = {"floor": systems["floor"].pipelined, "flame": systems["flame"].map,
+            "flame (submit)": lambda fn, xs: [f.result() for f in [systems["flame"].submit(fn, x) for x in xs]],
+            "ProcessPoolExecutor": lambda fn, xs: list(systems["ProcessPoolExecutor"].map(fn, xs, chunksize=1))}
+    for name in others:
+        maps[name] = systems[name].map
     for run in maps.values():
-        run(tiny, range(4))
+        assert run(tiny, range(4)) == [1, 2, 3, 4]
 
     def rate(run):
         t = time.perf_counter()
         run(tiny, range(n_tasks))
         return [n_tasks / (time.perf_counter() - t)]
-    tput = interleaved(maps, rate, t_rounds)
-    floor.close(), pool.shutdown(), ex.shutdown()
+    table[f"{n_tasks} tiny tasks on 2 runners (tasks/s)"] = interleaved(maps, rate, t_rounds)
+    for s in systems.values():
+        (s.shutdown if hasattr(s, "shutdown") else s.close)()
 
-    # cold start: from nothing to the first result
-    def cold(start, first, stop):
+    # cold start: from nothing to the first result (a builtin, so nothing is imported to unpickle it)
+    def cold(make, stop):
         def once(_):
             t = time.perf_counter()
-            handle = start()
-            first(handle)
+            handle = make()
+            (handle.submit(int).result() if isinstance(handle, ProcessPoolExecutor) else handle.call(int))
             took = time.perf_counter() - t
             stop(handle)
-            return [took]
+            return [took * 1e3]
         return once
-    starts = {"floor": cold(lambda: Floor(1), lambda fl: fl.call(noop), lambda fl: fl.close()),
-              "flame": cold(lambda: flame.Pool(max=1), lambda p: p.call(noop), lambda p: p.shutdown()),
-              "ppe": cold(lambda: ProcessPoolExecutor(1), lambda ex: ex.submit(noop).result(),
-                          lambda ex: ex.shutdown())}
-    cold_start = interleaved(starts, lambda once: once(None), n_cold)
+    starts = {"floor": cold(lambda: Floor(1), lambda f: f.close()),
+              "flame": cold(lambda: flame.Pool(max=1), lambda p: p.shutdown()),
+              "ProcessPoolExecutor": cold(lambda: ProcessPoolExecutor(1), lambda e: e.shutdown())}
+    table["cold start to first result (ms)"] = interleaved(starts, lambda once: once(None), n_cold)
+    for name, make in others.items():  # seconds each: a few samples, after the others
+        table["cold start to first result (ms)"][name] = [
+            cold(lambda m=make: m(1), lambda p: p.close())(None)[0] for _ in range(2)]
 
-    rows = []
+    report(table)
 
-    def row(name, unit, scale, samples):
-        (fm, f9), (pm, p9), (em, e9) = (stats(samples[k]) for k in ("floor", "flame", "ppe"))
-        rows.append((name, unit, f"{fm*scale:.1f} / {f9*scale:.1f}", f"{pm*scale:.1f} / {p9*scale:.1f}",
-                     f"{em*scale:.1f} / {e9*scale:.1f}", f"{pm / fm:.2f}x"))
 
-    row("warm no-op call", "µs", 1e6, warm)
-    row("cold start to first result", "ms", 1e3, cold_start)
-    row("100 MB numpy round trip", "ms", 1e3, big_rt)
-    (fm, _), (pm, _), (em, _) = (stats(tput[k]) for k in ("floor", "flame", "ppe"))
-    rows.append((f"{n_tasks} tiny tasks on 2 runners", "tasks/s", f"{fm:.0f}", f"{pm:.0f}", f"{em:.0f}",
-                 f"{pm / fm:.2f}x"))
-    print_table(("measure", "unit", "floor (median / p90)", "flame (median / p90)",
-                 "ProcessPoolExecutor", "flame / floor"), rows)
+def report(table: dict) -> None:
+    """One markdown table per measure (median, p90, ratio to the floor), and a PNG of the ratios."""
+    import os
+    ratios: dict = {}
+    for measure, samples in table.items():
+        higher_better = "tasks/s" in measure
+        floor = stats(samples["floor"])[0]
+        rows = []
+        for system, values in samples.items():
+            med, p90 = stats(values)
+            ratio = med / floor
+            rows.append((system, f"{med:,.1f}", f"{p90:,.1f}" if not higher_better else "",
+                         f"{ratio:.2f}x"))
+            if system not in ("floor", "numpy copy (reference)"):
+                ratios.setdefault(system, {})[measure] = (1 / ratio) if higher_better else ratio
+        print(f"\n{measure}\n")
+        print_table(("system", "median", "p90", "/ floor"), rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    measures = list(table)
+    systems = list(ratios)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        xs = [j + i * width for j in range(len(measures))]
+        ax.bar(xs, [ratios[system].get(m, 0) for m in measures], width, label=system)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(measures))])
+    ax.set_xticklabels([m.split(" (")[0] for m in measures], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time relative to the floor (log; lower is better)")
+    ax.legend(fontsize=8)
+    ax.set_title("flame and its peers against the floor (raw pyzmq + cloudpickle), same run")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_pool.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

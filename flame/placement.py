@@ -11,8 +11,10 @@ reads runners and calls and changes nothing, so it is tested without processes
 2. Any other call starts on the least-loaded ready runner with a free slot, FIFO.
 3. Calls left over boot runners, up to ``max`` and the backend's capacity, but no more than
    the runners booting now leave uncovered.
-4. When nothing can boot and every runner is busy, the next calls are sent ahead
-   (``prefetch`` per runner), so each is on its runner the moment the one before it ends; the
+4. When nothing can boot and every runner is busy, the next calls are sent ahead, so each is
+   on its runner the moment the one before it ends: as many per runner as the calls left
+   waiting share out, up to ``prefetch`` (a long queue keeps runners from waiting on the
+   parent; a short one leaves later calls free to go to whichever runner frees first). The
    runner still runs at most ``concurrency`` at once.
 5. ``min`` runners are kept, booting or ready.
 6. A ready runner idle for ``idle_after`` seconds stops, unless that would leave fewer than
@@ -34,7 +36,7 @@ class Limits:
     max: int
     #: calls one runner runs at once
     concurrency: int
-    #: calls sent ahead to each busy runner when nothing can boot
+    #: most calls sent ahead to each busy runner when nothing can boot
     prefetch: int = 1
     #: more runners the backend could start now; None: no limit of its own
     capacity: int | None = None
@@ -114,8 +116,8 @@ def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: 
     if need > 0 and room > 0:
         decision.boots = min(room, math.ceil(need / limits.concurrency))
     elif others and not booting and room <= 0 and limits.prefetch > 0:
-        place(itertools.chain(pinned, itertools.islice(waiting, stuck, None)),
-              limits.concurrency + limits.prefetch)
+        depth = min(limits.prefetch, max(1, math.ceil((others + len(pinned)) / max(1, ready))))
+        place(itertools.chain(pinned, itertools.islice(waiting, stuck, None)), limits.concurrency + depth)
     if limits.refill and live + decision.boots < limits.min:
         decision.boots = max(decision.boots, min(room, limits.min - live))
     if limits.idle_after is not None:

