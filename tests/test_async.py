@@ -241,8 +241,11 @@ def test_attached_cells_await_on_a_fastapi_apps_loop(fastapi_app, kernel):
         cell, (reply, msgs) = execute(kc, "import asyncio\nloop_id == id(__import__('flame.node.aio', fromlist=['x']).app_loop())")
         assert value(msgs, cell) == ["True"]
         # completion after `await obj.` comes from the app
-        kc.complete("await fetch_co", 14)
-        assert "fetch_count" in kc.get_shell_msg(timeout=10)["content"]["matches"]
+        asked = kc.complete("await fetch_co", 14)
+        reply = kc.get_shell_msg(timeout=10)
+        while reply["parent_header"].get("msg_id") != asked:  # a late reply to an earlier request
+            reply = kc.get_shell_msg(timeout=10)
+        assert "fetch_count" in reply["content"]["matches"], reply["content"]
         # the stop button cancels the awaited task; the app keeps serving meanwhile and after
         msg_id = kc.execute("await asyncio.sleep(60)")
         time.sleep(0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import _thread
 from concurrent.futures import CancelledError
 import os
+import signal
 import stat
 import threading
 import time
@@ -124,7 +125,16 @@ def test_call_that_ignores_the_cancel_gets_its_runner_replaced(make_pool):
     assert pool.call(os.getpid) != pid
 
 
-def test_keyboard_interrupt_while_waiting_cancels_the_remote_call(make_pool, tmp_path):
+@pytest.fixture
+def sigint_handled():
+    """Ctrl-C as Python handles it. A test run as a background job (``cmd &`` in a script)
+    inherits SIGINT ignored, and then ``_thread.interrupt_main()`` does nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_keyboard_interrupt_while_waiting_cancels_the_remote_call(make_pool, tmp_path, sigint_handled):
     pool = make_pool(max=1)
     path = str(tmp_path / "ticks")
     pid = pool.call(os.getpid)

@@ -168,20 +168,28 @@ def _fetch(settings, digests, checks, root, deadline):
         ctx.term()
 
 
+def settings_from_stdin():
+    """``--stdin``: the FLAME_* settings (the key among them) arrive as one JSON line on stdin,
+    into ``os.environ``. Used over SSH, where a command line is visible in ``ps`` and servers
+    refuse to pass arbitrary environment variables. Read byte by byte up to the newline (a
+    buffered reader would swallow what follows): stdin stays open, and the runner watches it
+    for EOF, which means its connection is gone."""
+    fd, chunks = sys.stdin.fileno(), []
+    while True:
+        ch = os.read(fd, 1)
+        if not ch:
+            raise SystemExit("flame: no configuration on stdin")
+        if ch == b"\n":
+            break
+        chunks.append(ch)
+    os.environ.update({k: str(v) for k, v in json.loads(b"".join(chunks).decode()).items()})
+
+
 def main():
     import time
     start = time.monotonic()
     if "--stdin" in sys.argv[1:]:
-        # Byte by byte up to the newline: stdin stays open, and the runner watches it for EOF.
-        fd, chunks = sys.stdin.fileno(), []
-        while True:
-            ch = os.read(fd, 1)
-            if not ch:
-                raise SystemExit("flame: no configuration on stdin")
-            if ch == b"\n":
-                break
-            chunks.append(ch)
-        os.environ.update({k: str(v) for k, v in json.loads(b"".join(chunks).decode()).items()})
+        settings_from_stdin()
         os.environ["FLAME_WATCH_STDIN"] = "1"
     settings = dict(os.environ)
     boot = json.loads(settings["FLAME_BOOT"])

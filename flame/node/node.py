@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import faulthandler
-import json
 import logging
 import os
 import queue
@@ -391,26 +390,6 @@ def _gpu_info(ids: list[str]) -> list[dict]:
         return []
 
 
-def _config_from_stdin() -> None:
-    """``--stdin``: the FLAME_* settings (the key among them) arrive as one JSON line on stdin.
-
-    Used over SSH, where a command line is visible in ``ps`` and servers refuse to pass
-    arbitrary environment variables. stdin then stays open (see :func:`_watch_stdin`).
-    """
-    # Read byte by byte up to the newline: a buffered reader would swallow what follows.
-    fd = sys.stdin.fileno()
-    chunks = []
-    while True:
-        ch = os.read(fd, 1)
-        if not ch:
-            raise SystemExit("flame.node --stdin: no configuration on stdin")
-        if ch == b"\n":
-            break
-        chunks.append(ch)
-    line = b"".join(chunks)
-    os.environ.update({k: str(v) for k, v in json.loads(line).items()})
-
-
 def _watch_stdin() -> None:
     """EOF on stdin means the connection to the parent is gone: exit at once."""
     fd = sys.stdin.fileno()
@@ -428,7 +407,8 @@ def _watch_stdin() -> None:
 def main() -> None:
     faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
     if "--stdin" in sys.argv[1:]:
-        _config_from_stdin()
+        from .boot import settings_from_stdin
+        settings_from_stdin()
         _watch_stdin()
     elif os.environ.pop("FLAME_WATCH_STDIN", None):  # the bootstrap read the settings (boot.py)
         _watch_stdin()
