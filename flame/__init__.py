@@ -50,6 +50,7 @@ _EXPORTS = {
     "CallTimeout": "flame.errors",
     "SerializationError": "flame.errors",
     "PoolClosed": "flame.errors",
+    "CodeSyncError": "flame.codesync",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -78,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
                          SerializationError)
     from .pool import Pool, pools, shutdown_all
     from .remote import Remote, RemoteGone, inspect_remote
+    from .codesync import CodeSyncError
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
     from .progress import Progress, gather, set_progress_factory
