@@ -19,7 +19,7 @@ import pytest
 
 import flame
 from flame.codesync import CodeSync, CodeSyncError, flame_archive
-from conftest import CODE_CACHE
+from conftest import CODE_CACHE, wait_for
 from services import REMOTE_USER
 
 
@@ -43,10 +43,26 @@ def write(path, text):
         f.write(textwrap.dedent(text))
 
 
+_opened: list = []
+
+
+@pytest.fixture(autouse=True)
+def close_backends():
+    """Each test's SSH connections end with it."""
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 def remote_backend(sshd, remote_host, venv="bare", cache=None, **kw):
-    return flame.SSHBackend([f"{REMOTE_USER}@127.0.0.1:{sshd.port}"], python=remote_host.venv(venv, **kw),
+    return _track(flame.SSHBackend([f"{REMOTE_USER}@127.0.0.1:{sshd.port}"], python=remote_host.venv(venv, **kw),
                             key=sshd.client_key, known_hosts=None,
-                            env={"FLAME_CODE_CACHE": cache} if cache else None)
+                            env={"FLAME_CODE_CACHE": cache} if cache else None))
+
+
+def _track(backend):
+    _opened.append(backend)
+    return backend
 
 
 def package(d, name="mymodel", value=1):
@@ -98,7 +114,7 @@ def test_an_edit_and_a_reload_reach_every_runner(sshd, remote_host, local, make_
     package(local, value=2)
     mymodel = importlib.import_module("mymodel")
     pool = make_pool(backend=remote_backend(sshd, remote_host), min=2, max=2)
-    assert wait_ready(pool, 2)
+    assert wait_for(lambda: sum(r.state == "ready" for r in pool.runners) == 2, timeout=30)
     ids = {r.id for r in pool.runners}
     assert [pool.submit_to(rid, mymodel.train, 1).result(timeout=30)[0] for rid in sorted(ids)] == [2, 2]
     sent = pool.code_bytes_sent
@@ -127,18 +143,6 @@ def test_an_edit_and_a_reload_reach_every_runner(sshd, remote_host, local, make_
     again = pool.code_bytes_sent
     assert [pool.submit_to(rid, mymodel.train, 2).result(timeout=30)[0] for rid in sorted(ids)] == [6, 6]
     assert pool.code_bytes_sent == again, "unchanged code: nothing re-sent"
-
-
-def wait_for_runners(pool, n, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sum(r.state == "ready" for r in pool.runners) >= n:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-wait_ready = wait_for_runners
 
 
 def test_a_second_pool_on_the_same_host_sends_nothing(sshd, remote_host, local, make_pool, tmp_path):
@@ -176,7 +180,7 @@ def test_another_python_minor_version_gives_a_boot_error(sshd, make_pool):
                   if os.path.exists(p) and not v.startswith("%d.%d." % sys.version_info[:2])), None)
     if other is None:
         pytest.skip("no Python of another minor version here (pyenv)")
-    backend = flame.SSHBackend([sshd.host], python=other, key=sshd.client_key, known_hosts=None)
+    backend = _track(flame.SSHBackend([sshd.host], python=other, key=sshd.client_key, known_hosts=None))
     pool = make_pool(backend=backend, max=1)
     with pytest.raises(flame.BootError, match=r"the parent runs Python %d\.%d" % sys.version_info[:2]):
         pool.call(lambda: 1)
@@ -197,7 +201,7 @@ def test_a_package_installed_here_but_not_there_is_named(sshd, remote_host, make
 def test_code_over_the_limit_names_the_largest_files(local, sshd, make_pool):
     write(os.path.join(local, "huge.py"), "X = 1\n" + "#" * 300_000 + "\n")
     write(os.path.join(local, "small.py"), "Y = 2\n")
-    backend = flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None)
+    backend = _track(flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None))
     with pytest.raises(CodeSyncError, match=r"over code_limit.*huge\.py \(0\.3 MB\)"):
         make_pool(backend=backend, code_sync=[local], code_limit=200_000)
     # Left out, it fits.
@@ -207,7 +211,7 @@ def test_code_over_the_limit_names_the_largest_files(local, sshd, make_pool):
 def test_options_are_checked_at_the_door(sshd):
     with pytest.raises(ValueError, match="code_sync is for runners on other machines"):
         flame.Pool(flame.LocalBackend(), code_sync=True)
-    ssh = flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None)
+    ssh = _track(flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None))
     with pytest.raises(TypeError, match="code_sync must be"):
         flame.Pool(ssh, code_sync="src")
     with pytest.raises(TypeError, match="code_exclude must be"):
@@ -240,7 +244,7 @@ def test_what_is_packed(local):
 def test_a_code_request_without_the_key_gets_nothing(make_pool, sshd):
     import zmq
     from flame.node.boot import BOOT, request_mac
-    backend = flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None)
+    backend = _track(flame.SSHBackend([sshd.host], key=sshd.client_key, known_hosts=None))
     pool = make_pool(backend=backend, max=1)
     digest = flame_archive().digest
     ctx = zmq.Context()
@@ -281,3 +285,25 @@ def test_a_host_without_blake3_gets_sha256_digests(sshd, remote_host, make_pool)
     big = bytearray(os.urandom(12 * 2**20))
     assert pool.call(lambda b: b[::-1], big) == big[::-1]
     assert pool.runners[0].id not in pool._endpoint.wire.fast_peers
+
+
+def test_an_archive_missing_from_the_hosts_cache_is_sent_whole(sshd, remote_host, local, make_pool):
+    package(local, value=2)
+    mymodel = importlib.import_module("mymodel")
+    pool = make_pool(backend=remote_backend(sshd, remote_host), max=1)
+    assert pool.call(mymodel.train, 1)[0] == 2
+    [r] = pool._runners.values()
+    write(os.path.join(local, "mymodel", "core.py"), """
+        import os
+        def train(x):
+            return x * 5, os.path.abspath(__file__)
+    """)
+    importlib.reload(importlib.import_module("mymodel.core"))
+    importlib.reload(mymodel)
+    new = pool._code.current().digest
+    pool._code_hosts[r.cache].add(new)  # as if another runner had brought it, and it was deleted since
+    sent = pool.code_bytes_sent
+    pool.call(mymodel.train, 1)  # the runner says it lacks the archive; this call may run the old code
+    assert wait_for(lambda: r.code is None, timeout=10)
+    assert pool.call(mymodel.train, 1)[0] == 5, "the next call gets the archive whole, and runs it"
+    assert pool.code_bytes_sent > sent
