@@ -68,6 +68,7 @@ class Arena:
         finally:
             os.close(fd)
         self.size = size
+        self._touched = 0  # bytes from the start that have been written: their pages exist
         self._lock = threading.Lock()
         self._free = [(0, size)]  # (offset, length), sorted by offset
         #: offset -> (length, holders: peers that may still hold views of it)
@@ -84,6 +85,14 @@ class Arena:
             offset = self._take(total)
             if offset is None:
                 return None
+            # Pages past what was ever written are allocated as they are written, and writing
+            # to a full tmpfs is SIGBUS, not an error (Docker's /dev/shm is 64 MB): check first.
+            fresh = offset + total - self._touched
+            if fresh > 0 and _room() < fresh:
+                self._give_back(offset, total)
+                log.info("flame: /dev/shm is too full for %d MB: over the socket instead", total >> 20)
+                return None
+            self._touched = max(self._touched, offset + total)
             self.lent[offset] = [total, {holder}]
         at = offset
         for v in views:
@@ -117,16 +126,20 @@ class Arena:
             if entry[1]:
                 return
             del self.lent[offset]
-            self._free.append((offset, entry[0]))
-            self._free.sort()
-            merged = [self._free[0]]
-            for o, n in self._free[1:]:
-                last_o, last_n = merged[-1]
-                if last_o + last_n == o:
-                    merged[-1] = (last_o, last_n + n)
-                else:
-                    merged.append((o, n))
-            self._free = merged
+            self._give_back(offset, entry[0])
+
+    def _give_back(self, offset: int, length: int) -> None:
+        """Return a region to the free list, merged with its neighbours (lock held)."""
+        self._free.append((offset, length))
+        self._free.sort()
+        merged = [self._free[0]]
+        for o, n in self._free[1:]:
+            last_o, last_n = merged[-1]
+            if last_o + last_n == o:
+                merged[-1] = (last_o, last_n + n)
+            else:
+                merged.append((o, n))
+        self._free = merged
 
     def release_all(self, holder: str) -> None:
         for offset in [o for o, (_, holders) in list(self.lent.items()) if holder in holders]:
@@ -135,6 +148,12 @@ class Arena:
     def close(self) -> None:
         """Unlink the file; mappings (ours and receivers') stay valid until dropped."""
         unlink(self.name)
+
+
+def _room() -> int:
+    """Bytes still free in DIR."""
+    st = os.statvfs(DIR)
+    return st.f_bavail * st.f_frsize
 
 
 def unlink(name: str) -> None:

@@ -167,3 +167,26 @@ def test_a_tampered_large_frame_is_refused_with_either_digest():
         tampered[MB] ^= 1
         assert receiver.decode([parts[0], bytes(tampered)]) is None
         assert receiver.dropped == 1
+
+
+def test_a_full_dev_shm_sends_over_the_socket_instead_of_crashing(tmp_path, monkeypatch):
+    """Writing past a full tmpfs through a mapping is SIGBUS: the arena checks the room first.
+    A 4 MB tmpfs stands in for Docker's small /dev/shm."""
+    small = tmp_path / "shm"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode:
+        pytest.fail("this test needs root, to mount a small tmpfs", pytrace=False)
+    try:
+        monkeypatch.setattr(shm, "DIR", str(small))
+        arena = shm.Arena("test-full")
+        try:
+            assert arena.put([os.urandom(3 * MB)], "h") is not None  # fits
+            assert arena.put([os.urandom(3 * MB)], "h") is None  # would not: refused, not SIGBUS
+            assert len(arena.lent) == 1 and arena._free[0][0] > 0
+            arena.release(0, "h")
+            assert arena.put([os.urandom(3 * MB)], "h") == [arena.name, 0, [3 * MB]], "reused"
+        finally:
+            arena.close()
+            arena.mm.close()
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=True)  # lazy: never left mounted
