@@ -1,10 +1,13 @@
 """Attach a real kernel to a real running app: its objects, completion, inspection, interrupts, failures."""
 from __future__ import annotations
 
+import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -339,3 +342,30 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
             app.close()
         proc.kill()
         proc.wait()
+
+
+def test_a_cell_cancelled_while_queued_never_runs(app):
+    """A cancel that reaches the app while the cell waits (behind another, or behind the
+    worker's warm-up) skips it and is answered at once; it used to be lost, the cell ran
+    later, and the next one waited behind it."""
+    _, path = app
+    conn = flame.connect(path)
+    try:
+        busy = threading.Thread(target=conn.run, args=("import time\ntime.sleep(2)",))
+        busy.start()
+        time.sleep(0.5)
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even as a background job
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                conn.run("ran_queued = True")
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, before)
+        assert time.monotonic() - t0 < 1.5, "answered when cancelled, not after the cell before it"
+        busy.join(10)
+        assert conn.run("'ran_queued' in globals()")["data"]["text/plain"] == "False"
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ from .. import serialize
 from ..wire import Wire, introduction, listener
 from . import aio, display, introspect
 from .capture import Capture
-from .execute import Calls
+from .execute import Calls, cancelled_reply
 from .interactive import result_bundle, run_source, user_expressions
 from .node import FLUSH_INTERVAL
 
@@ -148,9 +148,12 @@ class AppNode:
             log.info("flame: notebook pid %s on %s attached", head.get("pid"), head.get("host"))
             self.send(ident, "welcome", {**introduction(), "argv": sys.argv})
         elif kind in ("run", "call"):
+            self.calls.queued(head["id"])  # from now on a cancel skips it, until it starts
             self.work.put((ident, kind, head, frames))
         elif kind == "cancel":
-            self.calls.cancel(head["id"])
+            # Still queued (behind another cell, or the worker's warm-up): answered now, never run.
+            if self.calls.cancel(head["id"]) == "skipped":
+                self.send(ident, *cancelled_reply(head["id"]))
         elif kind == "complete":
             reply = introspect.complete(self.namespace, head["code"], head.get("cursor"))
             self.send(ident, "reply", {"id": head["id"], "content": reply})
