@@ -74,6 +74,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture
+def sigint_handled():
+    """Ctrl-C as Python handles it. A test run as a background job (``cmd &`` in a script)
+    inherits SIGINT ignored, and then ``_thread.interrupt_main()`` does nothing."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
 def pool_backend():
     """A factory of the backend ``make_pool`` uses when given none; None: the Pool's default.
     Overridden where a suite runs against several (test_pool.py: runners forked or not)."""

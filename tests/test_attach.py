@@ -4,7 +4,6 @@ from __future__ import annotations
 import _thread
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,18 @@ def app(tmp_path):
     yield proc, path
     proc.kill()
     proc.wait()
+
+
+def serving(code: str, arg: str) -> subprocess.Popen:
+    """A Python process running ``code``, which serves an app (``sys.argv[1]`` is ``arg``),
+    once it has printed "up"."""
+    proc = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    if proc.stdout.readline().strip() != "up":
+        proc.kill()
+        proc.wait()
+        pytest.fail("the app did not start serving")
+    return proc
 
 
 @pytest.fixture
@@ -228,10 +239,8 @@ def test_app_serving_off_loopback_encrypts(tmp_path):
     path = str(tmp_path / "wide.json")
     code = ("import flame, sys, time\nx = 7\nflame.serve(address='tcp://0.0.0.0:0', connection_file=sys.argv[1])\n"
             "print('up', flush=True)\ntime.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = serving(code, path)
     try:
-        assert proc.stdout.readline().strip() == "up"
         info = json.load(open(path))
         host = __import__("socket").gethostname()
         assert info["curve_server_key"] and info["address"].startswith(f"tcp://{host}:")
@@ -270,10 +279,8 @@ def test_serve_never_writes_its_key_through_a_planted_file(tmp_path):
     planted.symlink_to(target)  # as someone who could write the directory would plant it
     code = ("import flame, sys, time\nflame.serve(connection_file=sys.argv[1])\n"
             "print('up', flush=True)\ntime.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(planted)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = serving(code, str(planted))
     try:
-        assert proc.stdout.readline().strip() == "up"
         assert target.read_text() == "", "the key went into the planted file"
         assert not planted.is_symlink() and os.stat(planted).st_mode & 0o777 == 0o600
         assert len(bytes.fromhex(json.load(open(planted))["key"])) == 32
@@ -312,11 +319,9 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
     path = str(tmp_path / "racy.json")
     code = ("import flame, sys, time\nsys.setswitchinterval(1e-6)\nn = 0\n"
             "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = serving(code, path)
     app = None
     try:
-        assert proc.stdout.readline().strip() == "up"
         app = flame.connect(path)
         hit_wrong = lost = 0
         for i in range(300):
@@ -344,7 +349,7 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
         proc.wait()
 
 
-def test_a_cell_cancelled_while_queued_never_runs(app):
+def test_a_cell_cancelled_while_queued_never_runs(app, sigint_handled):
     """A cancel that reaches the app while the cell waits (behind another, or behind the
     worker's warm-up) skips it and is answered at once; it used to be lost, the cell ran
     later, and the next one waited behind it."""
@@ -354,7 +359,6 @@ def test_a_cell_cancelled_while_queued_never_runs(app):
         busy = threading.Thread(target=conn.run, args=("import time\ntime.sleep(2)",))
         busy.start()
         time.sleep(0.5)
-        before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even as a background job
         timer = threading.Timer(0.5, _thread.interrupt_main)
         timer.start()
         t0 = time.monotonic()
@@ -363,7 +367,6 @@ def test_a_cell_cancelled_while_queued_never_runs(app):
                 conn.run("ran_queued = True")
         finally:
             timer.cancel()
-            signal.signal(signal.SIGINT, before)
         assert time.monotonic() - t0 < 1.5, "answered when cancelled, not after the cell before it"
         busy.join(10)
         assert conn.run("'ran_queued' in globals()")["data"]["text/plain"] == "False"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import _thread
 from concurrent.futures import CancelledError
 import os
-import signal
 import stat
 import threading
 import time
@@ -123,15 +122,6 @@ def test_call_that_ignores_the_cancel_gets_its_runner_replaced(make_pool):
         pool.call(stubborn)
     assert wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     assert pool.call(os.getpid) != pid
-
-
-@pytest.fixture
-def sigint_handled():
-    """Ctrl-C as Python handles it. A test run as a background job (``cmd &`` in a script)
-    inherits SIGINT ignored, and then ``_thread.interrupt_main()`` does nothing."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
 
 
 def test_keyboard_interrupt_while_waiting_cancels_the_remote_call(make_pool, tmp_path, sigint_handled):
