@@ -483,7 +483,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
     def _shared_memory(self) -> shm.Arena:
         with self._lock:
             if self._arena is None:
-                self._arena = shm.Arena(self._id_prefix[:-1] + "p")
+                self._arena = shm.Arena(shm.pool_owner(self._id_prefix))
             return self._arena
 
     def _release_backend(self) -> None:

@@ -21,11 +21,9 @@ Mappings live on after an unlink, so values already received stay valid.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import mmap
 import os
-import secrets
 import threading
 import weakref
 from typing import Any, Callable, Sequence
@@ -42,6 +40,12 @@ ARENA_MAX = 4 << 30
 _ALIGN = 64
 
 
+def pool_owner(runner_id: str) -> str:
+    """The owner name of the pool's arena, from any of its runner ids (or the ids' prefix,
+    ``<pool>-<random>-r``): ``<pool>-<random>-p``."""
+    return runner_id[:runner_id.rfind("-r")] + "-p"
+
+
 def available() -> bool:
     return os.path.isdir(DIR) and os.access(DIR, os.W_OK)
 
@@ -55,7 +59,7 @@ class Arena:
     receiver until it frees them."""
 
     def __init__(self, owner: str, size: int = ARENA_MAX) -> None:
-        self.name = f"flame-{owner}-{secrets.token_hex(16)}"
+        self.name = f"flame-{owner}-{os.urandom(16).hex()}"  # not secrets: 8 ms of runner start-up
         path = os.path.join(DIR, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -165,6 +169,7 @@ def unlink(name: str) -> None:
 
 def sweep(owner: str) -> None:
     """Unlink every arena of ``owner`` (a runner that died, a parent that is gone)."""
+    import glob
     for path in glob.glob(os.path.join(DIR, f"flame-{glob.escape(owner)}-*")):
         try:
             os.unlink(path)

@@ -42,11 +42,21 @@ _CHUNK = 2 * 1024 * 1024
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-_blake3: Any = False  # the blake3 module, None if not installed; looked up at first use
+_blake3: Any = False  # the blake3 module, None if not installed; imported at the first large frame
+_has_blake3: bool | None = None
 
 
 def fast_digests() -> bool:
-    """Whether this process can digest frames with BLAKE3 (the ``blake3`` package)."""
+    """Whether this process can digest frames with BLAKE3 (the ``blake3`` package). Looked up
+    without importing it: the import costs 5 ms, and most runners never see a large frame."""
+    global _has_blake3
+    if _has_blake3 is None:
+        import importlib.util
+        _has_blake3 = importlib.util.find_spec("blake3") is not None
+    return _has_blake3
+
+
+def _load_blake3() -> Any:
     global _blake3
     if _blake3 is False:
         try:
@@ -54,7 +64,7 @@ def fast_digests() -> bool:
             _blake3 = blake3
         except ImportError:
             _blake3 = None
-    return _blake3 is not None
+    return _blake3
 
 
 def frames_digest(frames: Iterable[Any], fast: bool = False) -> bytes:
@@ -65,8 +75,9 @@ def frames_digest(frames: Iterable[Any], fast: bool = False) -> bytes:
     package: a frame of PARALLEL_MIN bytes or more contributes the SHA-256 of each of its
     chunks, hashed on several threads (hashlib releases the GIL).
     """
-    if fast and fast_digests():
-        b3 = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+    b3mod = _load_blake3() if fast else None
+    if b3mod is not None:
+        b3 = b3mod.blake3(max_threads=b3mod.blake3.AUTO)
         for f in frames:
             view = memoryview(f)
             if view.ndim != 1 or view.itemsize != 1:
@@ -262,8 +273,8 @@ class Wire:
             return self._drop("no frames", peer)
         first = memoryview(parts[0])
         magic = first[:len(MAGIC)]
-        fast = magic == MAGIC_FAST
-        if magic != MAGIC and not fast:
+        fast = magic != MAGIC  # one comparison for the common case
+        if fast and magic != MAGIC_FAST:
             return self._drop("not flamebook's wire format, or another version of it: is the same "
                               "flamebook installed on both sides?", peer)
         if fast and len(parts) > 1 and not fast_digests():

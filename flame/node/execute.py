@@ -117,7 +117,7 @@ class Calls:
                 f"cannot send the result of {name}: {serialize.describe(result)}: "
                 f"{type(exc).__name__}: {safe_str(exc)}"))
         fields = {"id": call_id}
-        if self.pack is not None:
+        if self.pack is not None and len(frames) > 1:  # only out-of-band buffers can go to shared memory
             try:
                 frames, extra = self.pack(frames)
                 fields.update(extra)

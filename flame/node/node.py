@@ -93,7 +93,7 @@ class RunnerNode:
         self.arena: shm.Arena | None = None
         self.maps = shm.Mappings()
         self.frees: collections.deque = collections.deque()
-        self.parent_owner = self.id[:self.id.rfind("-r")] + "-p"
+        self.parent_owner = shm.pool_owner(self.id)
         self.calls = Calls(self.capture, signal_main=self.concurrency == 1,
                            pack=self._pack if self.shm else None)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
@@ -362,7 +362,7 @@ def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST, parent
         for fn in _cleanup:
             fn()
         if parent_gone and "-r" in runner_id:
-            shm.sweep(runner_id[:runner_id.rfind("-r")] + "-p")
+            shm.sweep(shm.pool_owner(runner_id))
     except BaseException:
         pass
     try:
