@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import os
 import subprocess
@@ -347,6 +348,42 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
             app.close()
         proc.kill()
         proc.wait()
+
+
+LATE_ASYNC_EXCEPTIONS = """
+import ctypes, time
+_real = ctypes.pythonapi.PyThreadState_SetAsyncExc
+def _late(ident, exc):
+    time.sleep(0.4)
+    return _real(ident, exc)
+ctypes.pythonapi.PyThreadState_SetAsyncExc = _late
+"""
+
+
+def test_a_late_cancel_in_a_served_app_never_hits_the_next_cell(app):
+    # The race of a cancel with the end of its cell, made wide: every asynchronous exception
+    # lands 0.4 s after it is aimed. The first cell ends meanwhile and the worker takes up
+    # the second; the cancel must not interrupt the second, and both must answer.
+    _, path = app
+    conn = flame.connect(path)
+    try:
+        conn.run(LATE_ASYNC_EXCEPTIONS)
+        first = conn._new_request(None, "late1")
+        conn._send("run", {"id": "late1", "code": "import time\ntime.sleep(0.2)"})
+        second = conn._new_request(None, "late2")
+        conn._send("run", {"id": "late2", "code": "import time\ntime.sleep(0.6)\n'second'"})
+        time.sleep(0.1)
+        conn._send("cancel", {"id": "late1"})
+        try:
+            value = second.future.result(timeout=10)
+        except KeyboardInterrupt:
+            pytest.fail("the cancel meant for the first cell interrupted the second")
+        assert value["data"]["text/plain"] == "'second'"
+        with contextlib.suppress(KeyboardInterrupt):
+            first.future.result(timeout=10)  # answered, whether the cancel came in time or not
+        assert conn.run("1 + 1")["data"]["text/plain"] == "2"
+    finally:
+        conn.close()
 
 
 def test_a_cell_cancelled_while_queued_never_runs(app, sigint_handled):

@@ -420,6 +420,44 @@ def test_cancels_racing_the_end_of_calls_never_hit_another_call(make_pool):
     assert pool.map(lambda i: i, range(8)) == list(range(8))
 
 
+def _deliver_async_exceptions_late(delay):
+    """In this runner, make every asynchronous exception arrive ``delay`` seconds after it is
+    sent: the window between aiming a cancel at a thread and its landing, widened at will."""
+    import ctypes
+    import time
+    real = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def late(ident, exc):
+        time.sleep(delay)
+        return real(ident, exc)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc = late
+
+
+def _sleep_then(seconds, value):
+    import time
+    time.sleep(seconds)
+    return value
+
+
+def test_a_cancel_delivered_late_never_hits_the_next_call(make_pool):
+    # The race of a cancel with the end of its call, made wide instead of a few bytecodes:
+    # the cancel is aimed while call A runs; A ends and its thread takes up C before the
+    # exception lands. It must land in A's own ending (and be caught there), never in C.
+    pool = make_pool(max=1, max_concurrency=2)
+    pool.call(_deliver_async_exceptions_late, 0.4)  # worker threads: cancels are async exceptions
+    a = pool.submit(_sleep_then, 0.2, "a")
+    b = pool.submit(_sleep_then, 1.2, "b")  # keeps the other worker thread busy
+    c = pool.submit(_sleep_then, 0.6, "c")
+    time.sleep(0.1)
+    assert a.cancel()
+    try:
+        assert c.result(timeout=20) == "c"
+    except KeyboardInterrupt:
+        pytest.fail("the cancel meant for one call interrupted the next call on its thread")
+    assert b.result(timeout=20) == "b"
+    assert pool.map(lambda i: i, range(6)) == list(range(6))
+
+
 def _logged_work(i, path):
     import time
     with open(path, "a") as f:
