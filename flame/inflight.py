@@ -119,7 +119,14 @@ class CallLifecycle:
             if r is None:
                 return  # a runner already dropped; its late messages mean nothing now
             r.last_heard = time.monotonic()
-            if kind == "hello":
+            if kind == "result" or kind == "error":  # first: the per-call path
+                call = r.calls.get(head.get("id", ""))
+                if call is not None:
+                    cancelled = call.state == "cancelling" and head.get("cancelled")
+                    self._retire(call)
+                    if r.state == "ready" and self._waiting:
+                        self._schedule()
+            elif kind == "hello":
                 if r.state == "booting":
                     r.state = "ready"
                     r.pid = head.get("pid", r.pid)
@@ -144,13 +151,6 @@ class CallLifecycle:
             elif kind == "code-missing":  # its host's cache lost an archive: send it whole
                 self._code_hosts.get(r.cache, set()).discard(head.get("h"))
                 r.code = None
-            elif kind in ("result", "error"):
-                call = r.calls.get(head.get("id", ""))
-                if call is not None:
-                    cancelled = call.state == "cancelling" and head.get("cancelled")
-                    self._retire(call)
-                    if r.state == "ready" and self._waiting:
-                        self._schedule()
         finally:
             self._release()
         if call is None or call.future.settled:

@@ -25,7 +25,6 @@ from typing import Any, Callable
 from .. import serialize
 from ..errors import SerializationError
 from . import aio
-from .aio import is_awaitable
 from .capture import Capture, CallOutput
 
 log = logging.getLogger("flame.node")
@@ -104,7 +103,7 @@ class Calls:
     def _outcome(self, call_id: str, name: str, work: Callable[[], Any]) -> tuple[str, dict, tuple]:
         try:
             result = work()
-            if is_awaitable(result):  # a coroutine function, or one that returns an awaitable
+            if hasattr(type(result), "__await__"):  # is_awaitable, inline: this is the per-call path
                 result = aio.wait(result)
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
             return error_reply(call_id, exc)
@@ -134,7 +133,8 @@ class Calls:
                     _async_raise(flight.ident, None)  # withdraw it if not yet delivered
             self._dirty.discard(flight.out)
         self.capture.end(flight.ident, flight.out)
-        flight.out.drain()  # the rest of its output, before its reply
+        if flight.out.events:
+            flight.out.drain()  # the rest of its output, before its reply
 
     # ---- output ---------------------------------------------------------------------------
     def _output_pending(self, out: CallOutput) -> None:

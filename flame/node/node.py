@@ -248,7 +248,8 @@ class RunnerNode:
                 pass  # a stray SIGINT; Calls raises only inside the call a cancel targets
             finally:
                 self.busy = False
-            self._send_frees()
+            if self.frees:
+                self._send_frees()
         else:
             self.work_queue.put(item)
 
