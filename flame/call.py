@@ -68,7 +68,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "shm", "__weakref__")
+                 "shm", "origin", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -84,6 +84,8 @@ class Call:
         self.ahead = False
         #: runs on its affinity runner or nowhere (it uses values held there): RunnerDied if gone
         self.strict = False
+        #: what made the values a strict call uses (for the error if their runner is gone)
+        self.origin: Any = ""
         self.name = name
         self.fn_hash = fn_hash
         self.fn_payload = fn_payload

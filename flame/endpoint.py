@@ -41,15 +41,18 @@ class Endpoint:
     """A pool's socket. ``handle`` gets every checked message; ``tick(now)`` runs every TICK on
     the I/O thread; ``fail(exc)`` is told if the I/O thread dies; ``outstanding()`` says whether
     any call awaits its result; ``serve(peer, digest)`` answers the code requests of runners
-    that boot from code archives (``flame/node/boot.py``)."""
+    that boot from code archives (``flame/node/boot.py``); ``after()`` runs once each batch of
+    messages received together has been handled."""
 
     def __init__(self, name: str, key: bytes, bind_host: str, handle: Handler,
                  tick: Callable[[float], None], fail: Callable[[BaseException], None],
-                 outstanding: Callable[[], bool], serve: Server | None = None) -> None:
+                 outstanding: Callable[[], bool], serve: Server | None = None,
+                 after: Callable[[], None] | None = None) -> None:
         self.name = name
         self.wire = Wire(key, "parent")
         self._handle, self._tick, self._fail, self._outstanding = handle, tick, fail, outstanding
         self._serve = serve
+        self._after = after or (lambda: None)
         self._ctx = zmq.Context()
         self._sock, self.curve_public = listener(self._ctx, bind_host)
         self._sock.bind(f"tcp://{bind_host}:0")
@@ -64,6 +67,7 @@ class Endpoint:
         self._sock_poll.register(self._sock_fd, select.POLLIN)
         self._sock_poll.register(self._lead_r, select.POLLIN)
         self._recv_lock = threading.Lock()
+        self._receiver: int | None = None  # the thread holding _recv_lock
         self._waiters: list = []  # one entry per caller blocked in wait (list ops are atomic)
         self._io_watching = True  # the I/O thread is waiting on the socket, not only on its pipe
         self.stopped = threading.Event()
@@ -88,6 +92,9 @@ class Endpoint:
     def send(self, to: str, kind: str, fields: dict | None = None, frames: list | tuple = (),
              digest: bytes | None = None) -> None:
         """Sign and send at once, from any thread."""
+        # The receiving thread itself checks the socket before it next polls: it needs no wake-up
+        # (it sends the calls that the results it handles make room for).
+        receiver = self._receiver == threading.get_ident()
         with self._sock_lock:
             if self._sock.closed:
                 return
@@ -95,7 +102,7 @@ class Endpoint:
             send_parts(self._sock, [to.encode(), *msg])
             # With nobody polling, the next receiver checks the socket before it polls.
             waiters = bool(self._waiters)
-            waiting = (waiters or self._io_watching) and pending(self._sock)
+            waiting = not receiver and (waiters or self._io_watching) and pending(self._sock)
         if waiting:
             self.wake()
             if waiters:
@@ -157,6 +164,7 @@ class Endpoint:
                     return
                 if not self._recv_lock.acquire(timeout=0.05):
                     continue
+                self._receiver = threading.get_ident()
                 batch: list = []
                 try:
                     if future.settled or self.stopped.is_set():
@@ -176,7 +184,12 @@ class Endpoint:
                         for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
                             self._dispatch(parts)
                     finally:
-                        self._recv_lock.release()
+                        try:
+                            if batch:
+                                self._after()
+                        finally:
+                            self._receiver = None
+                            self._recv_lock.release()
         finally:
             self._waiters.pop()
             if not self._waiters and self._outstanding():
@@ -190,11 +203,16 @@ class Endpoint:
         """
         if not self._recv_lock.acquire(blocking=False):
             return False
+        self._receiver = threading.get_ident()
+        batch: list = []
         try:
             batch = self._receive()
             for parts in batch:
                 self._dispatch(parts)
+            if batch:
+                self._after()
         finally:
+            self._receiver = None
             self._recv_lock.release()
         return bool(batch)
 

@@ -1,7 +1,8 @@
 """The call lifecycle: queued -> running (-> cancelling) -> done.
 
 A mixin of :class:`flame.pool.Pool`, working on its state under its lock: starting a call
-on a runner, taking in its answer, cancelling it, and the tick (heartbeats, deadlines,
+on a runner (after pickling it outside the lock and queueing it under it), taking in its
+answer, cancelling it, and the tick (heartbeats, deadlines,
 placement) that the endpoint's I/O thread runs. Futures are settled once the lock is
 released (their callbacks are the user's code), and results are unpickled by the
 ``result()`` that asks for them.
@@ -13,14 +14,15 @@ import functools
 import logging
 import time
 from concurrent.futures import CancelledError, InvalidStateError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from . import present, serialize
+from . import placement, present, serialize, shm
 from .call import Call, CallFuture, Pickled
-from .errors import CallTimeout, SerializationError
+from .errors import CallTimeout, PoolClosed, SerializationError
+from .remote import _sending, remotes_in
 from .lifecycle import HEARTBEAT
 from .runner import Runner
-from .wire import INLINE_MAX, introduction, read_output
+from .wire import INLINE_MAX, introduction, out_of_band_digest, read_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -35,7 +37,128 @@ class CallLifecycle:
     """Starting, answering, cancelling and timing out calls (caller holds the lock unless a
     method says otherwise)."""
 
+    # ---- queued: pickled outside the lock, then registered and placed under it ----------
+    def _submit_many(self: "Pool", fn: Callable, arg_tuples: Iterable[tuple]) -> list[CallFuture]:
+        """``_submit(fn, xs, {})`` for each ``xs``: pickled first, then queued under one lock
+        with one placement decision (map's path: one decision per call cost a third of the
+        parent's time per tiny task, and the lock it held starved the thread taking results)."""
+        entry = self._function(fn)
+        calls = [self._prepare(fn, xs, {}, entry=entry) for xs in arg_tuples]
+        if calls:
+            self._enqueue(calls)
+        return [c.future for c in calls]
+
+    def _function(self: "Pool", fn: Callable) -> tuple:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        return self._functions.get(fn)
+
+    def _prepare(self: "Pool", fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
+                 strict: bool = False, origin: Any = "", entry: tuple | None = None) -> Call:
+        """A call, pickled and ready to queue (outside the lock)."""
+        fn_payload, fn_hash = entry or self._function(fn)
+        if self._code is not None:
+            self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
+        found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
+        if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
+            if found:
+                affinity, strict, origin = self._holder_of(found), True, found[0]._held
+            _sending.runner = affinity
+            try:
+                arg_frames = serialize.dumps_args(fn, args, kwargs)
+            finally:
+                _sending.runner = None
+        else:
+            arg_frames = serialize.dumps_args(fn, args, kwargs)
+        shared = None
+        if self._shm_on and len(arg_frames) > 1 and shm.oob_total(arg_frames) >= shm.SHM_MIN:
+            shared = self._shared_memory().put(arg_frames[1:], "pool")  # copied outside the lock
+            if shared is not None:
+                arg_frames = arg_frames[:1]
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
+                    fn_payload, arg_frames, (out_of_band_digest(arg_frames, self._fast)
+                     if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
+                    deadline, affinity)
+        call.strict, call.shm = strict, shared
+        if strict:
+            call.origin = origin
+        return call
+
+    def _enqueue(self: "Pool", calls: Sequence[Call]) -> None:
+        """Register ``calls`` and start what can start; all of them, or none (PoolClosed,
+        RunnerDied for a call whose values' runner is gone)."""
+        while self._frees:  # regions of runners' memory we let go of: theirs to reuse at once
+            peer, offset = self._frees.popleft()
+            self._endpoint.send(peer, "free", {"at": offset})
+        registered = False
+        self._lock.acquire()  # not _state(): this is the per-call path
+        try:
+            if self._closed:
+                raise PoolClosed(f"{self.name} is shut down")
+            for call in calls:
+                if call.strict and call.affinity not in self._runners:
+                    raise self._lost(call.affinity, call.origin)
+            for call in calls:
+                self._calls[call.id] = call
+            registered = True
+            if len(calls) == 1 and not self._waiting:  # the common case: straight to a runner with room
+                call = calls[0]
+                if call.affinity is None:
+                    runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
+                else:
+                    runner = self._runners.get(call.affinity)
+                    if runner is not None and (runner.state != "ready" or len(runner.calls) >= self.max_concurrency):
+                        runner = None
+                if runner is not None:
+                    self._start(call, runner)
+                    return
+            self._waiting.extend(calls)
+            self._schedule()
+        except BaseException:
+            if not registered:  # refused: nothing will ever read their shared memory
+                for call in calls:
+                    if call.shm is not None:
+                        self._arena.release(call.shm[1], "pool")
+            raise
+        finally:
+            self._release()
+
     def _start(self: "Pool", call: Call, r: Runner) -> None:
+        fields, frames, digest = self._call_message(call, r)
+        self._endpoint.send(r.id, "call", fields, frames, digest)
+        if not call.ahead:
+            call.arg_frames = call.arg_digest = None  # sent; let large buffers go
+
+    def _start_many(self: "Pool", starts: list) -> None:
+        """Start ``(call, runner)`` pairs, in order. Calls to one runner whose frames all ride
+        inline go as one ``calls`` message: one send, one signature and one receive on each
+        side for the lot (Dask's batched stream, in a simpler form: no timer, only what one
+        placement decision starts together)."""
+        if len(starts) == 1:
+            self._start(*starts[0])
+            return
+        batches: dict = {}
+        for call, r in starts:
+            fields, frames, digest = self._call_message(call, r)
+            if digest is not None or len(frames) > 2:  # out-of-band frames: a message of its own
+                self._endpoint.send(r.id, "call", fields, frames, digest)
+            else:
+                fields["n"] = len(frames)
+                batch = batches.setdefault(r.id, ([], []))
+                batch[0].append(fields)
+                batch[1].extend(frames)
+            if not call.ahead:
+                call.arg_frames = call.arg_digest = None
+        for rid, (heads, frames) in batches.items():
+            if len(heads) == 1:
+                del heads[0]["n"]
+                self._endpoint.send(rid, "call", heads[0], frames)
+            else:
+                self._endpoint.send(rid, "calls", {"c": heads}, frames)
+
+    def _call_message(self: "Pool", call: Call, r: Runner) -> tuple[dict, list, Any]:
+        """Mark ``call`` as running on ``r``; the fields, frames and digest of its message."""
         if self._code_now is not None and r.code != self._code_now.digest:
             self._push_code(r)
         call.state, call.runner = "running", r
@@ -55,9 +178,7 @@ class CallLifecycle:
             frames.insert(0, call.fn_payload)
             if len(call.fn_payload) >= INLINE_MAX:
                 digest = None
-        self._endpoint.send(r.id, "call", fields, frames, digest)
-        if not call.ahead:
-            call.arg_frames = call.arg_digest = None  # sent; let large buffers go
+        return fields, frames, digest
 
     def _requeue(self: "Pool", calls: list) -> None:
         """Calls that provably never started go back to the front of the queue, in their
@@ -125,7 +246,7 @@ class CallLifecycle:
                     cancelled = call.state == "cancelling" and head.get("cancelled")
                     self._retire(call)
                     if r.state == "ready" and self._waiting:
-                        self._schedule()
+                        self._freed = True  # placed once per batch of messages: _after_messages
             elif kind == "hello":
                 if r.state == "booting":
                     r.state = "ready"
@@ -207,6 +328,16 @@ class CallLifecycle:
                     self._timeout(call)
             if not self._closed:
                 self._schedule()
+
+    def _after_messages(self: "Pool") -> None:
+        """A batch of messages was handled: place the calls waiting for the slots it freed.
+        Once per batch, not per result: with many calls queued, a decision per result cost
+        more than the result itself."""
+        if self._freed:
+            with self._state():
+                self._freed = False
+                if self._waiting and not self._closed:
+                    self._schedule()
 
     def _timeout(self: "Pool", call: Call) -> None:
         if call.state == "queued":

@@ -37,12 +37,11 @@ from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
 from .progress import gather
-from .remote import _sending, remotes_in
 from .inflight import CallLifecycle
 from .holdings import Holdings
 from .lifecycle import STOP_GRACE, RunnerLifecycle
 from .runner import Runner, RunnerInfo
-from .wire import INLINE_MAX, fast_digests, out_of_band_digest
+from .wire import fast_digests
 
 log = logging.getLogger("flame.pool")
 
@@ -173,6 +172,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self._later: list = []  # effects queued under the lock, run once it is released
         self._runners: dict[str, Runner] = {}
         self._waiting: collections.deque[Call] = collections.deque()
+        #: a runner freed slots while calls wait: place them once the batch of messages is handled
+        self._freed = False
         self._calls: dict[str, Call] = {}
         self._requests: dict[str, tuple] = {}  # introspection requests: id -> (runner id, Future)
         self._releases: list = []  # (runner id, object id) of values no Remote refers to any more
@@ -190,7 +191,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
                                   lambda: bool(self._calls or self._requests),
-                                  self._serve_code if backend.remote else None)
+                                  self._serve_code if backend.remote else None, self._after_messages)
         self.address = backend.connect_address(self._endpoint.address)
         self._watcher = threading.Thread(target=self._watch_loop, name=f"flame-{self.name}-watch", daemon=True)
         backend.acquire()
@@ -219,61 +220,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
                 strict: bool = False, origin: Any = "") -> CallFuture:
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        fn_payload, fn_hash = self._functions.get(fn)
-        if self._code is not None:
-            self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
-        found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
-        if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
-            if found:
-                affinity, strict, origin = self._holder_of(found), True, found[0]._held
-            _sending.runner = affinity
-            try:
-                arg_frames = serialize.dumps_args(fn, args, kwargs)
-            finally:
-                _sending.runner = None
-        else:
-            arg_frames = serialize.dumps_args(fn, args, kwargs)
-        shared = None
-        if self._shm_on and len(arg_frames) > 1 and shm.oob_total(arg_frames) >= shm.SHM_MIN:
-            shared = self._shared_memory().put(arg_frames[1:], "pool")  # copied outside the lock
-            if shared is not None:
-                arg_frames = arg_frames[:1]
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
-                    fn_payload, arg_frames, (out_of_band_digest(arg_frames, self._fast)
-                     if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
-                    deadline, affinity)
-        call.strict, call.shm = strict, shared
-        while self._frees:  # regions of runners' memory we let go of: theirs to reuse at once
-            peer, offset = self._frees.popleft()
-            self._endpoint.send(peer, "free", {"at": offset})
-        self._lock.acquire()  # not _state(): this is the per-call path
-        try:
-            if self._closed:
-                raise PoolClosed(f"{self.name} is shut down")
-            if strict and affinity not in self._runners:
-                raise self._lost(affinity, origin)
-            self._calls[call.id] = call
-            if not self._waiting:  # the common case: straight to a runner with room
-                if affinity is None:
-                    runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
-                else:
-                    runner = self._runners.get(affinity)
-                    if runner is not None and (runner.state != "ready" or len(runner.calls) >= self.max_concurrency):
-                        runner = None
-                if runner is not None:
-                    self._start(call, runner)
-                    return call.future
-            self._waiting.append(call)
-            self._schedule()
-        except BaseException:
-            if call.shm is not None:  # refused: nothing will ever read its shared memory
-                self._arena.release(call.shm[1], "pool")
-            raise
-        finally:
-            self._release()
+        call = self._prepare(fn, args, kwargs, affinity, strict, origin)
+        self._enqueue((call,))
         return call.future
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
@@ -290,7 +238,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         If one call fails, the others are cancelled and its exception is raised. In a notebook,
         a map that takes more than a second shows a progress line in the cell.
         """
-        futures = [self._submit(fn, xs, {}) for xs in zip(*iterables)]
+        futures = self._submit_many(fn, zip(*iterables))
         return gather(futures, title=f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})")
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
@@ -454,9 +402,10 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                 refill=not key[1], can_boot=not key[2])
             self._limits_key = key
         decision = placement.decide(self._waiting, list(self._runners.values()), limits, time.monotonic())
-        for call, r in decision.starts:
-            self._waiting.remove(call)
-            self._start(call, r)
+        if decision.starts:
+            for call, _ in decision.starts:
+                self._waiting.remove(call)
+            self._start_many(decision.starts)
         for _ in range(decision.boots):
             self._boot()
         for r in decision.stops:

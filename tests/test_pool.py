@@ -87,6 +87,25 @@ def test_submit_map_cast_acall(make_pool, tmp_path):
     assert asyncio.run(main()) == [1, 2, 3, 4]
 
 
+def _size(i, payload):
+    return i, len(payload)
+
+
+def test_map_sends_calls_together_in_order_small_and_large(make_pool):
+    # A map queues every call under one decision; the calls one decision starts on a runner
+    # go as one message when their frames ride inline. Calls with large arguments (out of
+    # band, or in shared memory) go on their own, and the runner still runs all in order.
+    pool = make_pool(max=1)
+    pool.call(int)
+    sent = pool._endpoint.wire._seq
+    payloads = [b"x" * (300_000 if i % 97 == 0 else i % 7) for i in range(1500)]
+    assert pool.map(_size, range(1500), payloads) == [(i, len(p)) for i, p in enumerate(payloads)]
+    messages = pool._endpoint.wire._seq - sent
+    assert messages < 1500 - 10, f"{messages} messages for 1500 calls: none went together"
+    # a function first seen inside such a message is known to the runner for the ones after it
+    assert pool.map(lambda i: -i, range(40)) == [-i for i in range(40)]
+
+
 def test_empty_pool_boots_on_first_call_and_only_what_demand_needs(make_pool):
     pool = make_pool(max=4)
     assert pool.runners == []

@@ -185,14 +185,15 @@ class RunnerNode:
         self.terminator.heard()
         kind = head["k"]
         if kind == "call":
-            call_id, nf = head["id"], head.get("nf")
-            entry = self._function(head["fn"], frames[0] if nf else None)
-            if entry is None:  # cannot happen while both sides mirror the LRU; answer, never hang
-                self.post("error", {"id": call_id, "type": "flame.errors.FlameError",
-                                    "msg": f"runner {self.id} does not hold function {head['fn']}", "tb": ""})
-                return
-            self.calls.queued(call_id)
-            self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:], head.get("m")))
+            self._take_call(head, frames)
+            if threading.get_ident() != self._main_ident:
+                self._wake()
+        elif kind == "calls":  # several calls in one message, each with its count of frames
+            at = 0
+            for sub in head["c"]:
+                n = sub["n"]
+                self._take_call(sub, frames[at:at + n])
+                at += n
             if threading.get_ident() != self._main_ident:
                 self._wake()
         elif kind == "cancel":
@@ -217,6 +218,16 @@ class RunnerNode:
             if head.get("blake3") and fast_digests():
                 self.wire.fast_peers.add(PARENT)
         # "heartbeat" only proves the parent is alive.
+
+    def _take_call(self, head: dict, frames: list) -> None:
+        call_id, nf = head["id"], head.get("nf")
+        entry = self._function(head["fn"], frames[0] if nf else None)
+        if entry is None:  # cannot happen while both sides mirror the LRU; answer, never hang
+            self.post("error", {"id": call_id, "type": "flame.errors.FlameError",
+                                "msg": f"runner {self.id} does not hold function {head['fn']}", "tb": ""})
+            return
+        self.calls.queued(call_id)
+        self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:], head.get("m")))
 
     def _take_code(self, digest: str, data: Any) -> None:
         """Unpack archive ``digest`` (sent, or already in this host's cache), put it on
