@@ -42,11 +42,15 @@ class Holdings:
             r.objects[oid] = nbytes  # one dict store: atomic, no lock needed
         return Remote(_Held(self, runner, oid, origin, nbytes))
 
-    def _on_holder(self: "Pool", held: _Held, fn: Callable, args: tuple) -> "CallFuture":
-        """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else."""
+    def _on_holder(self: "Pool", held: _Held, fn: Callable, args: tuple,
+                   arg_frames: list | None = None) -> "CallFuture":
+        """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else (the caller
+        waits). ``arg_frames``: the arguments already pickled."""
         if self._closed:
             raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
-        return self._submit(fn, args, {}, held.runner, strict=True, origin=held)  # the caller waits
+        call = self._prepare(fn, args, {}, held.runner, True, held, arg_frames=arg_frames)
+        self._enqueue((call,))
+        return call.future
 
     def _holder_of(self: "Pool", found: list[Remote]) -> str:
         """The one runner the Remotes among a call's arguments live on."""

@@ -54,13 +54,17 @@ class CallLifecycle:
         return self._functions.get(fn)
 
     def _prepare(self: "Pool", fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
-                 strict: bool = False, origin: Any = "", entry: tuple | None = None) -> Call:
-        """A call, pickled and ready to queue (outside the lock)."""
+                 strict: bool = False, origin: Any = "", entry: tuple | None = None,
+                 arg_frames: list | None = None) -> Call:
+        """A call, pickled and ready to queue (outside the lock). ``arg_frames``: its arguments
+        already pickled (an operation on a Remote with nothing but plain values)."""
         fn_payload, fn_hash = entry or self._function(fn)
         if self._code is not None:
             self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
         found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
-        if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
+        if arg_frames is not None:
+            pass
+        elif found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
             if found:
                 affinity, strict, origin = self._holder_of(found), True, found[0]._held
             _sending.runner = affinity

@@ -14,6 +14,7 @@ process by accident: pickling one outside flame's own calls raises.
 """
 from __future__ import annotations
 
+import pickle
 import threading
 from typing import Any, Iterator
 
@@ -50,9 +51,12 @@ class _Held:
 
     def __del__(self) -> None:
         # The last Remote on this value is gone. Cheaper than weakref.finalize, which costs
-        # more than the rest of a Remote's bookkeeping on the per-operation path.
+        # more than the rest of a Remote's bookkeeping on the per-operation path; and
+        # release() inline, for the same reason (_release_object only appends).
         try:
-            self.release()
+            if not self.released:
+                self.released = True
+                self.pool._releases.append((self.runner, self.oid))
         except Exception:  # at interpreter exit, the pool may be half torn down
             pass
 
@@ -103,27 +107,30 @@ class Remote:
         return f"{held.origin}{''.join('.' + p for p in self._path)} on runner {held.runner}"
 
     # ---- operations -----------------------------------------------------------------------
-    def _call(self, fn: Any, args: tuple, timeout: float | None = None) -> Any:
+    def _call(self, fn: Any, args: tuple, timeout: float | None = None, arg_frames: list | None = None) -> Any:
         held = self._held
         if held.released:
             raise RemoteGone(f"the Remote {self._describe()} was released")
-        return held.pool._on_holder(held, fn, args).result(timeout)
+        return held.pool._on_holder(held, fn, args, arg_frames).result(timeout)
 
     def _op(self, op: str, args: tuple = (), kwargs: dict | None = None) -> "Remote":
         held = self._held
+        frames = None
         if args or kwargs:  # Remotes among the arguments must live where this one does
             for other in remotes_in(args, kwargs or {}):
                 if other._held.runner != held.runner:
                     raise ValueError(f"{other._describe()} lives on another runner than {self._describe()}; "
                                      "copy it here with .get() first, or spawn both on one runner")
-        ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs))
+        else:  # an id, a path of names and an operation's name: plain pickle, no checks needed
+            frames = [pickle.dumps(((held.oid, self._path, op, args, kwargs), {}), 5)]
+        ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs), arg_frames=frames)
         return held.pool._remote_from(held.runner, ref, (held, self._path, op))
 
     def _plain(self, what: str, arg: Any = None) -> Any:
         return self._call(objects.plain, (self._held.oid, self._path, what, arg))
 
     def __getattr__(self, name: str) -> "Remote":
-        if name.startswith("__") or name.startswith(("_ipython", "_repr_", "_jupyter")):
+        if name[0] == "_" and name.startswith(("__", "_ipython", "_repr_", "_jupyter")):
             raise AttributeError(name)  # probes by IPython, pickle, copy: not the remote object's
         return Remote(self._held, self._path + (name,))
 

@@ -24,7 +24,7 @@ _NO_ARGS = pickle.dumps(((), {}), protocol=5)
 
 def dumps(obj: Any) -> list:
     """Pickle ``obj`` into ``[payload, *buffers]`` (buffers are sent without copying)."""
-    if type(obj) in _PLAIN:
+    if type(obj) in _PLAIN or _plain(obj):  # a Remote's reference (id, bytes) is one of these
         return [pickle.dumps(obj, protocol=5)]
     buffers: list = []
 
