@@ -18,10 +18,16 @@ import types
 import weakref
 from typing import Any, Callable
 
-import cloudpickle
-from cloudpickle import cloudpickle as _cp
 
 _MISSING = object()
+
+
+def _cp() -> Any:
+    """cloudpickle's module of internals, imported at the first function pickled: importing
+    cloudpickle costs 14 ms, which a fresh pool spends while its first runner boots."""
+    from cloudpickle import cloudpickle
+    return cloudpickle
+
 _FROZEN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, range, type(...),
                            type(NotImplemented)})
 #: Functions reachable from one cached function (helpers it calls), at most.
@@ -32,7 +38,7 @@ _MAX_ITEMS = 256
 
 def _names(code: types.CodeType) -> Any:
     """The global names ``code`` (and code nested in it) reads or writes, as cloudpickle finds them."""
-    extract = getattr(_cp, "_extract_code_globals", None)
+    extract = getattr(_cp(), "_extract_code_globals", None)
     if extract is not None:
         return extract(code)
     names = set(code.co_names)  # a superset: attribute names too; only ever costs a cache miss
@@ -43,7 +49,7 @@ def _names(code: types.CodeType) -> Any:
 
 
 def _by_reference(obj: Any) -> bool:
-    check = getattr(_cp, "_should_pickle_by_reference", None)
+    check = getattr(_cp(), "_should_pickle_by_reference", None)
     try:
         return bool(check(obj)) if check is not None else False
     except Exception:
@@ -119,7 +125,7 @@ class FunctionCache:
 
     def __init__(self, size: int = 256, dumps: Callable[[Any], bytes] | None = None) -> None:
         self._size = size
-        self._dumps = dumps or (lambda fn: cloudpickle.dumps(fn, protocol=5))
+        self._dumps = dumps or (lambda fn: _cp().dumps(fn, protocol=5))
         # A plain dict: each operation is atomic, so callers in several threads and weakref
         # callbacks (run by the GC at any point) need no lock.
         self._entries: dict[int, _Entry] = {}

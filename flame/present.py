@@ -2,13 +2,13 @@
 pointed back at local source."""
 from __future__ import annotations
 
-import datetime
 import re
 from typing import Any
 
 
 def pool_html(pool: Any) -> str:
     """The pool as an HTML table of its runners (notebooks show a pool this way; ``%flame`` too)."""
+    import datetime
     import html  # only when a pool is shown
 
     rows = []

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import collections
-import datetime
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import RunnerHandle
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datetime
 from .wire import FN_CACHE_SIZE
 
 
@@ -44,7 +46,7 @@ class Runner:
         self.python = ""
         self.gpus: tuple = ()
         self.gpu_info: list = []
-        self.started = datetime.datetime.now()
+        self.started = time.time()  # a datetime in RunnerInfo: datetime is not imported to boot
         self.boot_deadline = boot_deadline
         self.stop_deadline: float | None = None
         #: the calls on this runner, by call id: running, or sent ahead
@@ -87,9 +89,10 @@ class Runner:
         return None
 
     def info(self) -> RunnerInfo:
+        import datetime
         idle = (time.monotonic() - self.last_active
                 if self.state == "ready" and not self.calls and not self.objects else None)
         return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.calls),
-                          self.started, tuple(self.gpus), self.python, idle,
+                          datetime.datetime.fromtimestamp(self.started), tuple(self.gpus), self.python, idle,
                           {"gpu_info": list(self.gpu_info)} if self.gpu_info else {},
                           len(self.objects), sum(self.objects.values()))

@@ -8,13 +8,18 @@ import pickle
 import reprlib
 from typing import Any, Sequence
 
-import cloudpickle
-
 from .errors import RemoteError, RemoteTraceback, SerializationError
 
 #: Buffers at least this large travel as their own zero-copy frame; smaller ones stay in-band,
 #: where one extra frame would cost more than the copy.
 OOB_MIN_BYTES = 64 * 1024
+
+
+def _cloudpickle() -> Any:
+    """The cloudpickle module, imported at first use: a fresh pool imports it while its first
+    runner boots (14 ms), and a runner when a call first needs it."""
+    import cloudpickle
+    return cloudpickle
 
 
 #: Types plain pickle handles exactly as cloudpickle would, several times faster.
@@ -35,7 +40,7 @@ def dumps(obj: Any) -> list:
         buffers.append(view)
         return False
 
-    return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large), *buffers]
+    return [_cloudpickle().dumps(obj, protocol=5, buffer_callback=keep_large), *buffers]
 
 
 def loads(frames: Sequence[Any]) -> Any:
@@ -87,7 +92,7 @@ def _name(fn: Any) -> str:
 
 def _pickles(value: Any) -> bool:
     try:
-        cloudpickle.dumps(value, protocol=5, buffer_callback=lambda b: False)
+        _cloudpickle().dumps(value, protocol=5, buffer_callback=lambda b: False)
         return True
     except Exception:
         return False
@@ -96,7 +101,7 @@ def _pickles(value: Any) -> bool:
 def dumps_function(fn: Any) -> bytes:
     """Pickle a function by value (cloudpickle); a SerializationError names what it captured that does not pickle."""
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        return _cloudpickle().dumps(fn, protocol=5)
     except Exception as exc:
         raise SerializationError(f"cannot send {culprit(fn, (), {})}: "
                                  f"{type(exc).__name__}: {exc}") from exc

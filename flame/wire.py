@@ -367,10 +367,11 @@ LOG_EVERY = 60.0
 
 def introduction() -> dict:
     """Who this process is, as ``hello`` and ``welcome`` tell the peer: pid, host, python, executable, cwd."""
-    import socket
     import sys
-    # sys.version, not platform.python_version(): importing platform costs a runner 7 ms at start.
-    return {"pid": os.getpid(), "host": socket.gethostname(), "python": sys.version.split()[0],
+    # sys.version, not platform.python_version(): importing platform costs a runner 7 ms at
+    # start; os.uname(), not socket.gethostname() (the same name): importing socket costs 3.5 ms,
+    # on both sides of a boot's critical path.
+    return {"pid": os.getpid(), "host": os.uname().nodename, "python": sys.version.split()[0],
             "executable": sys.executable, "cwd": os.getcwd()}
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import IO, TYPE_CHECKING, Mapping, Sequence
@@ -174,7 +173,7 @@ class LocalBackend(Backend):
                     raise RuntimeError(f"all {len(self.gpu_sets)} GPU set(s) are held by runners")
                 gpus = self._free.pop(0)
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        out = tempfile.TemporaryFile(prefix=f"flame-{spec.runner_id}-")
+        out = _log_file(spec.runner_id)
         if self.preload is not None:
             try:
                 pid = self.template().fork(env, self.cwd or os.getcwd(), out.fileno())
@@ -220,3 +219,17 @@ class LocalBackend(Backend):
             log.warning("flame: runner pid %s did not exit after SIGKILL", handle.pid)
         self._release(handle.gpus)  # only once the process is gone: the GPU is free again
 
+
+def _log_file(runner_id: str) -> "IO[bytes]":
+    """An unnamed 0600 file for a runner's output: O_TMPFILE in the temporary directory where
+    the system has it (importing tempfile costs 7.6 ms on a boot's critical path), else
+    ``tempfile.TemporaryFile``."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            fd = os.open(os.environ.get("TMPDIR") or "/tmp", flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            return os.fdopen(fd, "w+b")
+        except OSError:  # a file system without it
+            pass
+    import tempfile
+    return tempfile.TemporaryFile(prefix=f"flame-{runner_id}-")
