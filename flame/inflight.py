@@ -42,8 +42,14 @@ class CallLifecycle:
         """``_submit(fn, xs, {})`` for each ``xs``: pickled first, then queued under one lock
         with one placement decision (map's path: one decision per call cost a third of the
         parent's time per tiny task, and the lock it held starved the thread taking results)."""
-        entry = self._function(fn)
-        calls = [self._prepare(fn, xs, {}, entry=entry) for xs in arg_tuples]
+        arg_tuples = list(arg_tuples)
+        expected = self._expect_calls(len(arg_tuples)) if not self._runners and arg_tuples else []
+        try:
+            entry = self._function(fn)
+            calls = [self._prepare(fn, xs, {}, entry=entry) for xs in arg_tuples]
+        except BaseException:
+            self._unexpect(expected)
+            raise
         if calls:
             self._enqueue(calls)
         return [c.future for c in calls]

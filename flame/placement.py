@@ -48,6 +48,16 @@ class Limits:
     can_boot: bool = True
 
 
+class _Any:
+    """A call that may run anywhere (no affinity): what :data:`ANY` stands for."""
+
+    affinity = None
+
+
+#: Stands for a call about to be queued, to ask what it would boot (``Pool._expect_calls``).
+ANY = _Any()
+
+
 @dataclass
 class Decision:
     #: (call, runner) pairs, in the order the calls waited

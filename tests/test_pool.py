@@ -106,6 +106,22 @@ def test_map_sends_calls_together_in_order_small_and_large(make_pool):
     assert pool.map(lambda i: -i, range(40)) == [-i for i in range(40)]
 
 
+def test_a_fresh_pool_boots_while_its_first_call_is_pickled(make_pool):
+    # The boot starts before the call is pickled (in a fresh process, pickling's first use
+    # imports cloudpickle: that overlaps the runner's boot); a call that fails to pickle takes
+    # its runner back with it (test_failures: test_unpicklable_argument_is_named).
+    pool = make_pool(max=3)
+    seen = []
+
+    class Probe:
+        def __reduce__(self):
+            seen.append([r.state for r in pool.runners])
+            return int, ()
+    assert pool.call(lambda x: x, Probe()) == 0
+    assert seen and seen[0] in (["booting"], ["ready"])
+    assert len(pool.runners) == 1
+
+
 def test_empty_pool_boots_on_first_call_and_only_what_demand_needs(make_pool):
     pool = make_pool(max=4)
     assert pool.runners == []
