@@ -48,6 +48,12 @@ class Limits:
     can_boot: bool = True
 
 
+#: Most calls sent ahead to a busy runner when every runner is busy and the pool is at max
+#: (placement.py, rule 4). Measured on 5000 tiny tasks over 2 runners: 16 keeps them from
+#: ever waiting on the parent.
+PREFETCH = 16
+
+
 class _Any:
     """A call that may run anywhere (no affinity): what :data:`ANY` stands for."""
 

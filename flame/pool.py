@@ -29,6 +29,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import placement, present, serialize, shm
+from .placement import PREFETCH
 from .backends.base import Backend
 from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync
@@ -45,10 +46,6 @@ from .wire import fast_digests
 
 log = logging.getLogger("flame.pool")
 
-#: Most calls sent ahead to a busy runner when every runner is busy and the pool is at max
-#: (placement.py, rule 4). Measured on 5000 tiny tasks over 2 runners: 16 keeps them from
-#: ever waiting on the parent.
-PREFETCH = 16
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
 
