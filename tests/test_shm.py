@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -70,6 +71,50 @@ def test_values_come_back_equal_through_shared_memory(make_pool):
     assert isinstance(base, memoryview) and type(base.obj).__name__ == "Region"
     result[0] = 42.0  # writable, and ours: the runner's copy is not touched
     assert pool.call(lambda a: float(a[0]), big) == 0.0
+
+
+def _anonymous(pid: int) -> int:
+    """Bytes of a process's private memory (RssAnon: mappings of /dev/shm files are not in it)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+def test_a_100_mb_round_trip_holds_three_copies_at_its_peak(make_pool):
+    # The caller's array, the region it is copied into, the region the result is copied into
+    # (the result is an array backed by that region): three copies of 100 MB. Measured while
+    # the call runs: the parent's and the runner's private memory, plus the pages of the
+    # pool's files in /dev/shm (each counted once, however many processes map them).
+    pool = make_pool(max=1)
+    pool.call(echo, np.ones(2 * MB // 8))  # the runner is up and both arenas exist
+    runner = pool.runners[0]
+    prefix = "/dev/shm/flame-" + runner.id[:runner.id.rfind("-r")]
+    pids = (os.getpid(), runner.pid)
+
+    def in_use():
+        shared = sum(os.stat(p).st_blocks * 512 for p in glob.glob(prefix + "-*"))
+        return sum(_anonymous(pid) for pid in pids) + shared
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], in_use())
+            time.sleep(0.0002)
+    base = in_use()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        big = np.ones(100 * MB // 8)
+        back = pool.call(echo, big)
+        assert back.shape == big.shape and back[-1] == 1.0
+    finally:
+        stop.set()
+        sampler.join()
+    peak[0] = max(peak[0], in_use())
+    copies = (peak[0] - base) / (100 * MB)
+    assert copies < 3.3, f"a 100 MB round trip peaked at {copies:.2f} copies of the array"
+    assert copies > 2.7, f"{copies:.2f} copies: the measure itself is broken (three are expected)"
 
 
 def test_pandas_through_shared_memory(make_pool):
