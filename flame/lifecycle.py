@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import present, shm
 from .backends.base import RunnerSpec
@@ -57,9 +57,23 @@ class RunnerLifecycle:
                 "versions": _versions(), "python": "%d.%d" % sys.version_info[:2]})
             code = code.digest if code else None
             r.code = code
-        threading.Thread(target=self._boot_thread, args=(r, spec), name=f"flame-boot-{rid}",
-                         daemon=True).start()
+        self._helper(functools.partial(self._boot_thread, r, spec), f"flame-boot-{rid}")
         log.info("flame: booting runner %s", rid)
+
+    def _helper(self: "Pool", work: Callable[[], None], name: str) -> None:
+        """Run ``work`` on a thread of its own, which shutdown waits for: a boot that ends after
+        shutdown dropped its runner then reaps it before shutdown returns."""
+        def run() -> None:
+            try:
+                work()
+            finally:
+                self._helpers.discard(threading.current_thread())
+        t = threading.Thread(target=run, name=name, daemon=True)
+        # Started before it is listed: joining a thread not yet started raises.
+        t.start()
+        self._helpers.add(t)
+        if not t.is_alive():  # it ended before it was listed, and its discard came first
+            self._helpers.discard(t)
 
     def _boot_thread(self: "Pool", r: Runner, spec: RunnerSpec) -> None:
         """On a thread of its own: backend.boot() may block."""
@@ -170,16 +184,12 @@ class RunnerLifecycle:
                     shm.sweep(r.id)  # its arena, now that it cannot make one any more
             except Exception:
                 log.exception("flame: backend failed to terminate runner %s", r.id)
-            finally:
-                self._reapers.discard(threading.current_thread())
             if self._capacity is not None and not self._endpoint.stopped.is_set():
                 capacity = self.backend.capacity()
                 with self._state():
                     self._capacity = capacity
                     self._schedule()  # a GPU set may be free again
-        t = threading.Thread(target=reap, name=f"flame-terminate-{r.id}", daemon=True)
-        self._reapers.add(t)
-        t.start()
+        self._helper(reap, f"flame-terminate-{r.id}")
 
     def _watch_loop(self: "Pool") -> None:
         """Ask backends how their runners are, outside the lock, and act on what they say."""

@@ -184,7 +184,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self._limits: placement.Limits | None = None
         self._limits_key: tuple = ()
         self._next_beat = 0.0
-        self._reapers: set[threading.Thread] = set()
+        #: boot and terminate threads running now: shutdown waits for them (lifecycle._helper)
+        self._helpers: set[threading.Thread] = set()
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
                                   lambda: bool(self._calls or self._requests),
@@ -345,8 +346,12 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                 self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
         self._endpoint.stop()
         deadline = time.monotonic() + TERMINATE_WAIT
-        for t in list(self._reapers):
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:  # also those listed meanwhile
+            alive = [t for t in list(self._helpers) if t.is_alive()]
+            if not alive:
+                break
+            for t in alive:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._arena is not None:
             self._arena.close()
         self._release_backend()

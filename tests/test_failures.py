@@ -318,6 +318,36 @@ class SlowBackend(flame.LocalBackend):
         super().terminate(handle.inner)
 
 
+class SlowBootBackend(SlowBackend):
+    """Runners whose boot blocks for ``boot_delay`` seconds; terminate records who it stopped."""
+
+    def __init__(self, boot_delay):
+        super().__init__()
+        self.boot_delay, self.terminated = boot_delay, []
+
+    def boot(self, spec):
+        time.sleep(self.boot_delay)
+        return super().boot(spec)
+
+    def terminate(self, handle):
+        super().terminate(handle)
+        self.terminated.append(handle.pid)
+
+
+def test_shutdown_waits_for_a_boot_under_way_and_stops_its_runner():
+    # A call that fails to pickle drops the runner booted for it while its boot still runs;
+    # shutdown right after must wait for that boot and stop the runner it started (before,
+    # it returned at once, and once raised joining a terminate thread not yet started).
+    backend = SlowBootBackend(0.5)
+    pool = flame.Pool(backend, max=1)
+    lock = threading.Lock()
+    with pytest.raises(flame.SerializationError):
+        pool.submit(lambda: lock.locked())
+    pool.shutdown()
+    assert len(backend.terminated) == 1, "shutdown returned before the runner it booted was stopped"
+    assert not psutil.pid_exists(backend.terminated[0]) or psutil.Process(backend.terminated[0]).status() == "zombie"
+
+
 def test_a_blocking_terminate_does_not_stall_other_calls(make_pool):
     pool = make_pool(backend=SlowBackend(terminate_delay=8.0), max=2, idle_shutdown_after=None)
     first, second = pool.map(lambda _: (__import__("time").sleep(0.3), os.getpid())[1], range(2))
