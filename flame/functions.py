@@ -18,8 +18,13 @@ import types
 import weakref
 from typing import Any, Callable
 
-
 _MISSING = object()
+_FROZEN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, range, type(...),
+                           type(NotImplemented)})
+#: Functions reachable from one cached function (helpers it calls), at most.
+_MAX_FUNCTIONS = 32
+#: Items a captured tuple or frozenset may hold and still be checked, at most.
+_MAX_ITEMS = 256
 
 
 def _cp() -> Any:
@@ -27,13 +32,6 @@ def _cp() -> Any:
     cloudpickle costs 14 ms, which a fresh pool spends while its first runner boots."""
     from cloudpickle import cloudpickle
     return cloudpickle
-
-_FROZEN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, range, type(...),
-                           type(NotImplemented)})
-#: Functions reachable from one cached function (helpers it calls), at most.
-_MAX_FUNCTIONS = 32
-#: Items a captured tuple or frozenset may hold and still be checked, at most.
-_MAX_ITEMS = 256
 
 
 def _names(code: types.CodeType) -> Any:

@@ -40,20 +40,26 @@ class CallLifecycle:
 
     # ---- queued: pickled outside the lock, then registered and placed under it ----------
     def _submit_many(self: "Pool", fn: Callable, arg_tuples: Iterable[tuple]) -> list[CallFuture]:
-        """``_submit(fn, xs, {})`` for each ``xs``: pickled first, then queued under one lock
-        with one placement decision (map's path: one decision per call cost a third of the
-        parent's time per tiny task, and the lock it held starved the thread taking results)."""
-        arg_tuples = list(arg_tuples)
-        expected = self._expect_calls(len(arg_tuples)) if not self._runners and arg_tuples else []
+        """``_submit(fn, xs, {})`` for each ``xs`` (map's path)."""
+        return [c.future for c in self._queue(fn, [(xs, {}) for xs in arg_tuples])]
+
+    def _queue(self: "Pool", fn: Callable, arguments: list, affinity: str | None = None,
+               strict: bool = False, origin: Any = "") -> list[Call]:
+        """Calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``: all pickled first, then
+        queued under one lock with one placement decision (one decision per call cost a third
+        of the parent's time per tiny task, and the lock it held starved the thread taking
+        results). A pool with no runner starts booting for them before it pickles them."""
+        expected = self._expect_calls(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._function(fn)
-            calls = [self._prepare(fn, xs, {}, entry=entry) for xs in arg_tuples]
+            calls = [self._prepare(fn, args, kwargs, affinity, strict, origin, entry=entry)
+                     for args, kwargs in arguments]
         except BaseException:
             self._unexpect(expected)
             raise
         if calls:
             self._enqueue(calls)
-        return [c.future for c in calls]
+        return calls
 
     def _function(self: "Pool", fn: Callable) -> tuple:
         if not callable(fn):
@@ -68,19 +74,18 @@ class CallLifecycle:
         fn_payload, fn_hash = entry or self._function(fn)
         if self._code is not None:
             self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
-        found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
-        if arg_frames is not None:
-            pass
-        elif found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
-            if found:
-                affinity, strict, origin = self._holder_of(found), True, found[0]._held
-            _sending.runner = affinity
-            try:
+        if arg_frames is None:
+            found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
+            if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
+                if found:
+                    affinity, strict, origin = self._holder_of(found), True, found[0]._held
+                _sending.runner = affinity
+                try:
+                    arg_frames = serialize.dumps_args(fn, args, kwargs)
+                finally:
+                    _sending.runner = None
+            else:
                 arg_frames = serialize.dumps_args(fn, args, kwargs)
-            finally:
-                _sending.runner = None
-        else:
-            arg_frames = serialize.dumps_args(fn, args, kwargs)
         shared = None
         if self._shm_on and len(arg_frames) > 1 and shm.oob_total(arg_frames) >= shm.SHM_MIN:
             shared = self._shared_memory().put(arg_frames[1:], "pool")  # copied outside the lock

@@ -218,14 +218,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
                 strict: bool = False, origin: Any = "") -> CallFuture:
-        expected = self._expect_calls(1) if not self._runners else []
-        try:
-            call = self._prepare(fn, args, kwargs, affinity, strict, origin)
-        except BaseException:
-            self._unexpect(expected)
-            raise
-        self._enqueue((call,))
-        return call.future
+        return self._queue(fn, [(args, kwargs)], affinity, strict, origin)[0].future
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a runner and return its value (or raise its exception).

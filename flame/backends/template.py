@@ -6,14 +6,13 @@ import concurrent.futures
 import itertools
 import json
 import logging
-import os
 import socket
 import subprocess
 import tempfile
 import threading
 from typing import Any, Mapping, Sequence
 
-from ..node.template import _LEN, recv_exact, send
+from ..node.template import _LEN, recv_exact
 from .base import RunnerHandle, tail
 
 log = logging.getLogger("flame.backends.local")
