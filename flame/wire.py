@@ -119,10 +119,12 @@ def send_parts(sock: Any, parts: Sequence[Any]) -> None:
         sock.send(part, _SNDMORE if i < last else 0, copy=False)
 
 
-def recv_ready(sock: Any) -> list:
-    """Every complete multipart message waiting on ``sock`` (zmq.Frame parts), without blocking."""
+def recv_ready(sock: Any, most: int = -1) -> list:
+    """Every complete multipart message waiting on ``sock`` (zmq.Frame parts), without blocking;
+    at most ``most`` of them if given."""
     batch = []
-    while sock.get(_EVENTS) & _POLLIN:
+    while most and sock.get(_EVENTS) & _POLLIN:
+        most -= 1
         frame = sock.recv(0, copy=False)
         parts = [frame]
         while frame.more:
