@@ -179,7 +179,7 @@ def split(frames: Sequence[Any]) -> int:
     small companions cost one ZeroMQ frame while large buffers are never copied.
     """
     for i, f in enumerate(frames):
-        if memoryview(f).nbytes >= INLINE_MAX:
+        if (len(f) if type(f) is bytes else memoryview(f).nbytes) >= INLINE_MAX:
             return i
     return len(frames)
 
@@ -194,6 +194,8 @@ def out_of_band_digest(frames: Sequence[Any], fast: bool = False) -> tuple | Non
 
 
 _HEAD = struct.Struct("!I")
+_pack, _unpack_from = _HEAD.pack, _HEAD.unpack_from
+_dumps, _loads = pickle.dumps, pickle.loads
 #: Starts every message: a peer running another flamebook version is named as such, not as a forger.
 MAGIC = b"FL\x02"
 #: The same format, its out-of-band frames digested with BLAKE3 rather than SHA-256.
@@ -248,19 +250,25 @@ class Wire:
         k = split(frames) if frames else 0
         if k < len(frames):
             head["o"] = len(frames) - k
-        header = pickle.dumps(head, 5)
-        body = [_HEAD.pack(len(header)), header]
-        for f in frames[:k]:
-            body.append(_HEAD.pack(memoryview(f).nbytes))
-            body.append(f)
-        signed = b"".join(body)
+        header = _dumps(head, 5)
+        if k:
+            body = [_pack(len(header)), header]
+            for f in frames[:k]:
+                body.append(_pack(len(f) if type(f) is bytes else memoryview(f).nbytes))
+                body.append(f)
+            signed = b"".join(body)
+        else:
+            signed = _pack(len(header)) + header
+        mac = self._hmac.copy()
+        mac.update(signed)
         if k == len(frames):
-            return [MAGIC + self._mac(signed) + signed]
+            return [MAGIC + mac.digest() + signed]
         oob = frames[k:]
         fast = to in self.fast_peers
         if digest is None or digest[0] != fast:
             digest = (fast, frames_digest(oob, fast))
-        return [(MAGIC_FAST if fast else MAGIC) + self._mac(signed, digest[1]) + signed, *oob]
+        mac.update(digest[1])
+        return [(MAGIC_FAST if fast else MAGIC) + mac.digest() + signed, *oob]
 
     def _mac(self, *data: Any) -> bytes:
         mac = self._hmac.copy()
@@ -278,41 +286,46 @@ class Wire:
         if not parts:
             return self._drop("no frames", peer)
         first = memoryview(parts[0])
-        magic = first[:len(MAGIC)]
+        magic = first[:3]
         fast = magic != MAGIC  # one comparison for the common case
         if fast and magic != MAGIC_FAST:
             return self._drop("not flamebook's wire format, or another version of it: is the same "
                               "flamebook installed on both sides?", peer)
-        if fast and len(parts) > 1 and not fast_digests():
+        n = len(parts)
+        if fast and n > 1 and not fast_digests():
             return self._drop("large frames digested with BLAKE3, and blake3 is not installed here", peer)
-        if first.nbytes < _SIG + _HEAD.size:
+        size = first.nbytes - _SIG
+        if size < 4:
             return self._drop("too short", peer)
         signed = first[_SIG:]
-        mac = self._mac(signed) if len(parts) == 1 else self._mac(signed, frames_digest(parts[1:], fast))
-        if not hmac.compare_digest(mac, first[len(MAGIC):_SIG]):
+        mac = self._hmac.copy()
+        mac.update(signed)
+        if n > 1:
+            mac.update(frames_digest(parts[1:], fast))
+        if not hmac.compare_digest(mac.digest(), first[3:_SIG]):
             return self._drop("bad signature", peer)
         try:
-            end = _HEAD.size + _HEAD.unpack_from(signed)[0]
-            head = pickle.loads(signed[_HEAD.size:end])  # signed by a holder of the key
+            end = 4 + _unpack_from(signed)[0]
+            head = _loads(signed[4:end])  # signed by a holder of the key
             sender, seq = head["f"], head["q"]
             frames: list = []
-            size = signed.nbytes
             while end < size:
-                start = end + _HEAD.size
-                end = start + _HEAD.unpack_from(signed, end)[0]
+                start = end + 4
+                end = start + _unpack_from(signed, end)[0]
                 if end > size:
                     raise ValueError("frame past the end")
                 frames.append(signed[start:end])
-            if head.pop("o", 0) != len(parts) - 1:
+            if head.pop("o", 0) != n - 1:
                 raise ValueError("out-of-band frame count")
         except Exception:
             return self._drop("malformed message", peer)
-        frames.extend(parts[1:])
+        if n > 1:
+            frames.extend(parts[1:])
         if head.get("t") != self.me:
             return self._drop(f"addressed to {head.get('t')!r}, not {self.me!r}", peer)
         if peer is not None and sender != peer:
             return self._drop(f"sender {sender!r} arrived on connection {peer!r}", peer)
-        if not isinstance(seq, int) or seq <= self._last.get(sender, 0):
+        if type(seq) is not int or seq <= self._last.get(sender, 0):
             return self._drop(f"replayed or reordered sequence number from {sender!r}", peer)
         self._last[sender] = seq
         return head, frames
