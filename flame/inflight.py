@@ -44,7 +44,7 @@ class CallLifecycle:
         return [c.future for c in self._queue(fn, [(xs, {}) for xs in arg_tuples])]
 
     def _queue(self: "Pool", fn: Callable, arguments: list, affinity: str | None = None,
-               strict: bool = False, origin: Any = "") -> list[Call]:
+               strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Call]:
         """Calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``: all pickled first, then
         queued under one lock with one placement decision (one decision per call cost a third
         of the parent's time per tiny task, and the lock it held starved the thread taking
@@ -52,7 +52,7 @@ class CallLifecycle:
         expected = self._expect_calls(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._function(fn)
-            calls = [self._prepare(fn, args, kwargs, affinity, strict, origin, entry=entry)
+            calls = [self._prepare(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
                      for args, kwargs in arguments]
         except BaseException:
             self._unexpect(expected)
@@ -68,7 +68,7 @@ class CallLifecycle:
 
     def _prepare(self: "Pool", fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
                  strict: bool = False, origin: Any = "", entry: tuple | None = None,
-                 arg_frames: list | None = None) -> Call:
+                 arg_frames: list | None = None, outcome: bool = False) -> Call:
         """A call, pickled and ready to queue (outside the lock). ``arg_frames``: its arguments
         already pickled (an operation on a Remote with nothing but plain values)."""
         fn_payload, fn_hash = entry or self._function(fn)
@@ -95,7 +95,7 @@ class CallLifecycle:
         call = Call(self, fn, getattr(fn, "__qualname__", None) or type(fn).__name__, fn_hash,
                     fn_payload, arg_frames, (out_of_band_digest(arg_frames, self._fast)
                      if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
-                    deadline, affinity)
+                    deadline, affinity, outcome)
         call.strict, call.shm = strict, shared
         if strict:
             call.origin = origin

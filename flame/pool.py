@@ -226,7 +226,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         A KeyboardInterrupt while waiting (Ctrl-C, the notebook's stop button) stops the
         remote work too, then re-raises.
         """
-        return self._submit(fn, args, kwargs).result()  # this thread receives its own result
+        # No future: this thread waits for the call itself, and receives its own result.
+        return self._queue(fn, [(args, kwargs)], outcome=True)[0].future.result()
 
     def map(self, fn: Callable, *iterables: Iterable) -> list:
         """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.

@@ -309,6 +309,44 @@ def test_shutdown_waits_then_refuses_calls(make_pool):
         pool.submit(lambda: 1)
 
 
+def test_shutdown_waits_for_a_call_another_thread_makes_or_cancels_it(make_pool, tmp_path):
+    """Pool.call waits on an Outcome, not a Future: shutdown must still wait for it, or cancel it."""
+    import concurrent.futures
+    import threading
+    for cancel in (False, True):
+        pool = make_pool(max=1)
+        pool.call(os.getpid)
+        path = str(tmp_path / f"ticks-{cancel}")
+        got: dict = {}
+
+        def caller():
+            try:
+                got["value"] = pool.call(lambda p: (_tick_for(p, 1.0), "done")[1], path)
+            except BaseException as exc:  # noqa: BLE001
+                got["error"] = exc
+        t = threading.Thread(target=caller)
+        t.start()
+        assert wait_for(lambda: os.path.exists(path))
+        pool.shutdown(cancel_futures=cancel)
+        t.join(timeout=10)
+        assert not t.is_alive()
+        if cancel:
+            assert isinstance(got.get("error"), concurrent.futures.CancelledError), got
+            size = os.path.getsize(path)
+            time.sleep(0.3)
+            assert os.path.getsize(path) == size, "the remote work went on"
+        else:
+            assert got == {"value": "done"}
+
+
+def _tick_for(path, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with open(path, "a") as f:
+            f.write(".")
+        time.sleep(0.02)
+
+
 def test_context_manager_stops_runners():
     with flame.Pool(max=2) as pool:
         pids = set(pool.map(lambda _: (__import__("time").sleep(0.2), __import__("os").getpid())[1], range(2)))
