@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from concurrent.futures import CancelledError, Future, InvalidStateError, wait
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from concurrent.futures._base import FINISHED as _FINISHED
 from typing import Any, Callable, Protocol
 
@@ -236,7 +237,7 @@ class Outcome:
         if not self.settled:
             _receive_until(self, timeout)
             if not self.settled:
-                raise TimeoutError(f"{self.call.name}() did not finish within {timeout} s")
+                raise FutureTimeout(f"{self.call.name}() did not finish within {timeout} s")
 
     def _block(self, timeout: float | None) -> None:
         with _settling:

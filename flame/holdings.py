@@ -15,7 +15,7 @@ from .errors import RunnerDied
 from .remote import Remote, RemoteGone, _Held
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .call import CallFuture
+    from .call import Outcome
     from .pool import Pool
 
 
@@ -43,12 +43,12 @@ class Holdings:
         return Remote(_Held(self, runner, oid, origin, nbytes))
 
     def _on_holder(self: "Pool", held: _Held, fn: Callable, args: tuple,
-                   arg_frames: list | None = None) -> "CallFuture":
+                   arg_frames: list | None = None) -> "Outcome":
         """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else (the caller
         waits). ``arg_frames``: the arguments already pickled."""
         if self._closed:
             raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
-        call = self._prepare(fn, args, {}, held.runner, True, held, arg_frames=arg_frames)
+        call = self._prepare(fn, args, {}, held.runner, True, held, arg_frames=arg_frames, outcome=True)
         self._enqueue((call,))
         return call.future
 
