@@ -5,9 +5,12 @@ receives, checks and hands messages to the pool, either the I/O thread or a call
 waiting for its result (leader/followers): that hand-off between two Python threads, a GIL
 ping-pong, cost more than the network hop. The I/O thread also runs the pool's tick.
 
-The socket's file descriptor is edge-triggered: any socket operation can consume the edge
-that announces an incoming message. Whoever operates on the socket re-checks ``ZMQ_EVENTS``
-and wakes the thread that polls it when a message is waiting. Plain ``select.poll`` on that
+A caller alone in ``wait()`` receives in ZeroMQ's blocking receive, holding the socket for
+at most RECV_SLICE_MS; another thread that needs the socket meanwhile pokes it out with a
+message from the endpoint's own DEALER. Otherwise receivers poll the socket's file
+descriptor, which is edge-triggered: any socket operation can consume the edge that
+announces an incoming message. Whoever operates on the socket re-checks ``ZMQ_EVENTS`` and
+wakes the thread that polls it when a message is waiting. Plain ``select.poll`` on that
 descriptor and two pipes replaced ``zmq.select`` here, which truncated its timeout to whole
 milliseconds and spun for the last one before every tick (thousands of wake-ups a second).
 """
@@ -24,12 +27,16 @@ from typing import Any, Callable
 import zmq
 
 from .node.boot import BOOT
-from .wire import Wire, listener, pending, recv_ready, send_parts
+from .wire import Wire, curve_client, listener, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
 #: How often the I/O thread runs the pool's tick (heartbeats, deadlines, placement).
 TICK = 0.05
+#: The longest one blocking receive lasts (the caller then looks at its deadline and flags).
+RECV_SLICE_MS = 20
+#: The routing id of the endpoint's own DEALER, whose messages only wake a blocking receive.
+POKE = b"\x00poke"
 
 #: handle(peer, header, frames), called for each checked message, in arrival order.
 Handler = Callable[[str, dict, list], None]
@@ -58,7 +65,21 @@ class Endpoint:
         self._sock.bind(f"tcp://{bind_host}:0")
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock_fd = self._sock.getsockopt(zmq.FD)
+        self._sock.setsockopt(zmq.RCVTIMEO, RECV_SLICE_MS)  # bounds a blocking receive (see wait)
         self._sock_lock = threading.Lock()
+        # A caller alone in wait() receives in ZeroMQ's blocking receive, holding the socket. A
+        # thread that needs the socket meanwhile pokes it out: a message from a DEALER of our
+        # own, over inproc, which that receive returns (and _dispatch ignores).
+        self._blocked = False  # a caller waits in the blocking receive, holding _sock_lock
+        self._wanting: list = []  # one entry per thread waiting for _sock_lock (list ops are atomic)
+        inproc = f"inproc://flame-{name}-{os.getpid()}-{id(self):x}"
+        self._sock.bind(inproc)
+        self._poke = self._ctx.socket(zmq.DEALER)
+        self._poke.setsockopt(zmq.ROUTING_ID, POKE)
+        self._poke.setsockopt(zmq.LINGER, 0)
+        curve_client(self._poke, self.curve_public)
+        self._poke.connect(inproc)
+        self._poke_lock = threading.Lock()
         # A caller receiving in wait() polls the socket and its own wake-up pipe: another
         # thread's socket operation may consume the edge it waits for (see send).
         self._lead_r, self._lead_w = _pipe()
@@ -95,7 +116,8 @@ class Endpoint:
         # The receiving thread itself checks the socket before it next polls: it needs no wake-up
         # (it sends the calls that the results it handles make room for).
         receiver = self._receiver == threading.get_ident()
-        with self._sock_lock:
+        self._hold()
+        try:
             if self._sock.closed:
                 return
             msg = self.wire.encode(kind, to, fields, frames, digest)
@@ -103,6 +125,8 @@ class Endpoint:
             # With nobody polling, the next receiver checks the socket before it polls.
             waiters = bool(self._waiters)
             waiting = not receiver and (waiters or self._io_watching) and pending(self._sock)
+        finally:
+            self._sock_lock.release()
         if waiting:
             self.wake()
             if waiters:
@@ -113,6 +137,22 @@ class Endpoint:
         if not self._io_watching and not self._waiters:
             self.wake()
 
+    def _hold(self) -> None:
+        """Acquire ``_sock_lock``; if a caller holds it in a blocking receive, poke it out first."""
+        if self._sock_lock.acquire(False):
+            return
+        self._wanting.append(None)
+        try:
+            # Either the receiving caller sees this entry before it blocks, or this thread sees
+            # it blocked and pokes (both at worst: a stray poke, ignored).
+            if self._blocked:
+                with self._poke_lock:
+                    if not self._poke.closed:
+                        self._poke.send(b"", zmq.NOBLOCK)
+            self._sock_lock.acquire()
+        finally:
+            self._wanting.pop()
+
     def wake(self, fd: int | None = None) -> None:
         try:
             os.write(self._wake_w if fd is None else fd, b"\0")
@@ -120,20 +160,41 @@ class Endpoint:
             pass
 
     # ---- receiving ------------------------------------------------------------------------
-    def _receive(self) -> list:
-        with self._sock_lock:
+    def _receive(self, most: int = -1) -> list:
+        self._hold()
+        try:
             if self._sock.closed:
                 return []
-            return recv_ready(self._sock)
+            return recv_ready(self._sock, most)
+        finally:
+            self._sock_lock.release()
 
-    def _receive_one(self) -> list:
+    def _receive_blocking(self) -> list:
+        """Wait in ZeroMQ's blocking receive for one message, at most RECV_SLICE_MS, unless
+        another thread wants the socket (then nothing: the caller polls instead)."""
+        sock = self._sock
         with self._sock_lock:
-            if self._sock.closed:
+            if sock.closed:
                 return []
-            return recv_ready(self._sock, 1)
+            self._blocked = True
+            try:
+                if self._wanting:
+                    return []
+                frame = sock.recv(0, copy=False)
+                parts = [frame]
+                while frame.more:
+                    frame = sock.recv(0, copy=False)
+                    parts.append(frame)
+                return [parts]
+            except zmq.Again:
+                return []
+            finally:
+                self._blocked = False
 
     def _dispatch(self, parts: list) -> None:
         ident = parts[0].bytes
+        if ident == POKE:
+            return
         try:
             peer = ident.decode()
         except UnicodeDecodeError:
@@ -152,9 +213,12 @@ class Endpoint:
         data = self._serve(peer, digest.decode("ascii", "replace"))
         if data is None:
             return
-        with self._sock_lock:
+        self._hold()
+        try:
             if not self._sock.closed:
                 send_parts(self._sock, [ident, BOOT, digest, data])
+        finally:
+            self._sock_lock.release()
 
     def wait(self, future: Any, timeout: float | None = None) -> None:
         """Receive and handle messages in this thread until ``future.settled``, the timeout
@@ -176,16 +240,23 @@ class Endpoint:
                 try:
                     if future.settled or self.stopped.is_set():
                         break
-                    batch = self._receive()
+                    # Alone, this caller waits in ZeroMQ's blocking receive, as a raw pyzmq loop
+                    # does: watching the descriptor instead costs two ZeroMQ operations and a
+                    # poll more per call. With other waiters, it polls (they may send meanwhile).
+                    alone = len(self._waiters) == 1 and not self._wanting
+                    batch = [] if alone else self._receive()
                     if not batch:
-                        # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
-                        for fd, _ in poll(20):
-                            if fd == lead_r:
-                                try:
-                                    os.read(lead_r, 65536)
-                                except OSError:  # empty, or closed by a shutdown meanwhile
-                                    pass
-                        batch = self._receive_one()
+                        if alone:
+                            batch = self._receive_blocking()
+                        else:
+                            # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
+                            for fd, _ in poll(RECV_SLICE_MS):
+                                if fd == lead_r:
+                                    try:
+                                        os.read(lead_r, 65536)
+                                    except OSError:  # empty, or closed by a shutdown meanwhile
+                                        pass
+                            batch = self._receive(1)
                         # One message at a time until this caller's result is in. If nothing
                         # else is awaited then, the socket is left unchecked: the I/O thread
                         # checks it at its next tick (one ZeroMQ operation less per call).
@@ -193,7 +264,7 @@ class Endpoint:
                             handled = True
                             self._dispatch(batch.pop())
                             if not (future.settled and len(self._waiters) == 1 and not self._outstanding()):
-                                batch = self._receive_one()
+                                batch = self._receive(1)
                 finally:
                     try:
                         for parts in batch:  # handled even if Ctrl-C struck: nothing is lost
@@ -267,8 +338,13 @@ class Endpoint:
             self.stopped.set()
             self._fail(exc)
         finally:
-            with self._sock_lock:
+            self._hold()
+            try:
                 self._sock.close(linger=0)
+            finally:
+                self._sock_lock.release()
+            with self._poke_lock:
+                self._poke.close(linger=0)
             self._ctx.term()
             for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
                 os.close(fd)
