@@ -70,7 +70,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "shm", "origin", "__weakref__")
+                 "shm", "origin", "order", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -101,6 +101,8 @@ class Call:
         #: queued -> running -> (cancelling ->) done
         self.state = "queued"
         self.cancel_deadline: float | None = None
+        #: its place among the calls sent to its runner (Runner.sent when it was sent)
+        self.order = 0
 
     def __repr__(self) -> str:
         return f"<Call {self.id} {self.name}() {self.state}>"

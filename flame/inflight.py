@@ -162,10 +162,11 @@ class CallLifecycle:
         if len(starts) == 1:
             self._start(*starts[0])
             return
-        batches: dict = {}
+        batches: dict = {}  # runner id -> (heads, frames) not sent yet
         for call, r in starts:
             fields, frames, digest = self._call_message(call, r)
-            if digest is not None or len(frames) > 2:  # out-of-band frames: a message of its own
+            if digest is not None or len(frames) > 2:  # out-of-band frames: a message of its own,
+                self._send_calls(r.id, batches.pop(r.id, None))  # after the calls before it
                 self._endpoint.send(r.id, "call", fields, frames, digest)
             else:
                 fields["n"] = len(frames)
@@ -174,18 +175,28 @@ class CallLifecycle:
                 batch[1].extend(frames)
             if not call.ahead:
                 call.arg_frames = call.arg_digest = None
-        for rid, (heads, frames) in batches.items():
-            if len(heads) == 1:
-                del heads[0]["n"]
-                self._endpoint.send(rid, "call", heads[0], frames)
-            else:
-                self._endpoint.send(rid, "calls", {"c": heads}, frames)
+        for rid, batch in batches.items():
+            self._send_calls(rid, batch)
+
+    def _send_calls(self: "Pool", rid: str, batch: tuple | None) -> None:
+        """Send a batch of inline calls to runner ``rid``: one ``call``, or a ``calls`` message.
+        A runner receives its calls in the order they were sent, which its progress count
+        relies on (``Runner.started_calls``)."""
+        if batch is None:
+            return
+        heads, frames = batch
+        if len(heads) == 1:
+            del heads[0]["n"]
+            self._endpoint.send(rid, "call", heads[0], frames)
+        else:
+            self._endpoint.send(rid, "calls", {"c": heads}, frames)
 
     def _call_message(self: "Pool", call: Call, r: Runner) -> tuple[dict, list, Any]:
         """Mark ``call`` as running on ``r``; the fields, frames and digest of its message."""
         if self._code_now is not None and r.code != self._code_now.digest:
             self._push_code(r)
-        call.state, call.runner = "running", r
+        call.state, call.runner, call.order = "running", r, r.sent
+        r.sent += 1
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
         if call.shm is not None:
             fields["m"] = call.shm

@@ -49,6 +49,8 @@ class RunnerLifecycle:
         }, self.max_concurrency)
         if self._endpoint.curve_public is not None:
             spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
+        if not self.backend.remote and shm.available():  # it counts the calls it starts there
+            r.progress = spec.env["FLAME_PROGRESS"] = f"{shm.DIR}/flame-{rid}-progress"
         if self.backend.remote:  # it boots from archives it fetches from us (node/boot.py)
             flame, code = flame_archive(), self._code_now
             checks = {a.digest: a.check for a in (flame, code) if a is not None}
@@ -152,12 +154,16 @@ class RunnerLifecycle:
             self._arena.release_all(r.id)  # whatever it held of ours is ours again
         self._mappings.forget(f"flame-{r.id}-")
         error = error or RunnerDied(f"runner {r.id} stopped", r.id)
-        # A runner starts its calls in the order they were sent, at most max_concurrency at once,
-        # and sends each reply before it starts another call. So of the calls it has not
-        # answered (r.calls keeps them in the order sent), only the first max_concurrency can
-        # have started: the others provably never did, and run elsewhere instead of failing.
+        # A runner starts its calls in the order they were sent. A local one counts them in its
+        # progress file before it starts each: the calls past that count provably never
+        # started, and run elsewhere instead of failing. Without the file, only the first
+        # max_concurrency unanswered calls are taken to have started, since a runner hands each
+        # reply to ZeroMQ before it starts another call (not proof: ZeroMQ may not have sent
+        # it when the process is killed).
         unanswered = [c for c in r.calls.values() if c.state == "running"]
-        never_started = unanswered[self.max_concurrency:]
+        started = r.started_calls()
+        never_started = (unanswered[self.max_concurrency:] if started is None
+                         else [c for c in unanswered if c.order >= started])
         if never_started and isinstance(error, RunnerDied) and not self._closed:
             for call in never_started:
                 r.calls.pop(call.id)
@@ -180,8 +186,8 @@ class RunnerLifecycle:
         def reap() -> None:
             try:
                 self.backend.terminate(r.handle)
-                if self._shm_on:
-                    shm.sweep(r.id)  # its arena, now that it cannot make one any more
+                if self._shm_on or not self.backend.remote:
+                    shm.sweep(r.id)  # its arena and progress file, now that it cannot make one
             except Exception:
                 log.exception("flame: backend failed to terminate runner %s", r.id)
             if self._capacity is not None and not self._endpoint.stopped.is_set():

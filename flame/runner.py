@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,28 @@ class Runner:
         self.code: str | None = None
         self.cache: tuple | None = None
         self.executable = ""
+        #: calls sent to it so far (each call's ``order`` on it), and the file in which a local
+        #: runner counts the calls it has started (``flame/node/node.py``), if it has one
+        self.sent = 0
+        self.progress: str | None = None
+
+    def started_calls(self) -> int | None:
+        """How many of the calls sent to it the runner had started, by its progress file, or
+        None without one. Read once the process is gone; the file is unlinked then."""
+        if self.progress is None:
+            return None
+        path, self.progress = self.progress, None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, 8, 0)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return int.from_bytes(data, "little") if len(data) == 8 else None
 
     def knows(self, fn_hash: str) -> bool:
         """Record that ``fn_hash`` is sent now; True if the runner already holds it (mirrors its LRU)."""

@@ -496,6 +496,49 @@ def _logged_work(i, path):
     return i
 
 
+def _lose_the_next_reply():
+    """In the runner: the next call's reply never leaves, as when ZeroMQ's I/O thread has not
+    sent it yet at a SIGKILL (this call's own reply is sent by the post it was started with)."""
+    import gc
+    from flame.node.node import RunnerNode
+    node = next(o for o in gc.get_objects() if isinstance(o, RunnerNode))
+    post, seen = node.post, []
+
+    def lossy(kind, fields=None, frames=()):
+        if kind == "result":
+            seen.append(kind)
+            if len(seen) == 1:
+                return
+        post(kind, fields, frames)
+    node.post = lossy
+
+
+def _mark_then_die(path):
+    import os
+    import signal
+    with open(path, "a") as f:
+        f.write("ran\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_call_started_after_a_lost_reply_is_not_run_again(make_pool, tmp_path):
+    # B's reply is lost with its runner; C, sent ahead behind B, had started. Taking "the first
+    # unanswered call" as the only one started would run C again elsewhere: the runner's
+    # progress count says C started, so C fails with RunnerDied instead.
+    pool = make_pool(max=1)
+    pool.call(_lose_the_next_reply)
+    path = str(tmp_path / "marks")
+    b = pool.submit(time.sleep, 0.3)
+    c = pool.submit(_mark_then_die, path)  # sent ahead: the pool is at max
+    with pytest.raises(flame.RunnerDied):
+        b.result(timeout=30)
+    with pytest.raises(flame.RunnerDied):
+        c.result(timeout=30)
+    time.sleep(1.0)  # a second run, if any, has had time to write
+    assert open(path).read() == "ran\n", "a call that had started ran again"
+    assert pool.call(lambda: "next") == "next"
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_killing_runners_fails_only_the_calls_that_had_started(make_pool, tmp_path, concurrency):
     import random

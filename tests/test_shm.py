@@ -22,7 +22,12 @@ MB = 1 << 20
 
 
 def segments(prefix=""):
+    """Every file of ours in /dev/shm: arenas, and local runners' progress files."""
     return sorted(glob.glob(f"/dev/shm/flame-{prefix}*"))
+
+
+def arenas(prefix=""):
+    return [p for p in segments(prefix) if not p.endswith("-progress")]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +68,7 @@ def test_values_come_back_equal_through_shared_memory(make_pool):
     assert bytes(view) == bytes(range(256)) * (8 * 1024)
     # It went through shared memory both ways: the pool's arena lent a region, and the result
     # is backed by the runner's, not by a copy of a socket's frame.
-    assert pool._arena is not None and segments(pool.runners[0].id)
+    assert pool._arena is not None and arenas(pool.runners[0].id)
     result = pool.call(echo, big)
     base = result
     while isinstance(base, np.ndarray):
@@ -134,7 +139,7 @@ def test_regions_are_reused_not_grown(make_pool):
         b = pool.call(echo, a)
         del b
     ours = os.stat(os.path.join(shm.DIR, pool._arena.name)).st_blocks * 512
-    [theirs] = segments(pool.runners[0].id)
+    [theirs] = arenas(pool.runners[0].id)
     used = os.stat(theirs).st_blocks * 512
     # 12 round trips of 16 MB each way: a few regions, written again and again.
     assert ours <= 3 * 16 * MB and used <= 3 * 16 * MB, (ours, used)
@@ -144,7 +149,7 @@ def test_socket_when_shared_memory_is_off_and_below_the_threshold(make_pool):
     pool = make_pool(backend=flame.LocalBackend(shared_memory=False), max=1)
     a = np.arange(4 * MB // 8)
     assert np.array_equal(pool.call(echo, a), a)
-    assert pool._arena is None and not segments(pool.runners[0].id)
+    assert pool._arena is None and not arenas(pool.runners[0].id)
     small = make_pool(max=1)
     assert np.array_equal(small.call(echo, a[:1000]), a[:1000])
     assert small._arena is None
@@ -156,7 +161,7 @@ def test_a_runner_killed_mid_transfer_leaves_nothing(make_pool):
     rid = pool.runners[0].id
     a = np.ones(32 * MB // 8)
     assert pool.call(lambda x: x * 1, a).sum() == a.size  # arenas made both ways
-    assert segments(rid)
+    assert arenas(rid)
 
     def hold_then_sleep(x):
         import time
@@ -189,7 +194,7 @@ def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         prefix = parent.stdout.readline().strip()
-        assert prefix and wait_for(lambda: len(segments(prefix)) >= 3, timeout=20), segments(prefix)
+        assert prefix and wait_for(lambda: len(arenas(prefix)) >= 3, timeout=20), segments(prefix)
     finally:
         parent.kill()
         parent.wait()
