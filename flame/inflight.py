@@ -180,7 +180,7 @@ class CallLifecycle:
 
     def _send_calls(self: "Pool", rid: str, batch: tuple | None) -> None:
         """Send a batch of inline calls to runner ``rid``: one ``call``, or a ``calls`` message.
-        A runner receives its calls in the order they were sent, which its progress count
+        A runner receives its calls in the order they were sent, which its start count
         relies on (``Runner.started_calls``)."""
         if batch is None:
             return

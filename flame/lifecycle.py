@@ -50,7 +50,7 @@ class RunnerLifecycle:
         if self._endpoint.curve_public is not None:
             spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
         if not self.backend.remote and shm.available():  # it counts the calls it starts there
-            r.progress = spec.env["FLAME_PROGRESS"] = f"{shm.DIR}/flame-{rid}-progress"
+            r.starts = spec.env["FLAME_STARTS"] = f"{shm.DIR}/flame-{rid}-starts"
         if self.backend.remote:  # it boots from archives it fetches from us (node/boot.py)
             flame, code = flame_archive(), self._code_now
             checks = {a.digest: a.check for a in (flame, code) if a is not None}
@@ -155,7 +155,7 @@ class RunnerLifecycle:
         self._mappings.forget(f"flame-{r.id}-")
         error = error or RunnerDied(f"runner {r.id} stopped", r.id)
         # A runner starts its calls in the order they were sent. A local one counts them in its
-        # progress file before it starts each: the calls past that count provably never
+        # start count (node/starts.py) before it starts each: the calls past it provably never
         # started, and run elsewhere instead of failing. Without the file, only the first
         # max_concurrency unanswered calls are taken to have started, since a runner hands each
         # reply to ZeroMQ before it starts another call (not proof: ZeroMQ may not have sent
@@ -164,6 +164,8 @@ class RunnerLifecycle:
         started = r.started_calls()
         never_started = (unanswered[self.max_concurrency:] if started is None
                          else [c for c in unanswered if c.order >= started])
+        # Only a call sent ahead kept its arguments (the others let them go once sent).
+        never_started = [c for c in never_started if c.arg_frames is not None]
         if never_started and isinstance(error, RunnerDied) and not self._closed:
             for call in never_started:
                 r.calls.pop(call.id)
@@ -187,7 +189,7 @@ class RunnerLifecycle:
             try:
                 self.backend.terminate(r.handle)
                 if self._shm_on or not self.backend.remote:
-                    shm.sweep(r.id)  # its arena and progress file, now that it cannot make one
+                    shm.sweep(r.id)  # its arena and start count, now that it cannot make them
             except Exception:
                 log.exception("flame: backend failed to terminate runner %s", r.id)
             if self._capacity is not None and not self._endpoint.stopped.is_set():

@@ -64,16 +64,16 @@ class Runner:
         self.cache: tuple | None = None
         self.executable = ""
         #: calls sent to it so far (each call's ``order`` on it), and the file in which a local
-        #: runner counts the calls it has started (``flame/node/node.py``), if it has one
+        #: runner counts the calls it has started (``flame/node/starts.py``), if it has one
         self.sent = 0
-        self.progress: str | None = None
+        self.starts: str | None = None
 
     def started_calls(self) -> int | None:
-        """How many of the calls sent to it the runner had started, by its progress file, or
+        """How many of the calls sent to it the runner had started, by its start count, or
         None without one. Read once the process is gone; the file is unlinked then."""
-        if self.progress is None:
+        if self.starts is None:
             return None
-        path, self.progress = self.progress, None
+        path, self.starts = self.starts, None
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:

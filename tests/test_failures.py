@@ -524,7 +524,7 @@ def _mark_then_die(path):
 def test_a_call_started_after_a_lost_reply_is_not_run_again(make_pool, tmp_path):
     # B's reply is lost with its runner; C, sent ahead behind B, had started. Taking "the first
     # unanswered call" as the only one started would run C again elsewhere: the runner's
-    # progress count says C started, so C fails with RunnerDied instead.
+    # start count says C started, so C fails with RunnerDied instead.
     pool = make_pool(max=1)
     pool.call(_lose_the_next_reply)
     path = str(tmp_path / "marks")
@@ -554,14 +554,18 @@ def test_killing_runners_fails_only_the_calls_that_had_started(make_pool, tmp_pa
         if ready:
             os.kill(rng.choice(ready).pid, signal.SIGKILL)
             kills += 1
-    died = 0
+    failed = set()
     for i, f in enumerate(futures):
         try:
             assert f.result(timeout=60) == i
         except flame.RunnerDied:
-            died += 1
+            failed.add(str(i))
     assert kills >= 5
-    assert died <= kills * concurrency, f"{died} calls failed for {kills} kills: calls that never started failed too"
     ran = open(path).read().split()
     assert len(ran) == len(set(ran)), "a call ran twice"
-    assert len(ran) >= 400 - died
+    assert len(ran) >= 400 - len(failed)
+    # A failed call had started: it ran (a reply ZeroMQ had not sent yet is lost with its runner,
+    # and that call must fail, not run again), or it was running when the kill struck, before
+    # its first line (at most max_concurrency per kill).
+    unstarted = failed - set(ran)
+    assert len(unstarted) <= kills * concurrency, f"{len(unstarted)} calls failed for {kills} kills without running"

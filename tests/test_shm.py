@@ -22,12 +22,12 @@ MB = 1 << 20
 
 
 def segments(prefix=""):
-    """Every file of ours in /dev/shm: arenas, and local runners' progress files."""
+    """Every file of ours in /dev/shm: arenas, and local runners' start counts."""
     return sorted(glob.glob(f"/dev/shm/flame-{prefix}*"))
 
 
 def arenas(prefix=""):
-    return [p for p in segments(prefix) if not p.endswith("-progress")]
+    return [p for p in segments(prefix) if not p.endswith("-starts")]
 
 
 @pytest.fixture(autouse=True)

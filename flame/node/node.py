@@ -46,6 +46,7 @@ from ..wire import (FN_CACHE_SIZE, Wire, curve_client, fast_digests, introductio
                     send_parts)
 from .capture import Capture
 from .execute import Calls, cancelled_reply
+from .starts import StartCount
 from .terminator import Terminator
 
 log = logging.getLogger("flame.node")
@@ -105,7 +106,10 @@ class RunnerNode:
         self.code: str | None = env.get("FLAME_CODE")  # the local code's archive on sys.path
         self.stopping = False
         self.busy = False  # the main thread is executing a call and not watching the socket
-        self.progress = _Progress(env["FLAME_PROGRESS"]) if env.get("FLAME_PROGRESS") else None
+        #: a local runner's count of the calls it started, for its pool after a kill (starts.py)
+        self.starts = StartCount(env["FLAME_STARTS"]) if env.get("FLAME_STARTS") else None
+        if self.starts is not None:
+            _cleanup.append(self.starts.close)
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -324,8 +328,8 @@ class RunnerNode:
 
     def execute(self, call_id: str, name: str, entry: list, arg_frames: list, shared: list | None = None,
                 index: int = 0) -> None:
-        if self.progress is not None:
-            self.progress.started(index)  # before anything of the call runs (its arguments' unpickling too)
+        if self.starts is not None:
+            self.starts.started(index)  # before anything of the call runs (its arguments' unpickling too)
         taken = []
 
         def work() -> Any:
@@ -396,45 +400,6 @@ class RunnerNode:
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
-
-
-class _Progress:
-    """A count, in a file the pool reads once the runner is gone, that no call sent here at or
-    past it has started: those run elsewhere. It is one more than the highest index (place
-    among the calls received) of a call started so far, written through a shared mapping
-    before each call runs anything (no system call), so it survives a SIGKILL; a reply handed
-    to ZeroMQ may not (its I/O thread may not have sent it yet)."""
-
-    def __init__(self, path: str) -> None:
-        import mmap
-        self.count = 0
-        self.lock = threading.Lock()  # worker threads start calls concurrently
-        self.mm = None
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            log.warning("flame runner: no progress file (%s): a kill may fail calls that never started", exc)
-            return
-        try:
-            os.ftruncate(fd, 8)
-            self.mm = mmap.mmap(fd, 8)
-        finally:
-            os.close(fd)
-        _cleanup.append(lambda: _unlink(path))
-
-    def started(self, index: int) -> None:
-        if self.mm is not None:
-            with self.lock:  # worker threads may start calls out of their order: keep the highest
-                if index >= self.count:
-                    self.count = index + 1
-                    self.mm[:8] = self.count.to_bytes(8, "little")
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _introspect(kind: str, head: dict) -> dict:
