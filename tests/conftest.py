@@ -161,6 +161,31 @@ def kill_runner_mid_call(pool):
     return fut
 
 
+def second_caller_wait(make_pool, monkeypatch, **options) -> float:
+    """Seconds a second thread's call takes while another caller waits alone in its blocking
+    receive (for a 3 s call), where one receive may last 10 s and no heartbeat arrives for
+    60 s: short only if that thread pokes the waiting caller out of the socket."""
+    import threading
+    from flame import endpoint, lifecycle
+    monkeypatch.setattr(endpoint, "RECV_SLICE_MS", 10_000)
+    monkeypatch.setattr(lifecycle, "HEARTBEAT", 60.0)
+    pool = make_pool(max=2, min=2, parent_timeout=120, **options)
+    assert wait_for(lambda: len([r for r in pool.runners if r.state == "ready"]) == 2)
+    took: list = []
+
+    def second():
+        time.sleep(0.5)  # the first call is in its blocking receive by now
+        t0 = time.monotonic()
+        assert pool.call(lambda: "second") == "second"
+        took.append(time.monotonic() - t0)
+    t = threading.Thread(target=second)
+    t.start()
+    assert pool.call(time.sleep, 3.0) is None
+    t.join(timeout=10)
+    assert took, "the second call did not finish"
+    return took[0]
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

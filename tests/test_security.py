@@ -10,7 +10,7 @@ import zmq
 
 import flame
 from flame.wire import MAGIC, Wire
-from conftest import wait_for
+from conftest import second_caller_wait
 from harness import FakeParent
 
 
@@ -154,26 +154,7 @@ def test_off_loopback_pools_encrypt_with_curve(make_pool):
 def test_off_loopback_the_waiting_caller_is_poked_through_curve(make_pool, monkeypatch):
     """The endpoint's own DEALER pokes a caller out of its blocking receive: off loopback, with
     CURVE on the socket, too (or a second thread's call would wait for the first's)."""
-    import threading
-    import time
-    from flame import endpoint, lifecycle
-    monkeypatch.setattr(endpoint, "RECV_SLICE_MS", 10_000)
-    monkeypatch.setattr(lifecycle, "HEARTBEAT", 60.0)
-    pool = make_pool(backend=_OffLoopback(), max=2, min=2, parent_timeout=120)
-    assert pool._endpoint.curve
-    assert wait_for(lambda: len([r for r in pool.runners if r.state == "ready"]) == 2)
-    took: list = []
-
-    def second():
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        assert pool.call(lambda: "second") == "second"
-        took.append(time.monotonic() - t0)
-    t = threading.Thread(target=second)
-    t.start()
-    assert pool.call(time.sleep, 3.0) is None
-    t.join(timeout=10)
-    assert took and took[0] < 1.5, took
+    assert second_caller_wait(make_pool, monkeypatch, backend=_OffLoopback()) < 1.5
 
 
 def test_loopback_pools_do_not_pay_for_curve(make_pool):
