@@ -148,7 +148,10 @@ class Endpoint:
             if self._blocked:
                 with self._poke_lock:
                     if not self._poke.closed:
-                        self._poke.send(b"", zmq.NOBLOCK)
+                        try:
+                            self._poke.send(b"", zmq.NOBLOCK)
+                        except zmq.Again:  # pokes already queued: the caller wakes for those
+                            pass
             self._sock_lock.acquire()
         finally:
             self._wanting.pop()
