@@ -22,7 +22,7 @@ from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
 from .keys import new_key, write_private
-from .wire import Wire, curve_client, introduction, read_output
+from .wire import Kind, Wire, curve_client, introduction, read_output
 
 log = logging.getLogger("flame.attach")
 
@@ -303,7 +303,7 @@ class AppConnection:
     def _handle(self, parts: list) -> None:
         msg = self._wire.decode(parts, peer=None)
         if msg is None:
-            if len(parts) >= 2 and bytes(parts[1]) == b'{"k":"refused"}':
+            if len(parts) >= 2 and bytes(parts[1]) == Kind.REFUSED:
                 self._refused = True
                 self._fail_all(AttachError("refused"))
             return

@@ -16,11 +16,10 @@ import time
 from concurrent.futures import CancelledError, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from . import placement, present, serialize, shm
+from . import placement, present, serialize, shm, wire
 from .call import Call, CallFuture, Pickled
 from .errors import CallTimeout, PoolClosed, SerializationError
 from .remote import _sending, remotes_in
-from .lifecycle import HEARTBEAT
 from .placement import PREFETCH
 from .runner import Runner
 from .wire import INLINE_MAX, introduction, out_of_band_digest, read_output
@@ -73,7 +72,7 @@ class CallLifecycle:
         already pickled (an operation on a Remote with nothing but plain values)."""
         fn_payload, fn_hash = entry or self._function(fn)
         if self._code is not None:
-            self._code_now = self._code.current()  # cheap unless a module was imported or reloaded
+            self._code.refresh()  # cheap unless a module was imported or reloaded
         if arg_frames is None:
             found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
             if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
@@ -193,7 +192,7 @@ class CallLifecycle:
 
     def _call_message(self: "Pool", call: Call, r: Runner) -> tuple[dict, list, Any]:
         """Mark ``call`` as running on ``r``; the fields, frames and digest of its message."""
-        if self._code_now is not None and r.code != self._code_now.digest:
+        if self._code is not None and self._code.now is not None and r.code != self._code.now.digest:
             self._push_code(r)
         call.state, call.runner, call.order = "running", r, r.sent
         r.sent += 1
@@ -293,8 +292,8 @@ class CallLifecycle:
                         self._endpoint.wire.fast_peers.add(r.id)
                     if head.get("cache"):
                         r.cache = (r.host, head["cache"])
-                        if r.code:
-                            self._code_hosts.setdefault(r.cache, set()).add(r.code)
+                        if self._code is not None:
+                            self._code.host_has(r.cache, r.code)
                     r.last_active = time.monotonic()
                     self._min_paused = False
                     self._endpoint.send(r.id, "welcome", {**introduction(), "pool": self.name,
@@ -305,7 +304,8 @@ class CallLifecycle:
                 if self._arena is not None:
                     self._arena.release(head.get("at", -1), peer)
             elif kind == "code-missing":  # its host's cache lost an archive: send it whole
-                self._code_hosts.get(r.cache, set()).discard(head.get("h"))
+                if self._code is not None:
+                    self._code.host_lost(r.cache, head.get("h"))
                 r.code = None
         finally:
             self._release()
@@ -338,7 +338,7 @@ class CallLifecycle:
         backend must never starve heartbeats (runners would exit)."""
         with self._state():
             if now >= self._next_beat:
-                self._next_beat = now + HEARTBEAT
+                self._next_beat = now + wire.HEARTBEAT  # read here: one value, wherever it is set
                 for r in self._runners.values():
                     if r.state == "ready":
                         self._endpoint.send(r.id, "heartbeat")

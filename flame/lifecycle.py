@@ -12,14 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import present, shm
+from . import present, shm, wire
 from .backends.base import RunnerSpec
-from .codesync import flame_archive
 from .endpoint import TICK
 from .errors import BootError, RunnerDied
 from .runner import Runner
@@ -29,8 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("flame.pool")
 
-#: Heartbeat interval to runners; they exit after ``parent_timeout`` without one.
-HEARTBEAT = 1.0
 #: How long a runner asked to stop may take before it is killed.
 STOP_GRACE = 2.0
 
@@ -44,21 +40,16 @@ class RunnerLifecycle:
         r = self._runners[rid] = Runner(rid, time.monotonic() + self.boot_timeout)
         spec = RunnerSpec(rid, self.address, {
             "FLAME_RUNNER_ID": rid, "FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
-            "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(HEARTBEAT),
+            "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(wire.HEARTBEAT),
             "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout),
         }, self.max_concurrency)
         if self._endpoint.curve_public is not None:
             spec.env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
         if not self.backend.remote and shm.available():  # it counts the calls it starts there
             r.starts = spec.env["FLAME_STARTS"] = f"{shm.DIR}/flame-{rid}-starts"
-        if self.backend.remote:  # it boots from archives it fetches from us (node/boot.py)
-            flame, code = flame_archive(), self._code_now
-            checks = {a.digest: a.check for a in (flame, code) if a is not None}
-            spec.env["FLAME_BOOT"] = json.dumps({
-                "flame": flame.digest, "code": code.digest if code else None, "checks": checks,
-                "versions": _versions(), "python": "%d.%d" % sys.version_info[:2]})
-            code = code.digest if code else None
-            r.code = code
+        if self._code is not None:  # it boots from archives it fetches from us (node/boot.py)
+            spec.env["FLAME_BOOT"] = json.dumps(self._code.boot_settings())
+            r.code = self._code.code_digest()
         self._helper(functools.partial(self._boot_thread, r, spec), f"flame-boot-{rid}")
         log.info("flame: booting runner %s", rid)
 
@@ -102,28 +93,15 @@ class RunnerLifecycle:
             r = self._runners.get(peer.removesuffix("/boot"))
             if r is None or r.state != "booting":
                 return None
-        flame = flame_archive()
-        data = flame.data if digest == flame.digest else self._code.get(digest) if self._code else None
-        if data is not None:
-            with self._lock:
-                self.code_bytes_sent += len(data)
-            log.info("flame: sent code archive %s (%d bytes) to runner %s", digest[:12], len(data), r.id)
-        return data
+        return self._code.serve(digest, r.id)
 
     def _push_code(self: "Pool", r: Runner) -> None:
         """The local code changed since ``r`` got it: send the new archive ahead of its next call,
         or only its name where the runner's host is known to have it."""
-        archive = self._code_now
-        have = self._code_hosts.setdefault(r.cache, set()) if r.cache else set()
-        frames = () if archive.digest in have else (archive.data,)
-        self._endpoint.send(r.id, "code", {"h": archive.digest}, frames)
+        archive = self._code.now
+        self._endpoint.send(r.id, "code", {"h": archive.digest}, self._code.frames_for(archive, r.cache, r.id))
         r.code = archive.digest
         r.fns.clear()  # the runner forgets its functions too: some refer to the old modules
-        have.add(archive.digest)
-        if frames:
-            self.code_bytes_sent += len(archive.data)
-            log.info("flame: sent code archive %s (%d bytes) to runner %s", archive.digest[:12],
-                     len(archive.data), r.id)
 
     def _boot_failed(self: "Pool", r: Runner, error: BootError) -> None:
         log.warning("flame: %s", error)
@@ -247,16 +225,3 @@ class RunnerLifecycle:
             self._drop_runner(r, RunnerDied(f"runner {r.id} stopped answering (no heartbeat for "
                                             f"{time.monotonic() - r.last_heard:.0f} s)" + note, r.id))
 
-
-@functools.lru_cache(maxsize=1)
-def _versions() -> dict:
-    """This process's versions of what a runner needs besides the standard library, so that
-    a host lacking one is told the exact ``pip install``."""
-    from importlib import metadata
-    found = {}
-    for dist in ("pyzmq", "cloudpickle", "psutil"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found

@@ -29,6 +29,44 @@ from .keys import KEY_BYTES
 log = logging.getLogger("flame.wire")
 
 _LEN = struct.Struct("!Q")
+
+class Kind:
+    """THE table of message kinds. Each is a short string on the wire (the header's ``"k"``);
+    each line says what it carries, and who sends it to whom. Parent: a pool; runner: a node
+    a pool booted; app: a served app (``flame.serve``); client: a notebook attached to one."""
+
+    HELLO = "hello"        #: runner -> parent, client -> app: who I am (introduction(), gpus, cache)
+    WELCOME = "welcome"    #: parent -> runner, app -> client: who I am, in answer to a hello
+    HEARTBEAT = "heartbeat"  #: parent -> runner, app -> client: I am alive (every HEARTBEAT)
+    SHUTDOWN = "shutdown"  #: parent -> runner: finish and exit
+    CALL = "call"          #: parent -> runner, client -> app: one call (id, function hash, arguments)
+    CALLS = "calls"        #: parent -> runner: several inline calls in one message ("c": their heads)
+    RUN = "run"            #: client -> app: a cell's code to run in the app's namespace
+    CANCEL = "cancel"      #: parent -> runner, client -> app: interrupt the call with this id
+    RESULT = "result"      #: runner -> parent, app -> client: a call's pickled value
+    ERROR = "error"        #: runner -> parent, app -> client: a call's exception and traceback
+    STREAM = "stream"      #: runner -> parent, app -> client: a call's stdout/stderr text
+    DISPLAY = "display"    #: runner -> parent, app -> client: a call's rich display message (JSON)
+    COMPLETE = "complete"  #: parent -> runner, client -> app: completion request (id, code, cursor)
+    INSPECT = "inspect"    #: parent -> runner, client -> app: inspection request (id, code, cursor)
+    REPLY = "reply"        #: runner -> parent, app -> client: the answer to a complete/inspect
+    CODE = "code"          #: parent -> runner: a new local-code archive (or its name, if cached)
+    CODE_MISSING = "code-missing"  #: runner -> parent: the archive named is not in my cache
+    RELEASE = "release"    #: parent -> runner: drop these held values (Remotes gone)
+    FREE = "free"          #: either way: a region of your shared-memory arena I no longer read
+
+    #: app -> client, unsigned, once: your key is wrong (the whole frame, not a signed message)
+    REFUSED = b'{"k":"refused"}'
+
+    ALL = frozenset(v for k, v in vars().items() if k.isupper() and isinstance(v, str))
+
+
+#: How often a parent (and a served app) sends HEARTBEAT to its peers, in seconds.
+HEARTBEAT = 1.0
+#: How long output may sit in a call's buffer before it is sent (runner and served app).
+#: Livebook uses 50 ms; shorter keeps progress bars lively, longer batches tight print loops better.
+FLUSH_INTERVAL = 0.02
+
 #: Functions a runner keeps by content hash. Both sides keep the same LRU, updated in the
 #: same order, so the parent knows which functions a runner holds without asking.
 FN_CACHE_SIZE = 256

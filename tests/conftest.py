@@ -166,9 +166,9 @@ def second_caller_wait(make_pool, monkeypatch, **options) -> float:
     receive (for a 3 s call), where one receive may last 10 s and no heartbeat arrives for
     60 s: short only if that thread pokes the waiting caller out of the socket."""
     import threading
-    from flame import endpoint, lifecycle
+    from flame import endpoint, wire
     monkeypatch.setattr(endpoint, "RECV_SLICE_MS", 10_000)
-    monkeypatch.setattr(lifecycle, "HEARTBEAT", 60.0)
+    monkeypatch.setattr(wire, "HEARTBEAT", 60.0)
     pool = make_pool(max=2, min=2, parent_timeout=120, **options)
     assert wait_for(lambda: len([r for r in pool.runners if r.state == "ready"]) == 2)
     took: list = []

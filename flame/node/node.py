@@ -23,7 +23,10 @@ thread when a message is waiting.
 Configuration comes from the environment (never argv, so the key never shows in
 ``ps``): FLAME_ADDRESS, FLAME_RUNNER_ID, FLAME_KEY (hex) or FLAME_KEY_FILE,
 FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
-FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback).
+FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback),
+FLAME_SHM (shared memory with the parent), FLAME_STARTS (the start count's file),
+FLAME_BOOT, FLAME_CODE and FLAME_CODE_CACHE (code sync), FLAME_WATCH_STDIN (SSH: exit when
+stdin closes), FLAME_PRELOAD and FLAME_TEMPLATE_FD (forked from a template).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import zmq
 
 from .. import serialize, shm
 from ..keys import read_key
-from ..wire import (FN_CACHE_SIZE, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
+from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
                     send_parts)
 from .capture import Capture
 from .execute import Calls, cancelled_reply
@@ -52,9 +55,6 @@ from .terminator import Terminator
 log = logging.getLogger("flame.node")
 
 PARENT = "parent"
-#: How long output may sit in a call's buffer before it is sent. Livebook uses 50 ms;
-#: shorter keeps progress bars lively, longer batches tight print loops better.
-FLUSH_INTERVAL = 0.02
 #: The longest the main thread waits in one blocking receive (it then looks at its flags).
 RECV_SLICE = 0.02
 EXIT_PARENT_LOST = 3
@@ -69,7 +69,7 @@ class RunnerNode:
         self.id = env["FLAME_RUNNER_ID"]
         self.address = env["FLAME_ADDRESS"]
         self.concurrency = int(env.get("FLAME_CONCURRENCY", "1"))
-        self.heartbeat = float(env.get("FLAME_HEARTBEAT", "1.0"))
+        self.heartbeat = float(env.get("FLAME_HEARTBEAT", HEARTBEAT))
         ppid = env.get("FLAME_PARENT_PID")
         self.terminator = Terminator(float(env.get("FLAME_PARENT_TIMEOUT", "5")),
                                      float(env.get("FLAME_FAILSAFE", "60")),

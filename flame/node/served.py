@@ -21,22 +21,20 @@ from typing import Any
 import zmq
 
 from .. import serialize
-from ..wire import Wire, introduction, listener
+from ..wire import FLUSH_INTERVAL, HEARTBEAT, Kind, Wire, introduction, listener
 from . import aio, display, introspect
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .interactive import result_bundle, run_source, user_expressions
-from .node import FLUSH_INTERVAL
 
 log = logging.getLogger("flame.attach")
 
 APP = "app"
-HEARTBEAT = 1.0
 #: A client not heard from for this long is gone (clients heartbeat every second): it gets
 #: no more heartbeats, and a cell it left running is interrupted so the next client finds
 #: the app free.
 CLIENT_TIMEOUT = 5.0
-REFUSED = b'{"k":"refused"}'
+REFUSED = Kind.REFUSED
 
 
 class AppNode:
