@@ -19,6 +19,7 @@ has imported a module since the last look, or reloaded one (``importlib.reload``
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import logging
@@ -195,7 +196,7 @@ def flame_archive() -> Archive:
         return _flame
 
 
-class CodeSync:
+class LocalCode:
     """The pool's local code, kept current: :meth:`current` is cheap when nothing changed.
 
     ``paths``: what to send, or None to find the local code. A module file or a package
@@ -325,6 +326,98 @@ class CodeSync:
         for path in [p for p in self._contents if p not in live]:
             del self._contents[path]
         return pack(files, self._contents)
+
+
+class CodeSync:
+    """A pool's code sync: what its runners on other machines boot from and get before their
+    calls, which archives each host is known to have, and how many bytes went out.
+
+    ``local``: the pool's local code (None: only flame's own package travels). The pool asks
+    :meth:`refresh` before it pickles a call, outside its lock; the rest runs on the threads
+    that send and receive, and counts under this object's own lock.
+    """
+
+    def __init__(self, local: LocalCode | None) -> None:
+        self.local = local
+        #: the local code's archive as of the last refresh (None: there is none)
+        self.now: Archive | None = local.current() if local is not None else None  # errors at the door
+        self._lock = threading.Lock()
+        self._hosts: dict[tuple, set] = {}  # (host, cache) -> archives known to be there
+        self._sent = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of code archives sent to runners, flame's own included."""
+        return self._sent
+
+    def refresh(self) -> Archive | None:
+        """The local code as it is now: cheap unless a module was imported or reloaded."""
+        if self.local is not None:
+            self.now = self.local.current()
+        return self.now
+
+    def code_digest(self) -> str | None:
+        return self.now.digest if self.now is not None else None
+
+    def boot_settings(self) -> dict:
+        """``FLAME_BOOT`` for a runner that boots from archives it fetches (node/boot.py)."""
+        import sys
+        flame, code = flame_archive(), self.now
+        checks = {a.digest: a.check for a in (flame, code) if a is not None}
+        return {"flame": flame.digest, "code": code.digest if code else None, "checks": checks,
+                "versions": _versions(), "python": "%d.%d" % sys.version_info[:2]}
+
+    def serve(self, digest: str, runner_id: str) -> bytes | None:
+        """The archive a booting runner asks for by name, if it is flame's or a recent one of ours."""
+        flame = flame_archive()
+        data = flame.data if digest == flame.digest else self.local.get(digest) if self.local else None
+        if data is not None:
+            self._count(len(data))
+            log.info("flame: sent code archive %s (%d bytes) to runner %s", digest[:12], len(data), runner_id)
+        return data
+
+    def frames_for(self, archive: Archive, cache: tuple | None, runner_id: str) -> tuple:
+        """The frames of a ``code`` message: the archive, or nothing where the runner's host
+        (``cache``: host and cache directory) is known to have it already."""
+        with self._lock:
+            have = self._hosts.setdefault(cache, set()) if cache else set()
+            known = archive.digest in have
+            have.add(archive.digest)
+        if known:
+            return ()
+        self._count(len(archive.data))
+        log.info("flame: sent code archive %s (%d bytes) to runner %s", archive.digest[:12],
+                 len(archive.data), runner_id)
+        return (archive.data,)
+
+    def host_has(self, cache: tuple | None, digest: str | None) -> None:
+        """A runner booted from ``digest`` on the host with ``cache``: later runners there have it."""
+        if cache and digest:
+            with self._lock:
+                self._hosts.setdefault(cache, set()).add(digest)
+
+    def host_lost(self, cache: tuple | None, digest: str | None) -> None:
+        """The host with ``cache`` lost archive ``digest`` (its cache was cleaned)."""
+        with self._lock:
+            self._hosts.get(cache, set()).discard(digest)
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._sent += n
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    """This process's versions of what a runner needs besides the standard library, so that
+    a host lacking one is told the exact ``pip install``."""
+    from importlib import metadata
+    found = {}
+    for dist in ("pyzmq", "cloudpickle", "psutil"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def missing_module_hint(name: str | None, host: str, python: str) -> str:

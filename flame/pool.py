@@ -32,7 +32,7 @@ from . import placement, present, serialize, shm
 from .placement import PREFETCH
 from .backends.base import Backend
 from .call import Call, CallFuture
-from .codesync import CODE_LIMIT, CodeSync
+from .codesync import CODE_LIMIT, CodeSync, LocalCode
 from .endpoint import Endpoint
 from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
@@ -151,12 +151,10 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self.name = name or f"pool-{next(_pool_ids)}"
 
         self._key = new_key()
-        #: bytes of code archives this pool has sent to runners, flame's own included
-        self.code_bytes_sent = 0
-        self._code = None if code_sync is False else CodeSync(
-            None if code_sync is True else list(code_sync), code_exclude, code_limit)
-        self._code_now = self._code.current() if self._code is not None else None  # errors at the door
-        self._code_hosts: dict[tuple, set] = {}  # (host, cache) -> archives known to be there
+        # Code sync's state is its own (codesync.CodeSync): what runners elsewhere boot from,
+        # which hosts have which archive, the bytes sent. Local code found errs at the door.
+        self._code = CodeSync(None if code_sync is False else LocalCode(
+            None if code_sync is True else list(code_sync), code_exclude, code_limit)) if backend.remote else None
         # Shared memory with runners on this machine (shm.py): our arena, theirs mapped, and
         # the frees of their regions our finalizers queue for the I/O thread to send.
         self._shm_on = bool(getattr(backend, "shared_memory", False)) and shm.available()
@@ -288,6 +286,11 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             return answer.result(timeout)
         finally:
             self._requests.pop(rid, None)
+
+    @property
+    def code_bytes_sent(self) -> int:
+        """Bytes of code archives this pool has sent to runners, flame's own included."""
+        return self._code.bytes_sent if self._code is not None else 0
 
     @property
     def runners(self) -> list[RunnerInfo]:

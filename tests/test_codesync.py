@@ -18,7 +18,7 @@ import time
 import pytest
 
 import flame
-from flame.codesync import CodeSync, CodeSyncError, flame_archive
+from flame.codesync import CodeSyncError, LocalCode, flame_archive
 from conftest import CODE_CACHE, wait_for
 from services import REMOTE_USER
 
@@ -229,15 +229,15 @@ def test_what_is_packed(local):
     write(os.path.join(local, "env", "pyvenv.cfg"), "home = /usr\n")
     write(os.path.join(local, "mymodel", "venv", "pyvenv.cfg"), "home = /usr\n")
     importlib.import_module("mymodel")
-    sync = CodeSync()
+    sync = LocalCode()
     files = sync.current().files
     assert {"mymodel/__init__.py", "mymodel/core.py", "mymodel/data/weights.txt", "tool.py"} <= set(files)
     assert not [f for f in files if f.startswith(("notes", "env", ".git")) or "__pycache__" in f
                 or "venv" in f or f.startswith("flame/")], sorted(files)
     assert not [f for f in files if f.split("/")[0] in ("cloudpickle", "zmq", "json")], "installed code stays"
     same = sync.current()
-    assert same.digest == CodeSync().current().digest, "the same files give the same name"
-    only = CodeSync([os.path.join(local, "mymodel")], exclude=["*.txt"]).current().files
+    assert same.digest == LocalCode().current().digest, "the same files give the same name"
+    only = LocalCode([os.path.join(local, "mymodel")], exclude=["*.txt"]).current().files
     assert set(only) == {"mymodel/__init__.py", "mymodel/core.py"}
 
 
@@ -300,8 +300,8 @@ def test_an_archive_missing_from_the_hosts_cache_is_sent_whole(sshd, remote_host
     """)
     importlib.reload(importlib.import_module("mymodel.core"))
     importlib.reload(mymodel)
-    new = pool._code.current().digest
-    pool._code_hosts[r.cache].add(new)  # as if another runner had brought it, and it was deleted since
+    new = pool._code.refresh().digest
+    pool._code.host_has(r.cache, new)  # as if another runner had brought it, and it was deleted since
     sent = pool.code_bytes_sent
     pool.call(mymodel.train, 1)  # the runner says it lacks the archive; this call may run the old code
     assert wait_for(lambda: r.code is None, timeout=10)
