@@ -26,7 +26,7 @@ def runner_processes() -> list[psutil.Process]:
             cmd = p.info["cmdline"] or []
             booted = any(part.endswith("# flame.node boot") for part in cmd[1:3])  # code sync's bootstrap
             # A template process, and the runners forked from it, have the template's command line.
-            if ("flame.node" in cmd or "flame.node.template" in cmd or booted) and p.status() != psutil.STATUS_ZOMBIE:
+            if ("flame.node" in cmd or "flame.node.template_process" in cmd or booted) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

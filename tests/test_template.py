@@ -24,7 +24,7 @@ def templates():
     found = []
     for p in runner_processes():
         try:
-            if p.cmdline()[-1] == "flame.node.template" and p.ppid() == os.getpid():
+            if p.cmdline()[-1] == "flame.node.template_process" and p.ppid() == os.getpid():
                 found.append(p)
         except psutil.NoSuchProcess:
             pass

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Mapping, Sequence
 from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .template import Template
+    from .forkserver import Template
 
 log = logging.getLogger("flame.backends.local")
 
@@ -145,7 +145,7 @@ class LocalBackend(Backend):
         if it died."""
         with self._template_lock:
             if self._template is None or not self._template.alive:
-                from .template import Template
+                from .forkserver import Template
                 env = self.runner_env(None)
                 self._template = Template(self.python, self.preload or [], env, self.cwd)
                 log.info("flame: template process %d imported %s", self._template.proc.pid,
@@ -181,7 +181,7 @@ class LocalBackend(Backend):
                 out.close()
                 self._release(gpus)
                 raise
-            from .template import ForkedHandle
+            from .forkserver import ForkedHandle
             return ForkedHandle(pid, self._template, out, gpus)
         try:
             proc = subprocess.Popen(node_command(self.python, spec), env=env,
@@ -201,7 +201,7 @@ class LocalBackend(Backend):
                     self._free.sort(key=self.gpu_sets.index)
 
     def terminate(self, handle: RunnerHandle) -> None:
-        if not isinstance(handle, LocalHandle):  # forked from the template (backends/template.py)
+        if not isinstance(handle, LocalHandle):  # forked from the template (backends/forkserver.py)
             if handle.exit_status() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(handle.pid, signal.SIGKILL)

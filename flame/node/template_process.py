@@ -1,6 +1,6 @@
 """The template process of ``LocalBackend(preload=[...])``: imports the preloads and the
 runner's own modules once, then forks each runner from itself (after multiprocessing's
-forkserver, with the user's preloads). Started as ``python -m flame.node.template``.
+forkserver, with the user's preloads). Started as ``python -m flame.node.template_process``.
 
 When it forks it holds no thread of its own, no ZeroMQ context and no CUDA state: those are
 made by each runner after the fork (its sockets, its key, its output capture; its

@@ -1,5 +1,5 @@
 """The parent's side of a template process (``LocalBackend(preload=[...])``): start it, ask it
-to fork runners, hear how they end. The template's side is ``flame/node/template.py``."""
+to fork runners, hear how they end. The template's side is ``flame/node/template_process.py``."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,7 +12,7 @@ import tempfile
 import threading
 from typing import Any, Mapping, Sequence
 
-from ..node.template import _LEN, recv_exact
+from ..node.template_process import _LEN, recv_exact
 from .base import RunnerHandle, tail
 
 log = logging.getLogger("flame.backends.local")
@@ -30,7 +30,7 @@ class Template:
         self.log = tempfile.TemporaryFile(prefix="flame-template-")
         full = {**env, "FLAME_TEMPLATE_FD": str(child.fileno()), "FLAME_PRELOAD": json.dumps(self.preload)}
         try:
-            self.proc = subprocess.Popen([python, "-m", "flame.node.template"], env=full, cwd=cwd,
+            self.proc = subprocess.Popen([python, "-m", "flame.node.template_process"], env=full, cwd=cwd,
                                          stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                          pass_fds=[child.fileno()], start_new_session=True)
         except OSError as exc:
