@@ -40,7 +40,8 @@ _EXPORTS = {
     "GPU": "flame.gpu",
     "OutputSink": "flame.call",
     "set_sink_factory": "flame.call",
-    "gather": "flame.progress",
+    "gather": "flame.call",
+    "run_cell": "flame.node.interactive",
     "set_progress_factory": "flame.progress",
     "Progress": "flame.progress",
     "FlameError": "flame.errors",
@@ -82,5 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .codesync import CodeSyncError
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
-    from .progress import Progress, gather, set_progress_factory
+    from .call import gather
+    from .node.interactive import run_cell
+    from .progress import Progress, set_progress_factory
     from .runner import RunnerInfo

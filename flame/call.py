@@ -8,7 +8,7 @@ import time
 from concurrent.futures import CancelledError, Future, InvalidStateError, wait
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from concurrent.futures._base import FINISHED as _FINISHED
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from . import serialize
 from .errors import SerializationError
@@ -279,3 +279,32 @@ class Pickled:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def gather(futures: Iterable[Any], *, return_exceptions: bool = False, title: str = "gather") -> list:
+    """Wait for ``futures`` (from ``pool.submit``) and return their results in order, showing a
+    progress line in a notebook while it takes more than a second.
+
+    The first exception is raised (the other futures are cancelled), unless
+    ``return_exceptions``: then exceptions take the place of results. ``title`` starts the
+    progress line. Defaults to "gather".
+    """
+    futures = list(futures)
+    from .progress import Tracker  # here: the progress line is only for batches
+    tracker = Tracker(title, futures)
+    try:
+        if not return_exceptions:
+            return [f.result() for f in futures]
+        out = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except Exception as exc:  # CancelledError included
+                out.append(exc)
+        return out
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        tracker.close()

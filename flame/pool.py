@@ -31,13 +31,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from . import placement, present, serialize, shm
 from .placement import PREFETCH
 from .backends.base import Backend
-from .call import Call, CallFuture
+from .call import Call, CallFuture, gather
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
 from .endpoint import Endpoint
 from .errors import PoolClosed, RunnerDied
 from .functions import FunctionCache
 from .keys import new_key
-from .progress import gather
 from .inflight import CallLifecycle
 from .holdings import Holdings
 from .lifecycle import STOP_GRACE, RunnerLifecycle

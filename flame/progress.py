@@ -117,30 +117,3 @@ class Tracker:
         if self._shown:
             self._safe(self._text(), True)
 
-
-def gather(futures: Iterable[Any], *, return_exceptions: bool = False, title: str = "gather") -> list:
-    """Wait for ``futures`` (from ``pool.submit``) and return their results in order, showing a
-    progress line in a notebook while it takes more than a second.
-
-    The first exception is raised (the other futures are cancelled), unless
-    ``return_exceptions``: then exceptions take the place of results. ``title`` starts the
-    progress line. Defaults to "gather".
-    """
-    futures = list(futures)
-    tracker = Tracker(title, futures)
-    try:
-        if not return_exceptions:
-            return [f.result() for f in futures]
-        out = []
-        for f in futures:
-            try:
-                out.append(f.result())
-            except Exception as exc:  # CancelledError included
-                out.append(exc)
-        return out
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
-    finally:
-        tracker.close()

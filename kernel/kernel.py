@@ -6,6 +6,7 @@ import asyncio
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.jsonutil import json_clean
 
+from .ipykernel_adapter import send_on_shell
 from .outputs import CellProgress, CellSink
 
 BANNER_EXTRA = ("flamebook: `import flame; pool = flame.Pool()` runs functions on runners; "
@@ -126,7 +127,7 @@ class FlameKernel(IPythonKernel):
                                                               content.get("detail_level", 0)), "inspect_reply"
                 answer = await asyncio.to_thread(ask, *args)  # the app answers; this loop stays free
                 reply = self.session.msg(reply_type, json_clean(answer), parent=request)
-                self.shell_channel_thread.manager._send_on_shell_channel(self.session.serialize(reply, ident=idents))
+                send_on_shell(self, self.session.serialize(reply, ident=idents))
                 return
         return await super().shell_channel_thread_main(msg)
 

@@ -94,7 +94,6 @@ class FlameMagics(Magics):
         """
         import cloudpickle
         import flame
-        from flame.node.interactive import run_cell
 
         ns = self.shell.user_ns
         name = line.strip()
@@ -123,7 +122,7 @@ class FlameMagics(Magics):
         if skipped:
             log.warning("%%remote: not sending %s (cannot be pickled)", ", ".join(skipped))
         pinned = self._pinned.get(id(pool))
-        future = pool.submit_to(pinned, run_cell, cell, variables)
+        future = pool.submit_to(pinned, flame.run_cell, cell, variables)
         try:
             bundle = future.result()
             return None if bundle is None else RemoteValue(*bundle)

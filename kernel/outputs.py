@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .ipykernel_adapter import iopub_topic
+
 
 class CellSink:
     """Output sink for one call, bound to the cell (request) that was executing when it was made.
@@ -26,7 +28,7 @@ class CellSink:
     def _send(self, msg_type: str, content: dict) -> None:
         k = self.kernel
         k.session.send(k.iopub_socket, msg_type, content, parent=self.parent,
-                       ident=k._topic(msg_type))
+                       ident=iopub_topic(k, msg_type))
 
     def stream(self, name: str, text: str) -> None:
         self._send("stream", {"name": name, "text": text})
@@ -56,4 +58,4 @@ class CellProgress:
         self.shown = True
         k.session.send(k.iopub_socket, msg_type, {"data": {"text/plain": text}, "metadata": {},
                                                   "transient": {"display_id": self.display_id}},
-                       parent=self.parent, ident=k._topic(msg_type))
+                       parent=self.parent, ident=iopub_topic(k, msg_type))
