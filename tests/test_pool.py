@@ -418,3 +418,19 @@ def test_progress_outside_a_kernel_is_a_stderr_line_only_when_asked(tmp_path):
             assert "map(slow): 10/10 done" in out.stderr
         else:
             assert "map(" not in out.stderr
+
+
+def test_a_pool_of_64_runners_maps_over_them_with_no_error_and_no_leak():
+    """The keynote's 64 machines, as local runners: all boot, a map runs across them, and
+    shutdown leaves none (the suite's leak check runs after this test too)."""
+    with flame.Pool(min=64, max=64, boot_timeout=300, parent_timeout=60, idle_shutdown_after=None) as pool:
+        assert wait_for(lambda: sum(r.state == "ready" for r in pool.runners) == 64, timeout=300)
+        pids = {r.pid for r in pool.runners}
+        assert len(pids) == 64
+        out = pool.map(lambda x: (x * 2, os.getpid()), range(2000))
+        assert [v for v, _ in out] == [x * 2 for x in range(2000)]
+        used = {pid for _, pid in out}
+        assert used <= pids and len(used) > 1
+    assert pool.runners == []
+    assert wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                    for p in pids), timeout=30)
