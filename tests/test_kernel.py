@@ -166,7 +166,10 @@ def _runner_pids(kc):
 def test_kernel_end_leaves_no_runners(how):
     km, kc = start()
     try:
-        execute(kc, "import flame\npool = flame.Pool(max=2)\npool.map(lambda _: __import__('time').sleep(0.2), range(2))")
+        # A parent_timeout far past the bound below: the runners must see their parent go, not
+        # wait for its silence (a SIGKILLed kernel stays a zombie until its manager reaps it).
+        execute(kc, "import flame\npool = flame.Pool(max=2, parent_timeout=30)\n"
+                    "pool.map(lambda _: __import__('time').sleep(0.2), range(2))")
         pids = _runner_pids(kc)
         assert len(pids) == 2
         if how == "shutdown":

@@ -84,6 +84,11 @@ class RunnerNode:
         curve_client(self.sock, env.get("FLAME_CURVE_SERVER"))  # set when the parent is off loopback
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
+        #: one entry per other thread waiting for sock_lock (list ops are atomic), as in the
+        #: parent's endpoint: the main thread's blocking receive lets go of the lock for only a
+        #: few microseconds at a time, and on a loaded machine a woken waiter missed every one
+        #: (heartbeats and the terminator stalled for seconds).
+        self._wanting: list = []
         self.recv_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -120,9 +125,15 @@ class RunnerNode:
         # The main thread checks the socket before it next polls; any other thread's send may
         # consume the edge the main thread polls for, so it wakes main if a message waits.
         other = threading.get_ident() != self._main_ident
-        with self.sock_lock:
-            send_parts(self.sock, self.wire.encode(kind, PARENT, fields, frames))
-            waiting = other and pending(self.sock)
+        if other:
+            self._wanting.append(None)
+        try:
+            with self.sock_lock:  # sequence numbers are given in the order messages are sent
+                send_parts(self.sock, self.wire.encode(kind, PARENT, fields, frames))
+                waiting = other and pending(self.sock)
+        finally:
+            if other:
+                self._wanting.pop()
         if waiting:
             self._wake()
 
@@ -164,9 +175,11 @@ class RunnerNode:
         call here (4%). While this thread waits it holds the socket, so another thread's
         message waits at most RECV_SLICE; none is on a call's path, since this thread runs the
         calls and sends their replies."""
-        sock, inbox, recv = self.sock, self.inbox, self.sock.recv
+        sock, inbox, recv, wanting = self.sock, self.inbox, self.sock.recv, self._wanting
         sock.setsockopt(zmq.RCVTIMEO, int(RECV_SLICE * 1000))
         while True:
+            if wanting:
+                _give_way(wanting)
             with self.recv_lock:  # calls the watch thread took in meanwhile go first
                 if not inbox:
                     if self.stopping and not self.calls.running:
@@ -388,18 +401,26 @@ class RunnerNode:
                 time.sleep(FLUSH_INTERVAL)
                 if self.busy or self.concurrency > 1:
                     self.take_in()  # the main thread is not looking at the socket: take in cancels
+                # The verdict first: leaving must not wait on the socket.
+                why = self.terminator.verdict()
+                if why is not None:
+                    exit_now(why, self.id, parent_gone=why.startswith("parent process"))
                 self.calls.flush()
                 self._send_frees()
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
                     self.post("heartbeat")
-                why = self.terminator.verdict()
-                if why is not None:
-                    exit_now(why, self.id, parent_gone=why.startswith("parent process"))
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
+
+
+def _give_way(wanting: list) -> None:
+    """Sleep until the other threads waiting for the socket had their turn (at most a slice)."""
+    until = time.monotonic() + RECV_SLICE
+    while wanting and time.monotonic() < until:
+        time.sleep(0.0002)
 
 
 def _introspect(kind: str, head: dict) -> dict:

@@ -43,10 +43,17 @@ class Terminator:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. A parent killed while its own parent (a Jupyter server, a
+    shell) has not reaped it yet is a zombie: it still answers signal 0, but it is gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): signal 0 is all there is
+    return state not in (b"Z", b"X")
