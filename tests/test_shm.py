@@ -16,7 +16,7 @@ import pytest
 
 import flame
 from flame import shm, wire
-from conftest import ROOT, wait_for
+from conftest import ROOT, gone, wait_for
 
 MB = 1 << 20
 
@@ -199,6 +199,33 @@ def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
         parent.kill()
         parent.wait()
     # Its runners notice at once (by pid) and unlink their arenas and the parent's.
+    assert wait_for(lambda: not segments(prefix), timeout=10), segments(prefix)
+
+
+def test_a_pool_and_its_runners_sent_sigterm_together_leave_nothing(tmp_path):
+    """As ``pkill -f`` does: the parent dies of the signal without cleaning up, and so would
+    its runners without a handler."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import time, numpy as np, flame
+        pool = flame.Pool(max=2, min=2)
+        a = np.ones(32 * 2**20 // 8)
+        pool.map(lambda x: x * 2, [a, a])  # arenas on both sides, and the start counts
+        print(pool._id_prefix[:-1], *(r.pid for r in pool.runners), flush=True)
+        time.sleep(600)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        prefix, *pids = parent.stdout.readline().split()
+        assert prefix and len(pids) == 2 and segments(prefix)
+        for pid in [parent.pid, *map(int, pids)]:
+            os.kill(pid, signal.SIGTERM)
+        assert parent.wait(timeout=10) == -signal.SIGTERM
+        assert wait_for(lambda: all(gone(int(p)) for p in pids), timeout=10)
+    finally:
+        parent.kill()
+        parent.wait()
     assert wait_for(lambda: not segments(prefix), timeout=10), segments(prefix)
 
 

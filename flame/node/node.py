@@ -459,6 +459,28 @@ def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST, parent
         os._exit(code)
 
 
+def _terminated(runner_id: str, terminator: Terminator) -> None:
+    """SIGTERM (``pkill``, ``scancel``, a host shutting down): unlink our shared memory, then
+    die of the signal as before, so that the parent still reads "killed by SIGTERM".
+
+    ``pkill -f`` signals the parent in the same instant, and a parent that dies of SIGTERM
+    unlinks nothing: if it is gone a moment later, its files go with ours, as when it is
+    killed (exit_now)."""
+    try:
+        for fn in _cleanup:
+            fn()
+        log.warning("flame runner %s exiting: it was sent SIGTERM", runner_id)
+        if terminator.parent_pid is not None and "-r" in runner_id:
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until and terminator.verdict() is None:
+                time.sleep(0.02)
+            if (terminator.verdict() or "").startswith("parent process"):
+                shm.sweep(shm.pool_owner(runner_id))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _visible_gpus() -> list[str]:
     value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [g for g in value.split(",") if g.strip()] if value.strip() else []
@@ -508,6 +530,7 @@ def main() -> None:
     from . import display
     display.install(node.publish_display)
     signal.signal(signal.SIGINT, node.calls.on_sigint)
+    signal.signal(signal.SIGTERM, lambda *_: _terminated(node.id, node.terminator))
     threading.Thread(target=node.watch_loop, name="flame-node-watch", daemon=True).start()
     if node.concurrency > 1:
         for i in range(node.concurrency):
