@@ -21,6 +21,8 @@ Mappings live on after an unlink, so values already received stay valid.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import mmap
 import os
@@ -239,3 +241,69 @@ def _call_quietly(fn: Callable[[int], None], offset: int) -> None:
 
 def oob_total(frames: Sequence[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames[1:])
+
+
+class Side:
+    """One process's shared memory with its peers on this machine; the pool and the runner
+    each have one. Whether it is on, our arena (made on first use), the peers' arenas mapped,
+    and the frees of peers' regions that our finalizers queued: they may run inside any code,
+    locks held, so they only append, and the thread that sends sends them (``send_frees``)."""
+
+    def __init__(self, on: bool, owner: str) -> None:
+        self.on = on
+        self.owner = owner
+        self.arena: Arena | None = None
+        self.mappings = Mappings()
+        #: (peer, offset) of peers' regions no longer used here
+        self.frees: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def put(self, frames: list, holder: str) -> tuple[list, list | None]:
+        """``frames`` with their out-of-band buffers moved into our arena, and the region's
+        reference; ``frames`` unchanged and None when off, not worth it or out of room."""
+        if not self.on or len(frames) < 2 or oob_total(frames) < SHM_MIN:
+            return frames, None
+        arena = self.arena
+        if arena is None:
+            with self._lock:
+                if self.arena is None:
+                    self.arena = Arena(self.owner)
+                arena = self.arena
+        ref = arena.put(frames[1:], holder)
+        return (frames[:1], ref) if ref is not None else (frames, None)
+
+    def take(self, ref: list, owner: str, peer: str) -> list:
+        """The buffers ``ref`` names in ``peer``'s arena (named for ``owner``); a free goes back
+        to ``peer`` once no object made from them is left."""
+        return self.mappings.take(ref, owner, functools.partial(self._freed, peer))
+
+    def _freed(self, peer: str, offset: int) -> None:
+        self.frees.append((peer, offset))
+
+    def send_frees(self, send: Callable[[str, int], None]) -> None:
+        """Send the frees queued so far with ``send(peer, offset)``."""
+        frees = self.frees
+        while frees:
+            try:
+                peer, offset = frees.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            send(peer, offset)
+
+    def lend(self, offset: int, holder: str) -> None:
+        self.arena.lend(offset, holder)
+
+    def release(self, offset: int, holder: str) -> None:
+        """``holder`` no longer uses our region at ``offset``."""
+        if self.arena is not None:
+            self.arena.release(offset, holder)
+
+    def forget(self, peer: str) -> None:
+        """``peer`` is gone: what it held of ours is ours again, and its arena is unmapped."""
+        if self.arena is not None:
+            self.arena.release_all(peer)
+        self.mappings.forget(f"flame-{peer}-")
+
+    def close(self) -> None:
+        if self.arena is not None:
+            self.arena.close()

@@ -99,13 +99,11 @@ class RunnerNode:
         # With one call at a time the main thread runs it, and a cancel is a SIGINT.
         # Shared memory with a parent on this machine (shm.py): our arena for results, the
         # parent's mapped for arguments, and the frees our finalizers queue for the watch thread.
-        self.shm = env.get("FLAME_SHM") == "1" and shm.available()
-        self.arena: shm.Arena | None = None
-        self.maps = shm.Mappings()
-        self.frees: collections.deque = collections.deque()
+        self.shm = shm.Side(env.get("FLAME_SHM") == "1" and shm.available(), self.id)
+        _cleanup.append(self.shm.close)
         self.parent_owner = shm.pool_owner(self.id)
         self.calls = Calls(self.capture, signal_main=self.concurrency == 1,
-                           pack=self._pack if self.shm else None)
+                           pack=self._pack if self.shm.on else None)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.boot = "FLAME_BOOT" in env  # booted from code archives (code sync)
         self.code: str | None = env.get("FLAME_CODE")  # the local code's archive on sys.path
@@ -266,8 +264,7 @@ class RunnerNode:
             self.fns.clear()  # as the parent does: functions by reference must be looked up again
             self._take_code(head["h"], frames[0] if frames else None)
         elif kind == "free":  # a region of our arena the parent no longer uses
-            if self.arena is not None:
-                self.arena.release(head.get("at", -1), PARENT)
+            self.shm.release(head.get("at", -1), PARENT)
         elif kind == "release":  # values no Remote refers to any more
             from . import objects
             objects.release(head["ids"])
@@ -321,7 +318,7 @@ class RunnerNode:
                 pass  # a stray SIGINT; Calls raises only inside the call a cancel targets
             finally:
                 self.busy = False
-            if self.frees:
+            if self.shm.frees:
                 self._send_frees()
         else:
             self.work_queue.put(item)
@@ -350,34 +347,26 @@ class RunnerNode:
                 entry[1] = serialize.loads([entry[0]])
             frames = arg_frames
             if shared is not None:  # its large arguments wait in the parent's shared memory
-                frames = [*arg_frames, *self.maps.take(shared, self.parent_owner, self.frees.append)]
+                frames = [*arg_frames, *self.shm.take(shared, self.parent_owner, PARENT)]
                 taken.append(True)
             args, kwargs = serialize.loads(frames)
             return entry[1](*args, **kwargs)
         self.calls.execute(call_id, f"{name}()", work, self.post)
         if shared is not None and not taken:  # cancelled before it ran, or its memory unreadable
-            self.frees.append(shared[1])
+            self.shm.frees.append((PARENT, shared[1]))
 
     def _send_frees(self) -> None:
-        """Tell the parent which regions of its memory we let go of (our finalizers only queue:
-        they may run inside any code, locks held): at once after a call, else at the next flush."""
-        frees = self.frees
-        while frees:
-            try:
-                offset = frees.popleft()
-            except IndexError:
-                return
-            self.post("free", {"at": offset})
+        """Tell the parent which regions of its memory we let go of: at once after a call,
+        else at the next flush."""
+        self.shm.send_frees(self._send_free)
+
+    def _send_free(self, _peer: str, offset: int) -> None:
+        self.post("free", {"at": offset})
 
     def _pack(self, frames: list) -> tuple[list, dict]:
         """A result's large buffers into our arena, when they are worth it and there is room."""
-        if len(frames) < 2 or shm.oob_total(frames) < shm.SHM_MIN:
-            return frames, {}
-        if self.arena is None:
-            self.arena = shm.Arena(self.id)
-            _cleanup.append(self.arena.close)
-        ref = self.arena.put(frames[1:], PARENT)
-        return (frames[:1], {"m": ref}) if ref is not None else (frames, {})
+        frames, ref = self.shm.put(frames, PARENT)
+        return (frames, {"m": ref}) if ref is not None else (frames, {})
 
     def worker(self) -> None:
         while True:
