@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import atexit
 import glob
-import itertools
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from typing import Any, Callable
 
@@ -22,6 +20,7 @@ from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
 from .keys import new_key, write_private
+from .replies import Replies
 from .wire import Kind, Wire, curve_client, introduction, read_output
 
 log = logging.getLogger("flame.attach")
@@ -127,14 +126,6 @@ def find_connection_file(target: str) -> str:
     raise AttachError(f"no connection file {target!r}, and none matching it in {base}")
 
 
-class _Request:
-    __slots__ = ("future", "sink")
-
-    def __init__(self, sink: Any) -> None:
-        self.future: Future = Future()
-        self.sink = sink
-
-
 class AppConnection:
     """A connection to the node inside an app (``flame.connect``). Thread-safe."""
 
@@ -157,13 +148,12 @@ class AppConnection:
         curve_client(self._sock, info.get("curve_server_key"))
         self._sock.connect(self.address)
         self._lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}
-        self._ids = itertools.count(1)
+        self._requests = Replies()
         self._last_heard = time.monotonic()
         self._closed = False
         self._refused = False
         self.info: dict = {}
-        self._welcome = self._new_request(None)
+        _, self._welcome = self._requests.new(request_id="hello")
         self._io = threading.Thread(target=self._io_loop, name="flame-connect-io", daemon=True)
         self._io.start()
         self._send("hello", {"id": "hello", **introduction()})
@@ -184,11 +174,6 @@ class AppConnection:
                 f"at {self.address}>")
 
     # ---- requests ----------------------------------------------------------------------------
-    def _new_request(self, sink: Any, rid: str = "hello") -> _Request:
-        req = _Request(sink)
-        self._requests[rid] = req
-        return req
-
     def _send(self, kind: str, fields: dict, frames: Any = ()) -> None:
         with self._lock:
             if self._closed:
@@ -196,8 +181,7 @@ class AppConnection:
             self._sock.send_multipart(self._wire.encode(kind, "app", fields, frames), copy=False)
 
     def _request(self, kind: str, fields: dict, frames: Any = (), sink: Any = None) -> Any:
-        rid = f"q{next(self._ids)}"
-        req = self._new_request(sink, rid)
+        rid, req = self._requests.new(sink=sink)
         fields["id"] = rid
         self._send(kind, fields, frames)
         try:
@@ -215,7 +199,7 @@ class AppConnection:
                     pass
             raise KeyboardInterrupt("interrupted; the app's cell was stopped") from None
         finally:
-            self._requests.pop(rid, None)
+            self._requests.drop(rid)
 
     def run(self, code: str, *, user_expressions: dict | None = None,
             execution_count: int | None = None) -> dict:
@@ -296,9 +280,7 @@ class AppConnection:
         return self.address.startswith(("tcp://127.", "tcp://localhost", "ipc://"))
 
     def _fail_all(self, exc: Exception) -> None:
-        for req in list(self._requests.values()):
-            if not req.future.done():
-                req.future.set_exception(exc)
+        self._requests.fail(exc)
 
     def _handle(self, parts: list) -> None:
         msg = self._wire.decode(parts, peer=None)
@@ -313,11 +295,10 @@ class AppConnection:
         self._last_heard = time.monotonic()
         kind = head["k"]
         if kind == "welcome":
-            req = self._requests.pop("hello", None)
-            if req is not None:
-                req.future.set_result({k: v for k, v in head.items() if k not in ("k", "f", "t", "q")})
+            self._requests.answer("hello", None, {k: v for k, v in head.items() if k not in ("k", "f", "t", "q")})
             return
-        req = self._requests.get(head.get("id", ""))
+        rid = head.get("id", "")
+        req = self._requests.get(rid)
         if req is None:
             return
         if kind in ("stream", "display"):
@@ -325,14 +306,14 @@ class AppConnection:
                 how, args = read_output(kind, head, frames)
                 getattr(req.sink, how)(*args)
         elif kind == "reply":
-            req.future.set_result(head["content"])
+            self._requests.answer(rid, None, head["content"])
         elif kind == "result":
             try:
-                req.future.set_result(serialize.loads(frames))
+                self._requests.answer(rid, None, serialize.loads(frames))
             except Exception as exc:
-                req.future.set_exception(exc)
+                self._requests.answer(rid, None, exc=exc)
         elif kind == "error":
-            req.future.set_exception(_rebuild(head, frames))
+            self._requests.answer(rid, None, exc=_rebuild(head, frames))
 
 
 def _rebuild(head: dict, frames: list) -> BaseException:

@@ -327,7 +327,7 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
         hit_wrong = lost = 0
         for i in range(300):
             rid = f"race{i}"
-            req = app._new_request(None, rid)
+            _, req = app._requests.new(request_id=rid)
             app._send("run", {"id": rid, "code": "n += 1"})
             if i % 2 == 0:
                 app._send("cancel", {"id": rid})
@@ -339,7 +339,7 @@ def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
                 if type(exc).__name__ == "TimeoutError":
                     lost += 1
             finally:
-                app._requests.pop(rid, None)
+                app._requests.drop(rid)
         assert lost == 0, f"{lost} cells never answered"
         assert hit_wrong == 0, f"{hit_wrong} cells were hit by a cancel meant for another"
         assert app.call(lambda: 7) == 7
@@ -368,9 +368,9 @@ def test_a_late_cancel_in_a_served_app_never_hits_the_next_cell(app):
     conn = flame.connect(path)
     try:
         conn.run(LATE_ASYNC_EXCEPTIONS)
-        first = conn._new_request(None, "late1")
+        _, first = conn._requests.new(request_id="late1")
         conn._send("run", {"id": "late1", "code": "import time\ntime.sleep(0.2)"})
-        second = conn._new_request(None, "late2")
+        _, second = conn._requests.new(request_id="late2")
         conn._send("run", {"id": "late2", "code": "import time\ntime.sleep(0.6)\n'second'"})
         time.sleep(0.1)
         conn._send("cancel", {"id": "late1"})
