@@ -1,17 +1,20 @@
-"""The pool: options, API and state transitions.
+"""The pool: its options, its API, and the state it owns: the queue of waiting calls, the
+calls in flight by id, and its runners by id.
 
-Where things live: the socket and its threads in ``endpoint.py``; the one decision (which
-call starts where, what boots, what stops) in ``placement.py``; the call lifecycle in
-``inflight.py`` and the runner lifecycle in ``lifecycle.py`` (mixins working on this
-class's state, under its lock); the parent's view of a runner in ``runner.py`` and of a call
-in ``call.py``; how a pool shows itself in ``present.py``.
+Like FLAME's Pool, it decides and the others do: ``placement.decide`` says which call
+starts where and what boots or stops; each ``Runner`` (``runner.py``) owns its runner's
+life, the messages it is sent and its code-sync diff; ``Watch`` (``watch.py``) owns the
+threads that call the backend; ``Packer`` (``inflight.py``) pickles calls outside the lock
+and ``deliver`` settles their futures after it; ``Holdings`` (``holdings.py``) the values
+runners keep for Remotes; ``shm.Side`` the shared memory; ``CodeSync`` the local code sent;
+``Endpoint`` the socket and its I/O thread. Each message kind a runner sends has one
+handler here (``_handlers``).
 
 Threads: callers (submit, wait), the endpoint's I/O thread (receives when no caller does,
-heartbeats and deadlines every tick), a watch thread that asks backends how their runners
-are (``exit_status`` may run ``squeue``), a short-lived thread per boot and per terminate.
-State is guarded by one lock, and nothing slow or foreign runs under it: no backend call,
-no future callback, no unpickling. Transitions queue those as effects, run once the lock is
-released (:meth:`Pool._state`).
+heartbeats and deadlines every tick), the watch thread, a short-lived helper per boot and
+per terminate. State is guarded by one lock, and nothing slow or foreign runs under it: no
+backend call, no future callback, no unpickling. Transitions queue those as effects, run
+once the lock is released (:meth:`Pool._state`).
 """
 from __future__ import annotations
 
@@ -28,25 +31,30 @@ import weakref
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import placement, present, serialize, shm
-from .placement import PREFETCH
+from . import holdings, options, placement, present, shm, wire
 from .backends.base import Backend
 from .call import Call, CallFuture, gather
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
 from .endpoint import Endpoint
-from .errors import PoolClosed, RunnerDied
-from .functions import FunctionCache
-from .keys import new_key
-from .inflight import CallLifecycle
+from .errors import BootError, CallTimeout, PoolClosed, RunnerDied
 from .holdings import Holdings
-from .lifecycle import STOP_GRACE, RunnerLifecycle
+from .inflight import Packer, deliver, output, settle
+from .keys import new_key
+from .placement import PREFETCH
+from .remote import Remote, RemoteGone, _Held
+from .replies import Replies
 from .runner import Runner, RunnerInfo
-from .wire import fast_digests
+from .watch import Watch
+from .wire import Kind
 
 log = logging.getLogger("flame.pool")
 
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
+#: How long a runner asked to stop may take before it is killed.
+STOP_GRACE = 2.0
+#: How long a cancelled call may take to stop before its runner is killed and replaced.
+CANCEL_GRACE = 1.0
 
 _pool_ids = itertools.count(1)
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
@@ -66,19 +74,7 @@ def shutdown_all() -> None:
 atexit.register(shutdown_all)
 
 
-def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False,
-                  optional: bool = False, positive: bool = False) -> None:
-    if value is None and optional:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        want = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
-    if value < minimum or (positive and value <= 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
-
-
-class Pool(Holdings, CallLifecycle, RunnerLifecycle):
+class Pool:
     """An elastic set of runners that execute calls.
 
     Runners are booted on demand, up to ``max``, and shut down after being idle.
@@ -121,26 +117,18 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             backend = LocalBackend()
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a flame Backend, got {backend!r}")
-        _check_number("min", min, minimum=0, integer=True)
-        _check_number("max", max, minimum=1, integer=True)
+        options.number("min", min, minimum=0, integer=True)
+        options.number("max", max, minimum=1, integer=True)
         if min > max:
             raise ValueError(f"min ({min}) must not exceed max ({max})")
-        _check_number("max_concurrency", max_concurrency, minimum=1, integer=True)
-        _check_number("idle_shutdown_after", idle_shutdown_after, minimum=0, optional=True, positive=True)
-        _check_number("boot_timeout", boot_timeout, minimum=0, positive=True)
-        _check_number("timeout", timeout, minimum=0, optional=True, positive=True)
-        _check_number("parent_timeout", parent_timeout, minimum=0, positive=True)
-        _check_number("code_limit", code_limit, minimum=1, integer=True)
-        if code_sync is None:
-            code_sync = backend.remote
-        if not isinstance(code_sync, bool) and (isinstance(code_sync, str) or not all(
-                isinstance(p, str) for p in code_sync)):
-            raise TypeError(f"code_sync must be True, False or a list of paths, got {code_sync!r}")
-        if code_sync is not False and not backend.remote:
-            raise ValueError(f"code_sync is for runners on other machines; {backend!r} runners "
-                             "import from this file system")
-        if isinstance(code_exclude, str) or not all(isinstance(p, str) for p in code_exclude):
-            raise TypeError(f"code_exclude must be a list of glob patterns, got {code_exclude!r}")
+        options.number("max_concurrency", max_concurrency, minimum=1, integer=True)
+        options.number("idle_shutdown_after", idle_shutdown_after, minimum=0, optional=True, positive=True)
+        options.number("boot_timeout", boot_timeout, minimum=0, positive=True)
+        options.number("timeout", timeout, minimum=0, optional=True, positive=True)
+        options.number("parent_timeout", parent_timeout, minimum=0, positive=True)
+        options.number("code_limit", code_limit, minimum=1, integer=True)
+        code_sync = options.code_sync(code_sync, backend)
+        options.patterns("code_exclude", code_exclude)
         self.backend = backend
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
@@ -150,18 +138,17 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         self.name = name or f"pool-{next(_pool_ids)}"
 
         self._key = new_key()
+        # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
+        self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
+        self._runner_ids = itertools.count(1)
         # Code sync's state is its own (codesync.CodeSync): what runners elsewhere boot from,
         # which hosts have which archive, the bytes sent. Local code found errs at the door.
         self._code = CodeSync(None if code_sync is False else LocalCode(
             None if code_sync is True else list(code_sync), code_exclude, code_limit)) if backend.remote else None
-        # Shared memory with runners on this machine (shm.py): our arena, theirs mapped, and
-        # the frees of their regions our finalizers queue for the I/O thread to send.
-        self._shm_on = bool(getattr(backend, "shared_memory", False)) and shm.available()
-        self._arena: shm.Arena | None = None
-        self._mappings = shm.Mappings()
-        self._frees: collections.deque = collections.deque()
-        self._fast = fast_digests()  # large frames digested with BLAKE3, for runners that can too
-        self._functions = FunctionCache(dumps=serialize.dumps_function)
+        self._shm = shm.Side(bool(getattr(backend, "shared_memory", False)) and shm.available(),
+                             shm.pool_owner(self._id_prefix))
+        self._packer = Packer(self)
+        self._holdings = Holdings(self)
         self._lock = threading.Lock()
         self._later: list = []  # effects queued under the lock, run once it is released
         self._runners: dict[str, Runner] = {}
@@ -169,30 +156,30 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         #: a runner freed slots while calls wait: place them once the batch of messages is handled
         self._freed = False
         self._calls: dict[str, Call] = {}
-        self._requests: dict[str, tuple] = {}  # introspection requests: id -> (runner id, Future)
-        self._releases: list = []  # (runner id, object id) of values no Remote refers to any more
-        self._request_ids = itertools.count(1)
-        # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
-        self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
-        self._runner_ids = itertools.count(1)
+        self._requests = Replies()  # completions and inspections asked of runners
         self._closed = False
         self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
         self._capacity = backend.capacity()  # read outside the lock, after each boot and terminate
         self._limits: placement.Limits | None = None
         self._limits_key: tuple = ()
         self._next_beat = 0.0
-        #: boot and terminate threads running now: shutdown waits for them (lifecycle._helper)
-        self._helpers: set[threading.Thread] = set()
+        # One handler per kind a runner sends (stream, display and reply are taken outside
+        # the lock, in _on_message). Each runs under the lock; an answer's returns what
+        # deliver() settles once the lock is released.
+        self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
+            Kind.RESULT: self._on_answer, Kind.ERROR: self._on_answer, Kind.HELLO: self._on_hello,
+            Kind.HEARTBEAT: _heard, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
+        }
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
                                   lambda: bool(self._calls or self._requests),
                                   self._serve_code if backend.remote else None, self._after_messages)
         self.address = backend.connect_address(self._endpoint.address)
-        self._watcher = threading.Thread(target=self._watch_loop, name=f"flame-{self.name}-watch", daemon=True)
+        self._watch = Watch(self)
         backend.acquire()
         self._backend_held = True
         self._endpoint.start()
-        self._watcher.start()
+        self._watch.start()
         _live_pools.add(self)
         with self._state():
             self._schedule()
@@ -226,13 +213,25 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         # No future: this thread waits for the call itself, and receives its own result.
         return self._queue(fn, [(args, kwargs)], outcome=True)[0].future.result()
 
+    def spawn(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Remote:
+        """Run ``fn(*args, **kwargs)`` on a runner and keep the result there; return a Remote.
+
+        Placed like a call: on the runner of a Remote among the arguments, else anywhere,
+        booting a runner if needed. What ``fn`` raises is raised here, and no Remote is made.
+        """
+        from .node import objects
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        future = self._submit(objects.spawn, (fn, args, kwargs), {})
+        ref = future.result()
+        return self._remote_from(future.runner, ref, f"spawn({name})")
+
     def map(self, fn: Callable, *iterables: Iterable) -> list:
         """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
 
         If one call fails, the others are cancelled and its exception is raised. In a notebook,
         a map that takes more than a second shows a progress line in the cell.
         """
-        futures = self._submit_many(fn, zip(*iterables))
+        futures = [c.future for c in self._queue(fn, [(xs, {}) for xs in zip(*iterables)])]
         return gather(futures, title=f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})")
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
@@ -259,32 +258,14 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
         """Jupyter ``complete_reply`` content for ``code``, computed on a runner against its
         interactive namespace (the one ``%%remote`` cells run in): runner ``runner`` (an id),
         else any ready one. Answered at once, also while the runner runs calls."""
-        return self._ask("complete", {"code": code, "cursor": len(code) if cursor is None else cursor},
+        return self._ask(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor},
                          runner, timeout)
 
     def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0, *,
                 runner: str | None = None, timeout: float = 10.0) -> dict:
         """Jupyter ``inspect_reply`` content for the name at ``cursor``, from a runner (see :meth:`complete`)."""
-        return self._ask("inspect", {"code": code, "cursor": len(code) if cursor is None else cursor,
+        return self._ask(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
                                      "detail": detail_level}, runner, timeout)
-
-    def _ask(self, kind: str, fields: dict, runner: str | None, timeout: float) -> dict:
-        from concurrent.futures import Future
-        with self._lock:
-            r = self._runners.get(runner) if runner is not None else None
-            if r is None or r.state != "ready":
-                r = next((x for x in self._runners.values() if x.state == "ready"), None)
-            if r is None:
-                raise LookupError(f"{self.name} has no ready runner to ask")
-            rid = f"q{next(self._request_ids)}"
-            answer: Future = Future()
-            self._requests[rid] = (r.id, answer)
-            self._endpoint.send(r.id, kind, {"id": rid, **fields})
-        self._endpoint.nudge()  # someone must receive the reply
-        try:
-            return answer.result(timeout)
-        finally:
-            self._requests.pop(rid, None)
 
     @property
     def code_bytes_sent(self) -> int:
@@ -341,17 +322,8 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             for r in list(self._runners.values()):
                 self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
         self._endpoint.stop()
-        deadline = time.monotonic() + TERMINATE_WAIT
-        while time.monotonic() < deadline:  # also those listed meanwhile
-            alive = [t for t in list(self._helpers) if t.is_alive()]
-            if not alive:
-                break
-            for t in alive:
-                t.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._arena is not None:
-            self._arena.close()
-        self._release_backend()
-        _live_pools.discard(self)
+        self._watch.join(time.monotonic() + TERMINATE_WAIT)
+        self._end()
 
     def __enter__(self) -> "Pool":
         return self
@@ -370,6 +342,7 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
 
     def _repr_html_(self) -> str:
         return present.pool_html(self)
+
 
     # ---- state: one lock; effects run after it is released ---------------------------
     @contextlib.contextmanager
@@ -395,11 +368,56 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             except Exception:
                 log.exception("flame: %s: %r failed", self.name, effect)
 
+    def _limits_now(self) -> placement.Limits:
+        key = (self._capacity, self._closed or self._min_paused, self._endpoint.stopped.is_set())
+        limits = self._limits
+        if limits is None or key != self._limits_key:  # made anew only when one of these changed
+            limits = self._limits = placement.Limits(
+                self.min, self.max, self.max_concurrency, PREFETCH, key[0], self.idle_shutdown_after,
+                refill=not key[1], can_boot=not key[2])
+            self._limits_key = key
+        return limits
+
+    def _schedule(self) -> None:
+        """Apply placement's decision (caller holds the lock)."""
+        decision = placement.decide(self._waiting, list(self._runners.values()), self._limits_now(),
+                                    time.monotonic())
+        if decision.starts:
+            by_runner: dict[Runner, list[Call]] = {}
+            for call, r in decision.starts:
+                self._waiting.remove(call)
+                by_runner.setdefault(r, []).append(call)
+            for r, calls in by_runner.items():
+                r.start(calls, self.max_concurrency, self._code, self._shm.lend)
+        for _ in range(decision.boots):
+            self._boot()
+        for r in decision.stops:
+            self._stop_runner(r)
+
+    # ---- calls: queued -> running (-> cancelling) -> done ---------------------------------
+    def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
+               strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Call]:
+        """Calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``: all pickled first, then
+        queued under one lock with one placement decision (one decision per call cost a third
+        of the parent's time per tiny task, and the lock it held starved the thread taking
+        results). A pool with no runner starts booting for them before it pickles them."""
+        expected = self._expect_calls(len(arguments)) if not self._runners and arguments else []
+        try:
+            entry = self._packer.function(fn)
+            calls = [self._packer.call(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
+                     for args, kwargs in arguments]
+        except BaseException:
+            self._unexpect(expected)
+            raise
+        if calls:
+            self._enqueue(calls)
+        return calls
+
     def _expect_calls(self, n: int) -> list[Runner]:
         """``n`` calls are about to be queued and the pool has no runner: start the boots placement
         would start for them now, before they are pickled, and return those runners. In a fresh
         process the first call imports what pickling needs (cloudpickle): that then overlaps
-        the runner's boot (fresh process to first result: 1.36x the floor before, 1.16x after)."""
+        the runner's boot."""
         with self._state():
             if self._runners or self._closed:
                 return []
@@ -417,29 +435,326 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
                     if not r.calls and r.state in ("booting", "ready") and not self._waiting:
                         self._drop_runner(r, None, reschedule=False)
 
-    def _limits_now(self) -> placement.Limits:
-        key = (self._capacity, self._closed or self._min_paused, self._endpoint.stopped.is_set())
-        limits = self._limits
-        if limits is None or key != self._limits_key:  # made anew only when one of these changed
-            limits = self._limits = placement.Limits(
-                self.min, self.max, self.max_concurrency, PREFETCH, key[0], self.idle_shutdown_after,
-                refill=not key[1], can_boot=not key[2])
-            self._limits_key = key
-        return limits
+    def _enqueue(self, calls: Sequence[Call]) -> None:
+        """Register ``calls`` and start what can start; all of them, or none (PoolClosed,
+        RunnerDied for a call whose values' runner is gone)."""
+        self._shm.send_frees(self._send_free)  # regions of runners' memory we let go of
+        registered = False
+        self._lock.acquire()  # not _state(): this is the per-call path
+        try:
+            if self._closed:
+                raise PoolClosed(f"{self.name} is shut down")
+            for call in calls:
+                if call.strict and call.affinity not in self._runners:
+                    raise holdings.lost(call.affinity, call.origin)
+            for call in calls:
+                self._calls[call.id] = call
+            registered = True
+            if len(calls) == 1 and not self._waiting:  # the common case: straight to a runner with room
+                call = calls[0]
+                if call.affinity is None:
+                    runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
+                else:
+                    runner = self._runners.get(call.affinity)
+                    if runner is not None and (runner.state != "ready" or len(runner.calls) >= self.max_concurrency):
+                        runner = None
+                if runner is not None:
+                    runner.start(calls, self.max_concurrency, self._code, self._shm.lend)
+                    return
+            self._waiting.extend(calls)
+            full = self.max_concurrency + PREFETCH
+            if not (len(self._waiting) > len(calls) and len(self._runners) >= self.max
+                    and all(len(r.calls) >= full for r in self._runners.values())):
+                # Unless every runner holds all it may and none can boot: then these wait behind
+                # the others, and the placement after the next results takes them (a decision
+                # per submit cost a fifth of a tiny task's time).
+                self._schedule()
+        except BaseException:
+            if not registered:  # refused: nothing will ever read their shared memory
+                for call in calls:
+                    if call.shm is not None:
+                        self._shm.release(call.shm[1], "pool")
+            raise
+        finally:
+            self._release()
 
-    def _schedule(self) -> None:
-        """Apply placement's decision (caller holds the lock)."""
-        decision = placement.decide(self._waiting, list(self._runners.values()), self._limits_now(),
-                                    time.monotonic())
-        if decision.starts:
-            for call, _ in decision.starts:
-                self._waiting.remove(call)
-            self._start_many(decision.starts)
-        for _ in range(decision.boots):
-            self._boot()
-        for r in decision.stops:
-            self._stop_runner(r)
+    def _send_free(self, runner_id: str, offset: int) -> None:
+        self._endpoint.send(runner_id, Kind.FREE, {"at": offset})
 
+    def _requeue(self, calls: list[Call]) -> None:
+        """Calls that provably never started go back to the front of the queue, in their
+        order, to run elsewhere (see ``Runner.die``)."""
+        for call in reversed(calls):
+            call.state, call.runner, call.ahead = "queued", None, False
+            self._waiting.appendleft(call)
+
+    def _finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
+        """Release a call's slot and settle its future once the lock is released."""
+        self._retire(call)
+        self._later.append(functools.partial(settle, call.future, result, exc))
+
+    def _retire(self, call: Call) -> None:
+        call.state = "done"
+        if call.shm is not None:  # the pool will not send it again; its runners free it when done
+            self._shm.release(call.shm[1], "pool")
+            call.shm = None
+        self._calls.pop(call.id, None)
+        if call.runner is not None:
+            call.runner.answered(call.id)
+
+    def _cancel(self, call: Call) -> None:
+        """Stop a call: drop it from the queue, or interrupt it on its runner."""
+        with self._state():
+            if call.state == "queued":
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(call)
+                self._retire(call)
+            elif call.state == "running":
+                self._interrupt(call)
+
+    def _interrupt(self, call: Call) -> None:
+        call.state = "cancelling"
+        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        call.runner.cancel(call.id)
+
+    def _timeout(self, call: Call) -> None:
+        if call.state == "queued":
+            self._finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
+                                               f"{self.timeout:g} s without a runner"))
+        else:  # still on its runner until it answers the interrupt
+            self._later.append(functools.partial(settle, call.future, None, CallTimeout(
+                f"{call.name}() passed its timeout of {self.timeout:g} s; its remote work was stopped")))
+
+    # ---- messages from runners: one handler per kind -------------------------------------
+    def _on_message(self, peer: str, head: dict, frames: list) -> None:
+        kind = head["k"]
+        if kind == Kind.STREAM or kind == Kind.DISPLAY:  # to the cell that asked; no lock
+            output(self._calls.get(head.get("id", "")), peer, kind, head, frames)
+            return
+        if kind == Kind.REPLY:  # to an introspection request (Pool.complete, Pool.inspect)
+            self._requests.answer(head.get("id", ""), peer, head.get("content"))
+            return
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return
+        self._lock.acquire()  # not _state(): this is the per-call path
+        try:
+            r = self._runners.get(peer)
+            if r is None:
+                return  # a runner already dropped; its late messages mean nothing now
+            r.heard()
+            answer = handler(r, head)
+        finally:
+            self._release()
+        if answer is not None and not answer[0].future.settled:
+            deliver(*answer, peer, head, frames, self._shm)
+
+    def _on_answer(self, r: Runner, head: dict) -> tuple | None:
+        """RESULT or ERROR: the call's slot is free; deliver() settles it after the lock."""
+        call = r.calls.get(head.get("id", ""))
+        if call is None:
+            return None
+        cancelled = call.state == "cancelling" and bool(head.get("cancelled"))
+        self._retire(call)
+        if r.state == "ready" and self._waiting:
+            self._freed = True  # placed once per batch of messages: _after_messages
+        return call, cancelled
+
+    def _on_hello(self, r: Runner, head: dict) -> None:
+        """HELLO: a booting runner is ready."""
+        if r.state != "booting":
+            return
+        if head.get("blake3") and self._packer.fast:
+            self._endpoint.wire.fast_peers.add(r.id)
+        r.hello(head, self.name, self._packer.fast, self._code)
+        self._min_paused = False
+        log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
+        self._schedule()
+
+    def _on_free(self, r: Runner, head: dict) -> None:
+        """FREE: a region of our arena the runner no longer uses."""
+        self._shm.release(head.get("at", -1), r.id)
+
+    def _on_code_missing(self, r: Runner, head: dict) -> None:
+        """CODE_MISSING: its host's cache lost an archive; the next call sends it whole."""
+        r.code_missing(self._code, head.get("h"))
+
+    def _serve_code(self, peer: str, digest: str) -> bytes | None:
+        """On the receiving thread: the archive a booting runner of this pool asks for."""
+        with self._lock:
+            r = self._runners.get(peer.removesuffix("/boot"))
+            if r is None or r.state != "booting":
+                return None
+        return self._code.serve(digest, r.id)
+
+    # ---- the I/O thread's tick -----------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        """Heartbeats, call deadlines, cancels overdue, releases, frees, placement. No backend
+        call: a slow backend must never starve heartbeats (runners would exit)."""
+        with self._state():
+            if now >= self._next_beat:
+                self._next_beat = now + wire.HEARTBEAT  # read here: one value, wherever it is set
+                for r in self._runners.values():
+                    r.heartbeat()
+            for r in list(self._runners.values()):
+                for call in list(r.calls.values()):
+                    if call.state == "running" and call.deadline is not None and now > call.deadline:
+                        self._interrupt(call)
+                        self._timeout(call)
+                    elif call.state == "cancelling" and now > call.cancel_deadline:
+                        log.warning("flame: %s did not stop within %g s of its cancel; "
+                                    "killing runner %s", call, CANCEL_GRACE, r.id)
+                        self._drop_runner(r, None)
+                        break
+            if self._holdings.releases:
+                self._holdings.send(self._runners)
+            self._shm.send_frees(self._send_free)
+            if self.timeout is not None:
+                for call in [c for c in self._waiting if now > c.deadline]:
+                    self._waiting.remove(call)
+                    self._timeout(call)
+            if not self._closed:
+                self._schedule()
+
+    def _after_messages(self) -> None:
+        """A batch of messages was handled: place the calls waiting for the slots it freed.
+        Once per batch, not per result: with many calls queued, a decision per result cost
+        more than the result itself."""
+        if self._freed:
+            with self._state():
+                self._freed = False
+                if self._waiting and not self._closed:
+                    self._schedule()
+
+    # ---- runners: booting -> ready -> stopping -> dead -----------------------------------
+    def _boot(self) -> None:
+        rid = f"{self._id_prefix}{next(self._runner_ids)}"
+        r = self._runners[rid] = Runner(rid, time.monotonic() + self.boot_timeout,
+                                        functools.partial(self._endpoint.send, rid))
+        env = {"FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
+               "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(wire.HEARTBEAT),
+               "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout)}
+        if self._endpoint.curve_public is not None:
+            env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
+        starts = f"{shm.DIR}/flame-{rid}-starts" if not self.backend.remote and shm.available() else None
+        self._watch.boot(r, r.spec(self.address, env, self.max_concurrency, starts, self._code))
+        log.info("flame: booting runner %s", rid)
+
+    def _booted(self, r: Runner, handle: Any, capacity: Any) -> None:
+        """On the boot helper: the backend started ``r``'s process."""
+        with self._state():
+            self._capacity = capacity
+            if r.booted(handle):
+                self._schedule()
+            else:  # the pool gave up on it meanwhile
+                self._later.append(functools.partial(self._watch.reap, r))
+
+    def _boot_failed_now(self, r: Runner, error: BootError) -> None:
+        with self._state():
+            self._boot_failed(r, error)
+
+    def _boot_failed(self, r: Runner, error: BootError) -> None:
+        log.warning("flame: %s", error)
+        self._drop_runner(r, None, reschedule=False)
+        self._min_paused = True
+        # Fail the waiting calls that the runners still booting cannot take, unless a ready
+        # runner will serve them: a broken boot must surface, not retry forever.
+        if not any(x.state == "ready" for x in self._runners.values()):
+            keep = sum(1 for x in self._runners.values() if x.state == "booting") * self.max_concurrency
+            while len(self._waiting) > keep:
+                self._finish(self._waiting.popleft(), exc=error)
+
+    def _stop_runner(self, r: Runner) -> None:
+        r.stop(STOP_GRACE)
+        log.info("flame: stopping runner %s", r.id)
+
+    def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True) -> None:
+        """Forget a runner, fail its calls with ``error``, and make sure its process is gone."""
+        if r.state == "dead":
+            return
+        self._runners.pop(r.id, None)
+        self._endpoint.wire.forget(r.id)
+        self._endpoint.wire.fast_peers.discard(r.id)
+        self._shm.forget(r.id)  # whatever it held of ours is ours again
+        error = error or RunnerDied(f"runner {r.id} stopped", r.id)
+        never_started = r.die(self.max_concurrency)
+        if never_started and isinstance(error, RunnerDied) and not self._closed:
+            self._requeue(never_started)
+            log.info("flame: %d call(s) sent ahead to runner %s never started; queued again",
+                     len(never_started), r.id)
+        else:
+            for call in never_started:
+                self._finish(call, exc=error)
+        for call in list(r.calls.values()):
+            self._finish(call, exc=error)
+        for call in [c for c in self._waiting if c.strict and c.affinity == r.id]:
+            self._waiting.remove(call)  # it needs values that were on that runner
+            self._finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
+                                              f"{call.name}() needed", r.id))
+        if self._requests:  # completions or inspections it will never answer
+            self._later.append(functools.partial(self._requests.fail, RunnerDied(
+                f"runner {r.id} is gone before it answered", r.id), r.id))
+        if r.handle is not None:
+            self._later.append(functools.partial(self._watch.reap, r))
+        if reschedule and not self._endpoint.stopped.is_set():
+            self._schedule()
+
+    def _reaped(self, r: Runner) -> None:
+        """On the terminate helper: ``r``'s process is gone; a GPU set may be free again."""
+        if self._capacity is not None and not self._endpoint.stopped.is_set():
+            capacity = self.backend.capacity()
+            with self._state():
+                self._capacity = capacity
+                self._schedule()
+
+    def _runner_list(self) -> list[Runner]:
+        with self._lock:
+            return list(self._runners.values())
+
+    def _verdicts(self, found: list, now: float, silent_after: float) -> None:
+        """The watch thread's findings ``(runner, verdict, exit code, stderr tail)``: act on
+        those still so, under the lock."""
+        with self._state():
+            for r, why, code, tail in found:
+                if r.verdict(now, code, silent_after) != why:
+                    continue
+                error = r.error_for(why, code, tail, self.boot_timeout, self._endpoint.wire.refused.get(r.id))
+                if isinstance(error, BootError):
+                    self._boot_failed(r, error)
+                else:
+                    self._drop_runner(r, error)
+
+    # ---- Remotes (remote.py calls these) -------------------------------------------------
+    def _remote_from(self, runner_id: str, ref: tuple, origin: Any) -> Remote:
+        """Wrap a runner's reference ``(id, bytes)`` as a Remote, and count it."""
+        return self._holdings.remote(self._runners.get(runner_id), runner_id, ref, origin)
+
+    def _on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Any:
+        """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else (the caller
+        waits for the Outcome). ``arg_frames``: the arguments already pickled."""
+        if self._closed:
+            raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
+        call = self._packer.call(fn, args, {}, held.runner, True, held, arg_frames=arg_frames, outcome=True)
+        self._enqueue((call,))
+        return call.future
+
+    # ---- introspection: request and reply by id ------------------------------------------
+    def _ask(self, kind: str, fields: dict, runner: str | None, timeout: float) -> dict:
+        with self._lock:
+            r = self._runners.get(runner) if runner is not None else None
+            if r is None or r.state != "ready":
+                r = next((x for x in self._runners.values() if x.state == "ready"), None)
+            if r is None:
+                raise LookupError(f"{self.name} has no ready runner to ask")
+            request_id, request = self._requests.new(r.id)
+            self._endpoint.send(r.id, kind, {"id": request_id, **fields})
+        self._endpoint.nudge()  # someone must receive the reply
+        try:
+            return request.future.result(timeout)
+        finally:
+            self._requests.drop(request_id)
+
+    # ---- the end --------------------------------------------------------------------------
     def _fail(self, where: str, exc: BaseException) -> None:
         """One of the pool's own threads died: fail every call with the cause, stop the runners."""
         error = PoolClosed(f"{self.name} stopped working: its {where} thread failed with "
@@ -453,20 +768,17 @@ class Pool(Holdings, CallLifecycle, RunnerLifecycle):
             for r in list(self._runners.values()):
                 self._drop_runner(r, error, reschedule=False)
         self._endpoint.wake()
-        if self._arena is not None:
-            self._arena.close()
-        self._release_backend()
+        self._end()
+
+    def _end(self) -> None:
+        """What shutdown and a failure both end with: shared memory unlinked, backend let go."""
+        self._shm.close()
+        with self._lock:
+            held, self._backend_held = self._backend_held, False
+        if held:
+            self.backend.release()
         _live_pools.discard(self)
 
-    def _shared_memory(self) -> shm.Arena:
-        with self._lock:
-            if self._arena is None:
-                self._arena = shm.Arena(shm.pool_owner(self._id_prefix))
-            return self._arena
 
-    def _release_backend(self) -> None:
-        with self._lock:
-            if self._backend_held is False:
-                return
-            self._backend_held = False
-        self.backend.release()
+def _heard(r: Runner, head: dict) -> None:
+    """HEARTBEAT: nothing to do but note it (``_on_message`` does for every kind)."""

@@ -47,7 +47,7 @@ class _Held:
         """Release the value on its runner, once (release() or the last Remote collected)."""
         if not self.released:
             self.released = True
-            self.pool._release_object(self.runner, self.oid)
+            self.pool._holdings.release(self.runner, self.oid)
 
     def __del__(self) -> None:
         # The last Remote on this value is gone. Cheaper than weakref.finalize, which costs
@@ -56,7 +56,7 @@ class _Held:
         try:
             if not self.released:
                 self.released = True
-                self.pool._releases.append((self.runner, self.oid))
+                self.pool._holdings.releases.append((self.runner, self.oid))
         except Exception:  # at interpreter exit, the pool may be half torn down
             pass
 

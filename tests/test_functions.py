@@ -15,9 +15,9 @@ def notebook(source: str) -> dict:
 
 def counted(pool, fn, *args):
     """The call's result, and whether the parent reused the function's pickle."""
-    hits = pool._functions.hits
+    hits = pool._packer.functions.hits
     result = pool.call(fn, *args)
-    return result, pool._functions.hits > hits
+    return result, pool._packer.functions.hits > hits
 
 
 def test_unchanged_function_is_pickled_once_and_changes_are_seen(make_pool):

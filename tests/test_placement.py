@@ -14,7 +14,7 @@ class C:
 
 
 def runner(rid, state="ready", calls=0, idle_since=0.0, started=True):
-    r = Runner(rid, boot_deadline=100.0)
+    r = Runner(rid, boot_deadline=100.0, send=lambda *message: None)
     r.state = state
     r.calls = {f"{rid}-c{i}": None for i in range(calls)}
     r.last_active = idle_since

@@ -136,7 +136,7 @@ def test_ten_thousand_remotes_leak_nothing(make_pool):
     gc.collect()
     assert wait_for(lambda: pool.runners[0].objects == 0, timeout=10)
     assert pool.call(held_here) == 0
-    assert not pool._releases
+    assert not pool._holdings.releases
 
 
 def test_a_runner_holding_values_is_not_stopped_for_being_idle(make_pool):

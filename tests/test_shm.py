@@ -68,7 +68,7 @@ def test_values_come_back_equal_through_shared_memory(make_pool):
     assert bytes(view) == bytes(range(256)) * (8 * 1024)
     # It went through shared memory both ways: the pool's arena lent a region, and the result
     # is backed by the runner's, not by a copy of a socket's frame.
-    assert pool._arena is not None and arenas(pool.runners[0].id)
+    assert pool._shm.arena is not None and arenas(pool.runners[0].id)
     result = pool.call(echo, big)
     base = result
     while isinstance(base, np.ndarray):
@@ -138,7 +138,7 @@ def test_regions_are_reused_not_grown(make_pool):
     for _ in range(12):
         b = pool.call(echo, a)
         del b
-    ours = os.stat(os.path.join(shm.DIR, pool._arena.name)).st_blocks * 512
+    ours = os.stat(os.path.join(shm.DIR, pool._shm.arena.name)).st_blocks * 512
     [theirs] = arenas(pool.runners[0].id)
     used = os.stat(theirs).st_blocks * 512
     # 12 round trips of 16 MB each way: a few regions, written again and again.
@@ -149,10 +149,10 @@ def test_socket_when_shared_memory_is_off_and_below_the_threshold(make_pool):
     pool = make_pool(backend=flame.LocalBackend(shared_memory=False), max=1)
     a = np.arange(4 * MB // 8)
     assert np.array_equal(pool.call(echo, a), a)
-    assert pool._arena is None and not arenas(pool.runners[0].id)
+    assert pool._shm.arena is None and not arenas(pool.runners[0].id)
     small = make_pool(max=1)
     assert np.array_equal(small.call(echo, a[:1000]), a[:1000])
-    assert small._arena is None
+    assert small._shm.arena is None
 
 
 def test_a_runner_killed_mid_transfer_leaves_nothing(make_pool):
@@ -174,7 +174,7 @@ def test_a_runner_killed_mid_transfer_leaves_nothing(make_pool):
     with pytest.raises(flame.RunnerDied):
         fut.result(timeout=10)
     assert wait_for(lambda: not segments(rid), timeout=10), segments(rid)
-    assert not pool._arena.lent, "what it held of the pool's memory is free again"
+    assert not pool._shm.arena.lent, "what it held of the pool's memory is free again"
     pool.shutdown()
     assert not segments(pool._id_prefix[:-1])
 

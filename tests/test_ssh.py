@@ -131,4 +131,4 @@ def test_large_frames_over_ssh_are_digested_with_blake3(sshd, make_pool):
     assert pool.call(lambda b: b[::-1], big) == big[::-1]
     rid = pool.runners[0].id
     assert rid in pool._endpoint.wire.fast_peers, "both sides have blake3: large frames use it"
-    assert pool._arena is None, "an SSH runner shares no memory with us"
+    assert pool._shm.arena is None, "an SSH runner shares no memory with us"

@@ -1,0 +1,109 @@
+"""The pool's own threads besides the endpoint's: the watch thread and the helpers.
+
+No backend call ever runs under the pool's lock: ``boot()`` runs on a helper thread per
+boot, ``terminate()`` on one per runner (SSH waits up to 15 s, ``scancel`` up to 60 s), and
+``exit_status()``/``stderr_tail()`` on the watch thread, which asks every runner's handle
+outside the lock and then hands what it heard to the pool, which acts on it under its lock.
+Shutdown waits for the helpers (``join``): a boot that ends after shutdown dropped its
+runner then reaps it before shutdown returns.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from . import shm
+from .backends.base import RunnerSpec
+from .endpoint import TICK
+from .errors import BootError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import Pool
+    from .runner import Runner
+
+log = logging.getLogger("flame.pool")
+
+
+class Watch:
+    """The watch thread of one pool and the helper threads running now."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._helpers: set[threading.Thread] = set()
+        self._thread = threading.Thread(target=self._loop, name=f"flame-{pool.name}-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def boot(self, r: Runner, spec: RunnerSpec) -> None:
+        """Boot ``r`` on a helper: backend.boot() may block."""
+        self._helper(functools.partial(self._boot, r, spec), f"flame-boot-{r.id}")
+
+    def reap(self, r: Runner) -> None:
+        """Force-stop ``r``'s process on a helper: terminate() may block (SSH, scancel)."""
+        self._helper(functools.partial(self._reap, r), f"flame-terminate-{r.id}")
+
+    def join(self, deadline: float) -> None:
+        """Wait until ``deadline`` for the helpers, also those started meanwhile."""
+        while time.monotonic() < deadline:
+            alive = [t for t in list(self._helpers) if t.is_alive()]
+            if not alive:
+                return
+            for t in alive:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _helper(self, work: Callable[[], None], name: str) -> None:
+        def run() -> None:
+            try:
+                work()
+            finally:
+                self._helpers.discard(threading.current_thread())
+        t = threading.Thread(target=run, name=name, daemon=True)
+        # Started before it is listed: joining a thread not yet started raises.
+        t.start()
+        self._helpers.add(t)
+        if not t.is_alive():  # it ended before it was listed, and its discard came first
+            self._helpers.discard(t)
+
+    def _boot(self, r: Runner, spec: RunnerSpec) -> None:
+        pool = self._pool
+        try:
+            handle = pool.backend.boot(spec)
+        except Exception as exc:
+            pool._boot_failed_now(r, BootError(f"runner {r.id} could not be started by {pool.backend!r}: {exc}"))
+            return
+        pool._booted(r, handle, pool.backend.capacity())
+
+    def _reap(self, r: Runner) -> None:
+        pool = self._pool
+        try:
+            pool.backend.terminate(r.handle)
+            if pool._shm.on or not pool.backend.remote:
+                shm.sweep(r.id)  # its arena and start count, now that it cannot make them
+        except Exception:
+            log.exception("flame: backend failed to terminate runner %s", r.id)
+        pool._reaped(r)
+
+    def _loop(self) -> None:
+        """Ask backends how their runners are, outside the lock; the pool acts on what they say."""
+        pool = self._pool
+        silent_after = max(10.0, 3 * pool.parent_timeout)
+        try:
+            while not pool._endpoint.stopped.wait(TICK):
+                now = time.monotonic()
+                found = []
+                for r in pool._runner_list():
+                    handle = r.handle
+                    code = handle.exit_status() if handle is not None else None  # may run squeue
+                    why = r.verdict(now, code, silent_after)
+                    if why is not None:
+                        tail = handle.stderr_tail() if handle is not None and why != "stop overdue" else ""
+                        found.append((r, why, code, tail))
+                if found:
+                    pool._verdicts(found, now, silent_after)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("flame: %s watch thread failed", pool.name)
+            pool._fail("watch", exc)
