@@ -20,8 +20,8 @@ from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
 from .keys import new_key, write_private
-from .replies import Replies
-from .wire import Kind, Wire, curve_client, introduction, read_output
+from .replies import Replies, Request
+from .wire import HEARTBEAT, Kind, Wire, curve_client, introduction, read_output
 
 log = logging.getLogger("flame.attach")
 
@@ -149,6 +149,10 @@ class AppConnection:
         self._sock.connect(self.address)
         self._lock = threading.Lock()
         self._requests = Replies()
+        self._handlers: dict[str, Callable[[str, Request, dict, list], None]] = {
+            Kind.STREAM: self._on_output, Kind.DISPLAY: self._on_output, Kind.REPLY: self._on_reply,
+            Kind.RESULT: self._on_result, Kind.ERROR: self._on_error,
+        }
         self._last_heard = time.monotonic()
         self._closed = False
         self._refused = False
@@ -156,7 +160,7 @@ class AppConnection:
         _, self._welcome = self._requests.new(request_id="hello")
         self._io = threading.Thread(target=self._io_loop, name="flame-connect-io", daemon=True)
         self._io.start()
-        self._send("hello", {"id": "hello", **introduction()})
+        self._send(Kind.HELLO, {"id": "hello", **introduction()})
         try:
             self.info = self._welcome.future.result(timeout=timeout)
         except Exception as exc:
@@ -191,8 +195,8 @@ class AppConnection:
                 except FutureTimeout:
                     continue
         except KeyboardInterrupt:
-            if kind in ("run", "call"):
-                self._send("cancel", {"id": rid})
+            if kind in (Kind.RUN, Kind.CALL):
+                self._send(Kind.CANCEL, {"id": rid})
                 try:  # give the app a moment to stop the cell, so the next one finds it idle
                     req.future.exception(timeout=2.0)
                 except Exception:
@@ -215,19 +219,19 @@ class AppConnection:
             fields["expressions"] = dict(user_expressions)
         if execution_count is not None:
             fields["count"] = execution_count
-        return self._request("run", fields, sink=make_sink())
+        return self._request(Kind.RUN, fields, sink=make_sink())
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the app's worker thread and return its result."""
-        return self._request("call", {}, serialize.dumps((fn, args, kwargs)), sink=make_sink())
+        return self._request(Kind.CALL, {}, serialize.dumps((fn, args, kwargs)), sink=make_sink())
 
     def complete(self, code: str, cursor: int | None = None) -> dict:
         """Jupyter complete_reply content, computed by the app against its namespace."""
-        return self._request("complete", {"code": code, "cursor": len(code) if cursor is None else cursor})
+        return self._request(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor})
 
     def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0) -> dict:
         """Jupyter inspect_reply content, computed by the app."""
-        return self._request("inspect", {"code": code, "cursor": len(code) if cursor is None else cursor,
+        return self._request(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
                                          "detail": detail_level})
 
     def close(self) -> None:
@@ -252,10 +256,10 @@ class AppConnection:
                     zmq.select([self._sock.getsockopt(zmq.FD)], [], [], 0.05)
                 now = time.monotonic()
                 if now >= next_beat:
-                    next_beat = now + 1.0
+                    next_beat = now + HEARTBEAT
                     if self.info:
                         try:
-                            self._send("heartbeat", {})
+                            self._send(Kind.HEARTBEAT, {})
                         except AppGone:
                             break  # closed by the user meanwhile
                     gone = None
@@ -292,28 +296,34 @@ class AppConnection:
         head, frames = msg
         if head.get("f") != "app":
             return
-        self._last_heard = time.monotonic()
-        kind = head["k"]
-        if kind == "welcome":
+        self._last_heard = time.monotonic()  # HEARTBEAT only proves the app is alive
+        if head["k"] == Kind.WELCOME:
             self._requests.answer("hello", None, {k: v for k, v in head.items() if k not in ("k", "f", "t", "q")})
             return
+        handler = self._handlers.get(head["k"])
         rid = head.get("id", "")
         req = self._requests.get(rid)
-        if req is None:
-            return
-        if kind in ("stream", "display"):
-            if req.sink is not None:
-                how, args = read_output(kind, head, frames)
-                getattr(req.sink, how)(*args)
-        elif kind == "reply":
-            self._requests.answer(rid, None, head["content"])
-        elif kind == "result":
-            try:
-                self._requests.answer(rid, None, serialize.loads(frames))
-            except Exception as exc:
-                self._requests.answer(rid, None, exc=exc)
-        elif kind == "error":
-            self._requests.answer(rid, None, exc=_rebuild(head, frames))
+        if handler is not None and req is not None:
+            handler(rid, req, head, frames)
+
+    # ---- one handler per kind the app sends about a request ----------------------------
+    def _on_output(self, rid: str, req: Request, head: dict, frames: list) -> None:
+        """STREAM or DISPLAY: to the sink of the cell that asked."""
+        if req.sink is not None:
+            how, args = read_output(head["k"], head, frames)
+            getattr(req.sink, how)(*args)
+
+    def _on_reply(self, rid: str, req: Request, head: dict, frames: list) -> None:
+        self._requests.answer(rid, None, head["content"])
+
+    def _on_result(self, rid: str, req: Request, head: dict, frames: list) -> None:
+        try:
+            self._requests.answer(rid, None, serialize.loads(frames))
+        except Exception as exc:
+            self._requests.answer(rid, None, exc=exc)
+
+    def _on_error(self, rid: str, req: Request, head: dict, frames: list) -> None:
+        self._requests.answer(rid, None, exc=_rebuild(head, frames))
 
 
 def _rebuild(head: dict, frames: list) -> BaseException:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import zmq
 
 from .node.boot import BOOT
-from .wire import Wire, curve_client, listener, pending, recv_ready, send_parts
+from .wire import WakePipe, Wire, curve_client, listener, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -82,11 +82,11 @@ class Endpoint:
         self._poke_lock = threading.Lock()
         # A caller receiving in wait() polls the socket and its own wake-up pipe: another
         # thread's socket operation may consume the edge it waits for (see send).
-        self._lead_r, self._lead_w = _pipe()
-        self._wake_r, self._wake_w = _pipe()
+        self._lead = WakePipe()
+        self._wakeup = WakePipe()
         self._sock_poll = select.poll()  # used only by the thread holding _recv_lock
         self._sock_poll.register(self._sock_fd, select.POLLIN)
-        self._sock_poll.register(self._lead_r, select.POLLIN)
+        self._sock_poll.register(self._lead.r, select.POLLIN)
         self._recv_lock = threading.Lock()
         self._receiver: int | None = None  # the thread holding _recv_lock
         self._waiters: list = []  # one entry per caller blocked in wait (list ops are atomic)
@@ -130,7 +130,7 @@ class Endpoint:
         if waiting:
             self.wake()
             if waiters:
-                self.wake(self._lead_w)
+                self._lead.wake()
 
     def nudge(self) -> None:
         """A call went out: make sure some thread watches the socket for its result."""
@@ -156,11 +156,9 @@ class Endpoint:
         finally:
             self._wanting.pop()
 
-    def wake(self, fd: int | None = None) -> None:
-        try:
-            os.write(self._wake_w if fd is None else fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+    def wake(self) -> None:
+        """Wake the I/O thread."""
+        self._wakeup.wake()
 
     # ---- receiving ------------------------------------------------------------------------
     def _receive(self, most: int = -1) -> list:
@@ -230,7 +228,7 @@ class Endpoint:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waiters.append(None)
-        poll, lead_r = self._sock_poll.poll, self._lead_r
+        poll, lead = self._sock_poll.poll, self._lead
         try:
             while not future.settled and not self.stopped.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -254,11 +252,8 @@ class Endpoint:
                         else:
                             # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
                             for fd, _ in poll(RECV_SLICE_MS):
-                                if fd == lead_r:
-                                    try:
-                                        os.read(lead_r, 65536)
-                                    except OSError:  # empty, or closed by a shutdown meanwhile
-                                        pass
+                                if fd == lead.r:
+                                    lead.drain()
                             batch = self._receive(1)
                         # One message at a time until this caller's result is in. If nothing
                         # else is awaited then, the socket is left unchecked: the I/O thread
@@ -313,7 +308,7 @@ class Endpoint:
         # thread must not wake (and contend for the GIL) on every message.
         watch_all, watch_wake = select.poll(), select.poll()
         for p in (watch_all, watch_wake):
-            p.register(self._wake_r, select.POLLIN)
+            p.register(self._wakeup.r, select.POLLIN)
         watch_all.register(self._sock_fd, select.POLLIN)
         try:
             while not self.stopped.is_set():
@@ -330,12 +325,9 @@ class Endpoint:
                 ready = (watch_all if self._io_watching else watch_wake).poll(wait_ms)
                 woken = False
                 for fd, _ in ready:
-                    if fd == self._wake_r:
+                    if fd == self._wakeup.r:
                         woken = True
-                        try:
-                            os.read(self._wake_r, 65536)
-                        except BlockingIOError:
-                            pass
+                        self._wakeup.drain()
         except BaseException as exc:  # noqa: BLE001 - reported to the pool, which fails its calls
             log.exception("flame: %s I/O thread failed", self.name)
             self.stopped.set()
@@ -349,12 +341,6 @@ class Endpoint:
             with self._poke_lock:
                 self._poke.close(linger=0)
             self._ctx.term()
-            for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
-                os.close(fd)
+            self._wakeup.close()
+            self._lead.close()
 
-
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w

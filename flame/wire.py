@@ -61,6 +61,37 @@ class Kind:
     ALL = frozenset(v for k, v in vars().items() if k.isupper() and isinstance(v, str))
 
 
+class WakePipe:
+    """A pipe that wakes a thread polling it. Another thread's socket operation may consume
+    the edge of a ZeroMQ descriptor that a poller waits for, so that thread writes here too.
+    Both ends are non-blocking: a full pipe means a wake-up is due anyway."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"\0")
+        except OSError:  # full (a wake-up is due), or closed by a shutdown meanwhile
+            pass
+
+    def drain(self) -> None:
+        """Take the wake-ups written so far (after the poll that saw them)."""
+        try:
+            os.read(self.r, 65536)
+        except OSError:  # empty, or closed by a shutdown meanwhile
+            pass
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 #: How often a parent (and a served app) sends HEARTBEAT to its peers, in seconds.
 HEARTBEAT = 1.0
 #: How long output may sit in a call's buffer before it is sent (runner and served app).

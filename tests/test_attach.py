@@ -313,6 +313,35 @@ def test_attached_cells_have_out_n_history_and_user_expressions(app, kernel):
     assert "len(inventory.items)" in text_of(msgs, cell)
 
 
+def test_an_object_that_breaks_completion_costs_the_served_app_nothing(tmp_path):
+    # Completion and inspection run the app's objects' code (__getattr__, __dir__) on the
+    # app's I/O thread; whatever that code raises, SystemExit included, must come back as a
+    # reply, and the app must go on serving.
+    path = str(tmp_path / "evil.json")
+    code = ("import flame, sys, time\n"
+            "class Evil:\n"
+            "    def __dir__(self): raise RuntimeError('no dir')\n"
+            "    def __getattr__(self, name): raise SystemExit('no ' + name)\n"
+            "evil = Evil()\n"
+            "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
+    proc = serving(code, path)
+    app = None
+    try:
+        app = flame.connect(path)
+        for text in ("evil.d", "evil.", "evil.x.y"):
+            reply = app.complete(text)
+            assert reply["status"] in ("ok", "error"), reply
+            reply = app.inspect(text)
+            assert reply["status"] in ("ok", "error"), reply
+        assert app.call(lambda: 7) == 7
+        assert "time" in app.complete("tim")["matches"]
+    finally:
+        if app is not None:
+            app.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):
     # Force thread switches at every chance, so that a cancel races the end of its cell as
     # often as it can: it must interrupt that cell or nothing, never the next one, and every

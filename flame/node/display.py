@@ -159,6 +159,19 @@ class _AfterImport:
         return spec
 
 
+def to_calls(capture: Any) -> Callable[[dict], None]:
+    """The publisher both nodes install: a display goes to the call that made it (its
+    capture's current output), and one made outside any call is printed as text, as a
+    terminal IPython would."""
+    def publish(payload: dict) -> None:
+        out = capture.current()
+        if out is None:
+            print(payload.get("data", {}).get("text/plain", ""))
+        else:
+            out.display(payload)
+    return publish
+
+
 def install(publisher: Callable[[dict], None]) -> None:
     global publish
     publish = publisher

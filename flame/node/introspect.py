@@ -1,4 +1,5 @@
-"""Completion and inspection against a live namespace (an attached app's)."""
+"""Completion and inspection against a live namespace: a runner's interactive one (the one
+``%%remote`` cells run in), or an attached app's. ``answer`` is what both nodes call."""
 from __future__ import annotations
 
 import inspect as _inspect
@@ -6,6 +7,20 @@ import re
 from typing import Any
 
 _TOKEN = re.compile(r"[A-Za-z_][\w.]*$|$")
+
+
+def answer(kind: str, namespace: dict, head: dict) -> dict:
+    """The content of the reply to a complete or inspect request ``head`` (its kind ``kind``).
+
+    Guarded: what a user's object raises while it is completed or inspected (a ``__dir__``,
+    a property, even ``sys.exit()``) becomes an error reply; it must never cost the thread
+    that answers, which is a runner's or an app's I/O thread."""
+    try:
+        if kind == "complete":
+            return complete(namespace, head["code"], head.get("cursor"))
+        return inspect(namespace, head["code"], head.get("cursor"), head.get("detail", 0))
+    except (Exception, SystemExit) as exc:
+        return {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
 
 
 def complete(namespace: dict, code: str, cursor: int) -> dict:

@@ -39,13 +39,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from .. import serialize, shm
 from ..keys import read_key
-from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
+from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
                     send_parts)
 from .capture import Capture
 from .execute import Calls, cancelled_reply
@@ -90,9 +90,7 @@ class RunnerNode:
         #: (heartbeats and the terminator stalled for seconds).
         self._wanting: list = []
         self.recv_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
+        self._wakeup = WakePipe()
         #: calls received by the watch thread (or by main for the workers), FIFO
         self.inbox: collections.deque = collections.deque()
         self.capture = capture or Capture(runner=True)
@@ -116,6 +114,12 @@ class RunnerNode:
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.handlers: dict[str, Callable[[dict, list], None]] = {
+            Kind.CALL: self._on_call, Kind.CALLS: self._on_calls, Kind.CANCEL: self._on_cancel,
+            Kind.SHUTDOWN: self._on_shutdown, Kind.CODE: self._on_code, Kind.FREE: self._on_free,
+            Kind.RELEASE: self._on_release, Kind.COMPLETE: self._on_introspect,
+            Kind.INSPECT: self._on_introspect, Kind.WELCOME: self._on_welcome,
+        }
 
     # ---- sending, from any thread --------------------------------------------------
     def post(self, kind: str, fields: dict | None = None, frames: list | tuple = ()) -> None:
@@ -136,21 +140,11 @@ class RunnerNode:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the main thread is due to wake anyway
+        self._wakeup.wake()
 
     def _receive(self) -> list:
         with self.sock_lock:
             return recv_ready(self.sock)
-
-    def publish_display(self, payload: dict) -> None:
-        out = self.capture.current()
-        if out is None:
-            print(payload.get("data", {}).get("text/plain", ""))
-        else:
-            out.display(payload)
 
     # ---- main thread --------------------------------------------------------------------
     def main_loop(self) -> None:
@@ -203,8 +197,8 @@ class RunnerNode:
         import select
         poller = select.poll()
         poller.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        wake_r, inbox = self._wake_r, self.inbox
+        poller.register(self._wakeup.r, select.POLLIN)
+        wakeup, inbox = self._wakeup, self.inbox
         while True:
             # take_in drains the socket, re-arming its edge-triggered descriptor; after calls
             # ran, loop to take in what arrived meanwhile before sleeping on it.
@@ -217,11 +211,8 @@ class RunnerNode:
                 return
             # The timeout only bounds the cost of a lost edge; wake-ups are explicit.
             for fd, _ in poller.poll(100):
-                if fd == wake_r:
-                    try:
-                        os.read(wake_r, 65536)
-                    except BlockingIOError:
-                        pass
+                if fd == wakeup.r:
+                    wakeup.drain()
 
     def take_in(self) -> bool:
         """Receive, check and route what is waiting (main thread, or watch thread while main is busy).
@@ -240,41 +231,58 @@ class RunnerNode:
         if msg is None:
             return
         head, frames = msg
-        self.terminator.heard()
-        kind = head["k"]
-        if kind == "call":
-            self._take_call(head, frames)
-            if threading.get_ident() != self._main_ident:
-                self._wake()
-        elif kind == "calls":  # several calls in one message, each with its count of frames
-            at = 0
-            for sub in head["c"]:
-                n = sub["n"]
-                self._take_call(sub, frames[at:at + n])
-                at += n
-            if threading.get_ident() != self._main_ident:
-                self._wake()
-        elif kind == "cancel":
-            if self.calls.cancel(head["id"]) == "skipped":  # sent ahead, not started: answer now
-                self.post(*cancelled_reply(head["id"]))
-        elif kind == "shutdown":
-            self.stopping = True
+        self.terminator.heard()  # HEARTBEAT only proves the parent is alive: nothing more
+        handler = self.handlers.get(head["k"])
+        if handler is not None:
+            handler(head, frames)
+
+    # ---- one handler per kind the parent sends ---------------------------------------
+    def _on_call(self, head: dict, frames: list) -> None:
+        self._take_call(head, frames)
+        if threading.get_ident() != self._main_ident:
             self._wake()
-        elif kind == "code":  # the pool's local code changed: take it in before the next call
-            self.fns.clear()  # as the parent does: functions by reference must be looked up again
-            self._take_code(head["h"], frames[0] if frames else None)
-        elif kind == "free":  # a region of our arena the parent no longer uses
-            self.shm.release(head.get("at", -1), PARENT)
-        elif kind == "release":  # values no Remote refers to any more
-            from . import objects
-            objects.release(head["ids"])
-        elif kind in ("complete", "inspect"):
-            # Answered at once, by whichever thread takes it in: also while a call runs.
-            self.post("reply", {"id": head["id"], "content": _introspect(kind, head)})
-        elif kind == "welcome":
-            if head.get("blake3") and fast_digests():
-                self.wire.fast_peers.add(PARENT)
-        # "heartbeat" only proves the parent is alive.
+
+    def _on_calls(self, head: dict, frames: list) -> None:
+        """Several calls in one message, each with its count of frames."""
+        at = 0
+        for sub in head["c"]:
+            n = sub["n"]
+            self._take_call(sub, frames[at:at + n])
+            at += n
+        if threading.get_ident() != self._main_ident:
+            self._wake()
+
+    def _on_cancel(self, head: dict, frames: list) -> None:
+        if self.calls.cancel(head["id"]) == "skipped":  # sent ahead, not started: answer now
+            self.post(*cancelled_reply(head["id"]))
+
+    def _on_shutdown(self, head: dict, frames: list) -> None:
+        self.stopping = True
+        self._wake()
+
+    def _on_code(self, head: dict, frames: list) -> None:
+        """The pool's local code changed: take it in before the next call."""
+        self.fns.clear()  # as the parent does: functions by reference must be looked up again
+        self._take_code(head["h"], frames[0] if frames else None)
+
+    def _on_free(self, head: dict, frames: list) -> None:
+        """A region of our arena the parent no longer uses."""
+        self.shm.release(head.get("at", -1), PARENT)
+
+    def _on_release(self, head: dict, frames: list) -> None:
+        """Values no Remote refers to any more."""
+        from . import objects
+        objects.release(head["ids"])
+
+    def _on_introspect(self, head: dict, frames: list) -> None:
+        """COMPLETE or INSPECT, answered at once by whichever thread takes it in: also while a
+        call runs, against the namespace ``%%remote`` cells run in."""
+        from . import interactive, introspect
+        self.post(Kind.REPLY, {"id": head["id"], "content": introspect.answer(head["k"], interactive.NAMESPACE, head)})
+
+    def _on_welcome(self, head: dict, frames: list) -> None:
+        if head.get("blake3") and fast_digests():
+            self.wire.fast_peers.add(PARENT)
 
     def _take_call(self, head: dict, frames: list) -> None:
         call_id, nf = head["id"], head.get("nf")
@@ -412,17 +420,6 @@ def _give_way(wanting: list) -> None:
         time.sleep(0.0002)
 
 
-def _introspect(kind: str, head: dict) -> dict:
-    """Completion or inspection against the runner's interactive namespace (``%%remote``'s)."""
-    from . import interactive, introspect
-    try:
-        if kind == "complete":
-            return introspect.complete(interactive.NAMESPACE, head["code"], head.get("cursor"))
-        return introspect.inspect(interactive.NAMESPACE, head["code"], head.get("cursor"), head.get("detail", 0))
-    except Exception as exc:  # a broken object in the namespace must not cost the runner
-        return {"status": "error", "ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
-
-
 #: Run before the node exits, whatever the way: unlink our shared memory.
 _cleanup: list = []
 
@@ -517,7 +514,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=capture.log_stream)
     node = RunnerNode(env, capture)
     from . import display
-    display.install(node.publish_display)
+    display.install(display.to_calls(node.capture))
     signal.signal(signal.SIGINT, node.calls.on_sigint)
     signal.signal(signal.SIGTERM, lambda *_: _terminated(node.id, node.terminator))
     threading.Thread(target=node.watch_loop, name="flame-node-watch", daemon=True).start()

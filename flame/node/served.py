@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from .. import serialize
-from ..wire import FLUSH_INTERVAL, HEARTBEAT, Kind, Wire, introduction, listener
+from ..wire import FLUSH_INTERVAL, HEARTBEAT, Kind, WakePipe, Wire, introduction, listener
 from . import aio, display, introspect
 from .capture import Capture
 from .execute import Calls, cancelled_reply
@@ -52,14 +51,16 @@ class AppNode:
             self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outbox: collections.deque = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = WakePipe()
         self.clients: dict[bytes, float] = {}
         self.refused: set[bytes] = set()
         self.work: queue.SimpleQueue = queue.SimpleQueue()
         self.running: tuple[str, bytes] | None = None  # (request id, client)
         self.calls = Calls(_shared_capture())
+        self.handlers: dict[str, Callable[[bytes, dict, list], None]] = {
+            Kind.HELLO: self._on_hello, Kind.RUN: self._on_work, Kind.CALL: self._on_work,
+            Kind.CANCEL: self._on_cancel, Kind.COMPLETE: self._on_introspect, Kind.INSPECT: self._on_introspect,
+        }
         self.stopped = threading.Event()
         self.io = threading.Thread(target=self._io_loop, name="flame-attach-io", daemon=True)
         self.worker = threading.Thread(target=self._work_loop, name="flame-attach-worker", daemon=True)
@@ -82,10 +83,7 @@ class AppNode:
         """
         self.outbox.append((ident, kind, fields, frames))
         if threading.current_thread() is not self.io:
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass
+            self._wakeup.wake()
 
     def _flush(self) -> None:
         while self.outbox:
@@ -98,15 +96,12 @@ class AppNode:
         next_beat = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.r, zmq.POLLIN)
         try:
             while not self.stopped.is_set():
                 ready = dict(poller.poll(FLUSH_INTERVAL * 1000))
-                if self._wake_r in ready:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.r in ready:
+                    self._wakeup.drain()
                 while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._handle(self.sock.recv_multipart(copy=False))
                 self.calls.flush()
@@ -115,7 +110,7 @@ class AppNode:
                     next_beat = now + HEARTBEAT
                     for ident, seen in list(self.clients.items()):
                         if now - seen < CLIENT_TIMEOUT:
-                            self.send(ident, "heartbeat")
+                            self.send(ident, Kind.HEARTBEAT)
                         else:
                             del self.clients[ident]
                             running = self.running
@@ -140,25 +135,29 @@ class AppNode:
                 self.sock.send_multipart([ident, b"", REFUSED])
             return
         head, frames = msg
-        self.clients[ident] = time.monotonic()
-        kind = head["k"]
-        if kind == "hello":
-            log.info("flame: notebook pid %s on %s attached", head.get("pid"), head.get("host"))
-            self.send(ident, "welcome", {**introduction(), "argv": sys.argv})
-        elif kind in ("run", "call"):
-            self.calls.queued(head["id"])  # from now on a cancel skips it, until it starts
-            self.work.put((ident, kind, head, frames))
-        elif kind == "cancel":
-            # Still queued (behind another cell, or the worker's warm-up): answered now, never run.
-            if self.calls.cancel(head["id"]) == "skipped":
-                self.send(ident, *cancelled_reply(head["id"]))
-        elif kind == "complete":
-            reply = introspect.complete(self.namespace, head["code"], head.get("cursor"))
-            self.send(ident, "reply", {"id": head["id"], "content": reply})
-        elif kind == "inspect":
-            reply = introspect.inspect(self.namespace, head["code"], head.get("cursor"),
-                                       head.get("detail", 0))
-            self.send(ident, "reply", {"id": head["id"], "content": reply})
+        self.clients[ident] = time.monotonic()  # HEARTBEAT only proves the client is alive
+        handler = self.handlers.get(head["k"])
+        if handler is not None:
+            handler(ident, head, frames)
+
+    # ---- one handler per kind a client sends -------------------------------------------
+    def _on_hello(self, ident: bytes, head: dict, frames: list) -> None:
+        log.info("flame: notebook pid %s on %s attached", head.get("pid"), head.get("host"))
+        self.send(ident, Kind.WELCOME, {**introduction(), "argv": sys.argv})
+
+    def _on_work(self, ident: bytes, head: dict, frames: list) -> None:
+        """RUN (a cell) or CALL: to the worker thread, one at a time."""
+        self.calls.queued(head["id"])  # from now on a cancel skips it, until it starts
+        self.work.put((ident, head["k"], head, frames))
+
+    def _on_cancel(self, ident: bytes, head: dict, frames: list) -> None:
+        # Still queued (behind another cell, or the worker's warm-up): answered now, never run.
+        if self.calls.cancel(head["id"]) == "skipped":
+            self.send(ident, *cancelled_reply(head["id"]))
+
+    def _on_introspect(self, ident: bytes, head: dict, frames: list) -> None:
+        """COMPLETE or INSPECT, answered at once on this thread: also while a cell runs."""
+        self.send(ident, Kind.REPLY, {"id": head["id"], "content": introspect.answer(head["k"], self.namespace, head)})
 
     # ---- worker thread ---------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -210,11 +209,6 @@ def _shared_capture() -> Capture:
     if _capture is None:
         _capture = Capture()
         _capture.install()
-        display.install(lambda payload: (_capture.current() or _NoCall).display(payload))
+        display.install(display.to_calls(_capture))
     return _capture
 
-
-class _NoCall:
-    @staticmethod
-    def display(payload: dict) -> None:
-        print(payload.get("data", {}).get("text/plain", ""))
