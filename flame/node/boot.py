@@ -202,9 +202,11 @@ def main():
     sys.path[:0] = [os.path.join(root, d) for d in reversed(wanted)]  # the local code first
     if boot.get("code"):
         os.environ["FLAME_CODE"] = boot["code"]
+    # As if run with -m: by name, not by an import of flame's runner from here (it imports
+    # this file's helpers, and would otherwise import the bootstrap that imports it).
+    import runpy
     sys.argv[:] = ["flame.node"]
-    from flame.node.node import main as run
-    run()
+    runpy.run_module("flame.node", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
