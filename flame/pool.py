@@ -43,16 +43,14 @@ from .keys import new_key
 from .placement import PREFETCH
 from .remote import Remote, RemoteGone, _Held
 from .replies import Replies
+from .fleet import STOP_GRACE, Fleet
 from .runner import Runner, RunnerInfo
-from .watch import Watch
 from .wire import Kind
 
 log = logging.getLogger("flame.pool")
 
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
-#: How long a runner asked to stop may take before it is killed.
-STOP_GRACE = 2.0
 #: How long a cancelled call may take to stop before its runner is killed and replaced.
 CANCEL_GRACE = 1.0
 
@@ -140,7 +138,6 @@ class Pool:
         self._key = new_key()
         # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
         self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
-        self._runner_ids = itertools.count(1)
         # Code sync's state is its own (codesync.CodeSync): what runners elsewhere boot from,
         # which hosts have which archive, the bytes sent. Local code found errs at the door.
         self._code = CodeSync(None if code_sync is False else LocalCode(
@@ -151,15 +148,14 @@ class Pool:
         self._holdings = Holdings(self)
         self._lock = threading.Lock()
         self._later: list = []  # effects queued under the lock, run once it is released
-        self._runners: dict[str, Runner] = {}
+        self._fleet = Fleet(self, self._id_prefix)
+        self._runners = self._fleet.runners  # read here; written by the fleet
         self._waiting: collections.deque[Call] = collections.deque()
         #: a runner freed slots while calls wait: place them once the batch of messages is handled
         self._freed = False
         self._calls: dict[str, Call] = {}
         self._requests = Replies()  # completions and inspections asked of runners
         self._closed = False
-        self._min_paused = False  # set by a boot failure: no refilling `min` until a boot works
-        self._capacity = backend.capacity()  # read outside the lock, after each boot and terminate
         self._limits: placement.Limits | None = None
         self._limits_key: tuple = ()
         self._next_beat = 0.0
@@ -173,13 +169,12 @@ class Pool:
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
                                   self._tick, functools.partial(self._fail, "I/O"),
                                   lambda: bool(self._calls or self._requests),
-                                  self._serve_code if backend.remote else None, self._after_messages)
+                                  self._fleet.serve_code if backend.remote else None, self._after_messages)
         self.address = backend.connect_address(self._endpoint.address)
-        self._watch = Watch(self)
         backend.acquire()
         self._backend_held = True
         self._endpoint.start()
-        self._watch.start()
+        self._fleet.watch.start()
         _live_pools.add(self)
         with self._state():
             self._schedule()
@@ -192,11 +187,11 @@ class Pool:
         self._endpoint.nudge()  # nobody may be receiving: let the I/O thread watch for the result
         return future
 
-    def submit_to(self, runner: str | None, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
-        """Like :meth:`submit`, on the runner with id ``runner`` while it lives (it waits for a
-        free slot there); if that runner is gone (or ``runner`` is None), wherever placement
-        puts it. ``future.runner`` says where it went."""
-        future = self._submit(fn, args, kwargs, runner)
+    def submit_to(self, runner_id: str | None, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
+        """Like :meth:`submit`, on the runner ``runner_id`` while it lives (it waits for a free
+        slot there); if that runner is gone (or ``runner_id`` is None), wherever placement
+        puts it. ``future.runner_id`` says where it went."""
+        future = self._submit(fn, args, kwargs, runner_id)
         self._endpoint.nudge()
         return future
 
@@ -223,7 +218,7 @@ class Pool:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         future = self._submit(objects.spawn, (fn, args, kwargs), {})
         ref = future.result()
-        return self._remote_from(future.runner, ref, f"spawn({name})")
+        return self._remote_from(future.runner_id, ref, f"spawn({name})")
 
     def map(self, fn: Callable, *iterables: Iterable) -> list:
         """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
@@ -253,19 +248,20 @@ class Pool:
             future.cancel()
             raise
 
-    def complete(self, code: str, cursor: int | None = None, *, runner: str | None = None,
+    def complete(self, code: str, cursor: int | None = None, *, runner_id: str | None = None,
                  timeout: float = 10.0) -> dict:
         """Jupyter ``complete_reply`` content for ``code``, computed on a runner against its
-        interactive namespace (the one ``%%remote`` cells run in): runner ``runner`` (an id),
-        else any ready one. Answered at once, also while the runner runs calls."""
+        interactive namespace (the one ``%%remote`` cells run in): runner ``runner_id`` if it
+        is ready, else any ready one. Answered at once, also while the runner runs calls;
+        RunnerDied if the runner goes first."""
         return self._ask(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor},
-                         runner, timeout)
+                         runner_id, timeout)
 
     def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0, *,
-                runner: str | None = None, timeout: float = 10.0) -> dict:
+                runner_id: str | None = None, timeout: float = 10.0) -> dict:
         """Jupyter ``inspect_reply`` content for the name at ``cursor``, from a runner (see :meth:`complete`)."""
         return self._ask(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
-                                     "detail": detail_level}, runner, timeout)
+                                        "detail": detail_level}, runner_id, timeout)
 
     @property
     def code_bytes_sent(self) -> int:
@@ -312,7 +308,7 @@ class Pool:
                 self._finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
             for r in list(self._runners.values()):
                 if r.state == "ready":
-                    self._stop_runner(r)
+                    self._fleet.stop(r)
                 elif r.state == "booting":
                     self._drop_runner(r, None)
         deadline = time.monotonic() + STOP_GRACE
@@ -322,7 +318,7 @@ class Pool:
             for r in list(self._runners.values()):
                 self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
         self._endpoint.stop()
-        self._watch.join(time.monotonic() + TERMINATE_WAIT)
+        self._fleet.watch.join(time.monotonic() + TERMINATE_WAIT)
         self._end()
 
     def __enter__(self) -> "Pool":
@@ -369,7 +365,7 @@ class Pool:
                 log.exception("flame: %s: %r failed", self.name, effect)
 
     def _limits_now(self) -> placement.Limits:
-        key = (self._capacity, self._closed or self._min_paused, self._endpoint.stopped.is_set())
+        key = (self._fleet.capacity, self._closed or self._fleet.min_paused, self._endpoint.stopped.is_set())
         limits = self._limits
         if limits is None or key != self._limits_key:  # made anew only when one of these changed
             limits = self._limits = placement.Limits(
@@ -390,9 +386,9 @@ class Pool:
             for r, calls in by_runner.items():
                 r.start(calls, self.max_concurrency, self._code, self._shm.lend)
         for _ in range(decision.boots):
-            self._boot()
+            self._fleet.boot()
         for r in decision.stops:
-            self._stop_runner(r)
+            self._fleet.stop(r)
 
     # ---- calls: queued -> running (-> cancelling) -> done ---------------------------------
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
@@ -423,7 +419,7 @@ class Pool:
                 return []
             expected = [placement.ANY] * n
             for _ in range(placement.decide(expected, [], self._limits_now(), time.monotonic()).boots):
-                self._boot()
+                self._fleet.boot()
             return list(self._runners.values())
 
     def _unexpect(self, runners: list[Runner]) -> None:
@@ -562,14 +558,8 @@ class Pool:
 
     def _on_hello(self, r: Runner, head: dict) -> None:
         """HELLO: a booting runner is ready."""
-        if r.state != "booting":
-            return
-        if head.get("blake3") and self._packer.fast:
-            self._endpoint.wire.fast_peers.add(r.id)
-        r.hello(head, self.name, self._packer.fast, self._code)
-        self._min_paused = False
-        log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
-        self._schedule()
+        if self._fleet.hello(r, head):
+            self._schedule()
 
     def _on_free(self, r: Runner, head: dict) -> None:
         """FREE: a region of our arena the runner no longer uses."""
@@ -579,14 +569,6 @@ class Pool:
         """CODE_MISSING: its host's cache lost an archive; the next call sends it whole."""
         r.code_missing(self._code, head.get("h"))
 
-    def _serve_code(self, peer: str, digest: str) -> bytes | None:
-        """On the receiving thread: the archive a booting runner of this pool asks for."""
-        with self._lock:
-            r = self._runners.get(peer.removesuffix("/boot"))
-            if r is None or r.state != "booting":
-                return None
-        return self._code.serve(digest, r.id)
-
     # ---- the I/O thread's tick -----------------------------------------------------------
     def _tick(self, now: float) -> None:
         """Heartbeats, call deadlines, cancels overdue, releases, frees, placement. No backend
@@ -594,8 +576,7 @@ class Pool:
         with self._state():
             if now >= self._next_beat:
                 self._next_beat = now + wire.HEARTBEAT  # read here: one value, wherever it is set
-                for r in self._runners.values():
-                    r.heartbeat()
+                self._fleet.heartbeat()
             for r in list(self._runners.values()):
                 for call in list(r.calls.values()):
                     if call.state == "running" and call.deadline is not None and now > call.deadline:
@@ -626,37 +607,10 @@ class Pool:
                 if self._waiting and not self._closed:
                     self._schedule()
 
-    # ---- runners: booting -> ready -> stopping -> dead -----------------------------------
-    def _boot(self) -> None:
-        rid = f"{self._id_prefix}{next(self._runner_ids)}"
-        r = self._runners[rid] = Runner(rid, time.monotonic() + self.boot_timeout,
-                                        functools.partial(self._endpoint.send, rid))
-        env = {"FLAME_ADDRESS": self.address, "FLAME_KEY": self._key.hex(),
-               "FLAME_CONCURRENCY": str(self.max_concurrency), "FLAME_HEARTBEAT": str(wire.HEARTBEAT),
-               "FLAME_PARENT_TIMEOUT": str(self.parent_timeout), "FLAME_FAILSAFE": str(self.boot_timeout)}
-        if self._endpoint.curve_public is not None:
-            env["FLAME_CURVE_SERVER"] = self._endpoint.curve_public.decode()  # a public key
-        starts = f"{shm.DIR}/flame-{rid}-starts" if not self.backend.remote and shm.available() else None
-        self._watch.boot(r, r.spec(self.address, env, self.max_concurrency, starts, self._code))
-        log.info("flame: booting runner %s", rid)
-
-    def _booted(self, r: Runner, handle: Any, capacity: Any) -> None:
-        """On the boot helper: the backend started ``r``'s process."""
-        with self._state():
-            self._capacity = capacity
-            if r.booted(handle):
-                self._schedule()
-            else:  # the pool gave up on it meanwhile
-                self._later.append(functools.partial(self._watch.reap, r))
-
-    def _boot_failed_now(self, r: Runner, error: BootError) -> None:
-        with self._state():
-            self._boot_failed(r, error)
-
+    # ---- runners gone: what it means for their calls -------------------------------------
     def _boot_failed(self, r: Runner, error: BootError) -> None:
         log.warning("flame: %s", error)
-        self._drop_runner(r, None, reschedule=False)
-        self._min_paused = True
+        self._drop_runner(r, None, reschedule=False, boot_failed=True)
         # Fail the waiting calls that the runners still booting cannot take, unless a ready
         # runner will serve them: a broken boot must surface, not retry forever.
         if not any(x.state == "ready" for x in self._runners.values()):
@@ -664,20 +618,14 @@ class Pool:
             while len(self._waiting) > keep:
                 self._finish(self._waiting.popleft(), exc=error)
 
-    def _stop_runner(self, r: Runner) -> None:
-        r.stop(STOP_GRACE)
-        log.info("flame: stopping runner %s", r.id)
-
-    def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True) -> None:
-        """Forget a runner, fail its calls with ``error``, and make sure its process is gone."""
+    def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True,
+                     boot_failed: bool = False) -> None:
+        """Forget a runner, fail its calls with ``error`` (or run them elsewhere, those that
+        provably never started), and make sure its process is gone."""
         if r.state == "dead":
             return
-        self._runners.pop(r.id, None)
-        self._endpoint.wire.forget(r.id)
-        self._endpoint.wire.fast_peers.discard(r.id)
-        self._shm.forget(r.id)  # whatever it held of ours is ours again
+        never_started = self._fleet.forget(r, boot_failed)
         error = error or RunnerDied(f"runner {r.id} stopped", r.id)
-        never_started = r.die(self.max_concurrency)
         if never_started and isinstance(error, RunnerDied) and not self._closed:
             self._requeue(never_started)
             log.info("flame: %d call(s) sent ahead to runner %s never started; queued again",
@@ -694,35 +642,8 @@ class Pool:
         if self._requests:  # completions or inspections it will never answer
             self._later.append(functools.partial(self._requests.fail, RunnerDied(
                 f"runner {r.id} is gone before it answered", r.id), r.id))
-        if r.handle is not None:
-            self._later.append(functools.partial(self._watch.reap, r))
         if reschedule and not self._endpoint.stopped.is_set():
             self._schedule()
-
-    def _reaped(self, r: Runner) -> None:
-        """On the terminate helper: ``r``'s process is gone; a GPU set may be free again."""
-        if self._capacity is not None and not self._endpoint.stopped.is_set():
-            capacity = self.backend.capacity()
-            with self._state():
-                self._capacity = capacity
-                self._schedule()
-
-    def _runner_list(self) -> list[Runner]:
-        with self._lock:
-            return list(self._runners.values())
-
-    def _verdicts(self, found: list, now: float, silent_after: float) -> None:
-        """The watch thread's findings ``(runner, verdict, exit code, stderr tail)``: act on
-        those still so, under the lock."""
-        with self._state():
-            for r, why, code, tail in found:
-                if r.verdict(now, code, silent_after) != why:
-                    continue
-                error = r.error_for(why, code, tail, self.boot_timeout, self._endpoint.wire.refused.get(r.id))
-                if isinstance(error, BootError):
-                    self._boot_failed(r, error)
-                else:
-                    self._drop_runner(r, error)
 
     # ---- Remotes (remote.py calls these) -------------------------------------------------
     def _remote_from(self, runner_id: str, ref: tuple, origin: Any) -> Remote:
@@ -734,16 +655,14 @@ class Pool:
         waits for the Outcome). ``arg_frames``: the arguments already pickled."""
         if self._closed:
             raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
-        call = self._packer.call(fn, args, {}, held.runner, True, held, arg_frames=arg_frames, outcome=True)
+        call = self._packer.call(fn, args, {}, held.runner_id, True, held, arg_frames=arg_frames, outcome=True)
         self._enqueue((call,))
         return call.future
 
     # ---- introspection: request and reply by id ------------------------------------------
-    def _ask(self, kind: str, fields: dict, runner: str | None, timeout: float) -> dict:
+    def _ask(self, kind: str, fields: dict, runner_id: str | None, timeout: float) -> dict:
         with self._lock:
-            r = self._runners.get(runner) if runner is not None else None
-            if r is None or r.state != "ready":
-                r = next((x for x in self._runners.values() if x.state == "ready"), None)
+            r = self._fleet.ready(runner_id)
             if r is None:
                 raise LookupError(f"{self.name} has no ready runner to ask")
             request_id, request = self._requests.new(r.id)

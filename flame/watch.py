@@ -3,7 +3,7 @@
 No backend call ever runs under the pool's lock: ``boot()`` runs on a helper thread per
 boot, ``terminate()`` on one per runner (SSH waits up to 15 s, ``scancel`` up to 60 s), and
 ``exit_status()``/``stderr_tail()`` on the watch thread, which asks every runner's handle
-outside the lock and then hands what it heard to the pool, which acts on it under its lock.
+outside the lock and then hands what it heard to the fleet, which acts on it under the lock.
 Shutdown waits for the helpers (``join``): a boot that ends after shutdown dropped its
 runner then reaps it before shutdown returns.
 """
@@ -21,6 +21,7 @@ from .endpoint import TICK
 from .errors import BootError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fleet import Fleet
     from .pool import Pool
     from .runner import Runner
 
@@ -30,8 +31,9 @@ log = logging.getLogger("flame.pool")
 class Watch:
     """The watch thread of one pool and the helper threads running now."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, fleet: Fleet) -> None:
         self._pool = pool
+        self._fleet = fleet
         self._helpers: set[threading.Thread] = set()
         self._thread = threading.Thread(target=self._loop, name=f"flame-{pool.name}-watch", daemon=True)
 
@@ -73,9 +75,9 @@ class Watch:
         try:
             handle = pool.backend.boot(spec)
         except Exception as exc:
-            pool._boot_failed_now(r, BootError(f"runner {r.id} could not be started by {pool.backend!r}: {exc}"))
+            self._fleet.boot_failed(r, BootError(f"runner {r.id} could not be started by {pool.backend!r}: {exc}"))
             return
-        pool._booted(r, handle, pool.backend.capacity())
+        self._fleet.booted(r, handle)
 
     def _reap(self, r: Runner) -> None:
         pool = self._pool
@@ -85,17 +87,17 @@ class Watch:
                 shm.sweep(r.id)  # its arena and start count, now that it cannot make them
         except Exception:
             log.exception("flame: backend failed to terminate runner %s", r.id)
-        pool._reaped(r)
+        self._fleet.reaped(r)
 
     def _loop(self) -> None:
-        """Ask backends how their runners are, outside the lock; the pool acts on what they say."""
+        """Ask backends how their runners are, outside the lock; the fleet acts on what they say."""
         pool = self._pool
         silent_after = max(10.0, 3 * pool.parent_timeout)
         try:
             while not pool._endpoint.stopped.wait(TICK):
                 now = time.monotonic()
                 found = []
-                for r in pool._runner_list():
+                for r in self._fleet.list():
                     handle = r.handle
                     code = handle.exit_status() if handle is not None else None  # may run squeue
                     why = r.verdict(now, code, silent_after)
@@ -103,7 +105,7 @@ class Watch:
                         tail = handle.stderr_tail() if handle is not None and why != "stop overdue" else ""
                         found.append((r, why, code, tail))
                 if found:
-                    pool._verdicts(found, now, silent_after)
+                    self._fleet.verdicts(found, now, silent_after)
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame: %s watch thread failed", pool.name)
             pool._fail("watch", exc)

@@ -1,0 +1,162 @@
+"""A pool's runners, by ``runner_id``: how they come (boot, hello) and go (stop, forget), and
+what the backend's threads (``Watch``) find about them.
+
+The fleet writes its own state (the runners, the backend's capacity, whether refilling
+``min`` is paused) under the pool's lock; each runner's fields are the Runner's own. What a
+runner's going means for its calls is the pool's to decide (``Pool._drop_runner``,
+``Pool._boot_failed``): the fleet only asks it.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import shm, wire
+from .errors import BootError
+from .runner import Runner
+from .watch import Watch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends.base import RunnerHandle
+    from .call import Call
+    from .pool import Pool
+
+log = logging.getLogger("flame.pool")
+
+#: How long a runner asked to stop may take before it is killed.
+STOP_GRACE = 2.0
+
+
+class Fleet:
+    """The runners of one pool (caller holds the pool's lock unless a method says otherwise)."""
+
+    def __init__(self, pool: Pool, id_prefix: str) -> None:
+        self._pool = pool
+        #: runner_id -> Runner, booting, ready or stopping (a dead one is forgotten)
+        self.runners: dict[str, Runner] = {}
+        self._prefix = id_prefix
+        self._ids = itertools.count(1)
+        #: the backend's capacity (GPU sets free): read outside the lock, after each boot and terminate
+        self.capacity = pool.backend.capacity()
+        #: set by a boot failure: no refilling ``min`` until a boot works
+        self.min_paused = False
+        self.watch = Watch(pool, self)
+
+    # ---- booting -----------------------------------------------------------------------
+    def boot(self) -> None:
+        """Boot one more runner, on a helper thread."""
+        pool = self._pool
+        rid = f"{self._prefix}{next(self._ids)}"
+        r = self.runners[rid] = Runner(rid, time.monotonic() + pool.boot_timeout,
+                                       functools.partial(pool._endpoint.send, rid))
+        env = {"FLAME_ADDRESS": pool.address, "FLAME_KEY": pool._key.hex(),
+               "FLAME_CONCURRENCY": str(pool.max_concurrency), "FLAME_HEARTBEAT": str(wire.HEARTBEAT),
+               "FLAME_PARENT_TIMEOUT": str(pool.parent_timeout), "FLAME_FAILSAFE": str(pool.boot_timeout)}
+        if pool._endpoint.curve_public is not None:
+            env["FLAME_CURVE_SERVER"] = pool._endpoint.curve_public.decode()  # a public key
+        starts = f"{shm.DIR}/flame-{rid}-starts" if not pool.backend.remote and shm.available() else None
+        self.watch.boot(r, r.spec(pool.address, env, pool.max_concurrency, starts, pool._code))
+        log.info("flame: booting runner %s", rid)
+
+    def booted(self, r: Runner, handle: RunnerHandle) -> None:
+        """On the boot helper: the backend started ``r``'s process."""
+        capacity = self._pool.backend.capacity()
+        with self._pool._state():
+            self.capacity = capacity
+            if r.booted(handle):
+                self._pool._schedule()
+            else:  # the pool gave up on it meanwhile
+                self._pool._later.append(functools.partial(self.watch.reap, r))
+
+    def boot_failed(self, r: Runner, error: BootError) -> None:
+        """On the boot helper: the backend could not start ``r``."""
+        with self._pool._state():
+            self._pool._boot_failed(r, error)
+
+    def hello(self, r: Runner, head: dict) -> bool:
+        """``r``'s hello: it is ready, unless it was not booting (then False)."""
+        if r.state != "booting":
+            return False
+        pool = self._pool
+        if head.get("blake3") and pool._packer.fast:
+            pool._endpoint.wire.fast_peers.add(r.id)
+        r.hello(head, pool.name, pool._packer.fast, pool._code)
+        self.min_paused = False
+        log.info("flame: runner %s ready (pid %s on %s)", r.id, r.pid, r.host)
+        return True
+
+    def serve_code(self, peer: str, digest: str) -> bytes | None:
+        """On the receiving thread: the archive a booting runner of this pool asks for."""
+        with self._pool._lock:
+            r = self.runners.get(peer.removesuffix("/boot"))
+            if r is None or r.state != "booting":
+                return None
+        return self._pool._code.serve(digest, r.id)
+
+    # ---- ready -------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        for r in self.runners.values():
+            r.heartbeat()
+
+    def ready(self, runner_id: str | None) -> Runner | None:
+        """Runner ``runner_id`` if it is ready, else any ready one, else None."""
+        r = self.runners.get(runner_id) if runner_id is not None else None
+        if r is None or r.state != "ready":
+            r = next((x for x in self.runners.values() if x.state == "ready"), None)
+        return r
+
+    # ---- going -------------------------------------------------------------------------
+    def stop(self, r: Runner) -> None:
+        r.stop(STOP_GRACE)
+        log.info("flame: stopping runner %s", r.id)
+
+    def forget(self, r: Runner, boot_failed: bool = False) -> list[Call]:
+        """``r`` is gone or given up on: forget it, and have its process made sure of. Returns
+        the calls sent to it that provably never started (``Runner.die``). A failed boot
+        pauses refilling ``min`` until a boot works: a broken boot must surface, not loop."""
+        pool = self._pool
+        del self.runners[r.id]
+        if boot_failed:
+            self.min_paused = True
+        pool._endpoint.wire.forget(r.id)
+        pool._endpoint.wire.fast_peers.discard(r.id)
+        pool._shm.forget(r.id)  # whatever it held of ours is ours again
+        never_started = r.die(pool.max_concurrency)
+        if r.handle is not None:
+            pool._later.append(functools.partial(self.watch.reap, r))
+        return never_started
+
+    def reaped(self, r: Runner) -> None:
+        """On the terminate helper: ``r``'s process is gone; a GPU set may be free again."""
+        pool = self._pool
+        if self.capacity is not None and not pool._endpoint.stopped.is_set():
+            capacity = pool.backend.capacity()
+            with pool._state():
+                self.capacity = capacity
+                pool._schedule()
+
+    # ---- the watch thread's findings ---------------------------------------------------
+    def list(self) -> list[Runner]:
+        with self._pool._lock:
+            return list(self.runners.values())
+
+    def verdicts(self, found: list[tuple[Runner, str, int | None, str]], now: float,
+                 silent_after: float) -> None:
+        """The watch thread's findings ``(runner, verdict, exit code, stderr tail)``: those still
+        so under the lock become a failed boot or a dropped runner."""
+        pool = self._pool
+        with pool._state():
+            for r, why, code, tail in found:
+                if r.verdict(now, code, silent_after) != why:
+                    continue
+                error = r.error_for(why, code, tail, pool.boot_timeout, pool._endpoint.wire.refused.get(r.id))
+                if isinstance(error, BootError):
+                    pool._boot_failed(r, error)
+                else:
+                    pool._drop_runner(r, error)
+
+    def __repr__(self) -> str:
+        return f"<Fleet of {self._pool.name}: {len(self.runners)} runners>"
