@@ -141,10 +141,15 @@ class CallFuture(Future):
         self.settled = False
 
     @property
-    def runner(self) -> str | None:
+    def runner_id(self) -> str | None:
         """The id of the runner the call was placed on; None while it waits for one."""
         r = self.call.runner
         return r.id if r is not None else None
+
+    @property
+    def runner(self) -> str | None:
+        """The same as :attr:`runner_id`."""
+        return self.runner_id
 
     def result(self, timeout: float | None = None) -> Any:
         """The call's value, or its exception raised here. While waiting, this thread receives

@@ -49,7 +49,7 @@ class Holdings:
 
 def holder_of(found: list[Remote]) -> str:
     """The one runner the Remotes among a call's arguments live on."""
-    runners = {r._held.runner for r in found}
+    runners = {r._held.runner_id for r in found}
     if len(runners) > 1:
         raise ValueError(
             f"the arguments hold Remotes on {len(runners)} runners ({', '.join(sorted(runners))}); a call "

@@ -57,7 +57,7 @@ def set_progress_factory(factory: Callable[[], Progress | None] | None) -> None:
 
 def describe(title: str, futures: list, done: int, failed: int, elapsed: float) -> str:
     """``map(work): 12/40 done, 1 failed, on pool-1-...-r1, r2 · 3.2 s``."""
-    working = sorted({f.runner for f in futures if not f.done() and getattr(f, "runner", None)})
+    working = sorted({f.runner_id for f in futures if not f.done() and getattr(f, "runner_id", None)})
     on = f", on {', '.join(working[:4])}{' ...' if len(working) > 4 else ''}" if working else ""
     fails = f", {failed} failed" if failed else ""
     return f"{title}: {done}/{len(futures)} done{fails}{on} · {elapsed:.1f} s"

@@ -36,10 +36,10 @@ class RemoteGone(FlameError):
 class _Held:
     """One value held on a runner: released there when the last Remote referring to it goes."""
 
-    __slots__ = ("pool", "runner", "oid", "_origin", "nbytes", "released")
+    __slots__ = ("pool", "runner_id", "oid", "_origin", "nbytes", "released")
 
-    def __init__(self, pool: Any, runner: str, oid: int, origin: Any, nbytes: int) -> None:
-        self.pool, self.runner, self.oid = pool, runner, oid
+    def __init__(self, pool: Any, runner_id: str, oid: int, origin: Any, nbytes: int) -> None:
+        self.pool, self.runner_id, self.oid = pool, runner_id, oid
         self._origin, self.nbytes = origin, nbytes  # origin: a text, or (held, path, op) made into one on demand
         self.released = False
 
@@ -47,7 +47,7 @@ class _Held:
         """Release the value on its runner, once (release() or the last Remote collected)."""
         if not self.released:
             self.released = True
-            self.pool._holdings.release(self.runner, self.oid)
+            self.pool._holdings.release(self.runner_id, self.oid)
 
     def __del__(self) -> None:
         # The last Remote on this value is gone. Cheaper than weakref.finalize, which costs
@@ -56,7 +56,7 @@ class _Held:
         try:
             if not self.released:
                 self.released = True
-                self.pool._holdings.releases.append((self.runner, self.oid))
+                self.pool._holdings.releases.append((self.runner_id, self.oid))
         except Exception:  # at interpreter exit, the pool may be half torn down
             pass
 
@@ -81,9 +81,14 @@ class Remote:
 
     # ---- the handle itself ------------------------------------------------------------------
     @property
-    def runner(self) -> str:
+    def runner_id(self) -> str:
         """The id of the runner that holds the value."""
-        return self._held.runner
+        return self._held.runner_id
+
+    @property
+    def runner(self) -> str:
+        """The same as :attr:`runner_id`."""
+        return self._held.runner_id
 
     def get(self, timeout: float | None = None) -> Any:
         """Copy the value here. A value that cannot be pickled raises SerializationError naming
@@ -96,7 +101,7 @@ class Remote:
 
     def __reduce__(self) -> Any:
         held = self._held
-        if getattr(_sending, "runner", None) == held.runner:
+        if getattr(_sending, "runner", None) == held.runner_id:
             return objects.lookup, (held.oid, self._path)
         raise SerializationError(
             f"a Remote ({self._describe()}) cannot be pickled: it stays on its runner. Pass it to a "
@@ -104,7 +109,7 @@ class Remote:
 
     def _describe(self) -> str:
         held = self._held
-        return f"{held.origin}{''.join('.' + p for p in self._path)} on runner {held.runner}"
+        return f"{held.origin}{''.join('.' + p for p in self._path)} on runner {held.runner_id}"
 
     # ---- operations -----------------------------------------------------------------------
     def _call(self, fn: Any, args: tuple, timeout: float | None = None, arg_frames: list | None = None) -> Any:
@@ -118,13 +123,13 @@ class Remote:
         frames = None
         if args or kwargs:  # Remotes among the arguments must live where this one does
             for other in remotes_in(args, kwargs or {}):
-                if other._held.runner != held.runner:
+                if other._held.runner_id != held.runner_id:
                     raise ValueError(f"{other._describe()} lives on another runner than {self._describe()}; "
                                      "copy it here with .get() first, or spawn both on one runner")
         else:  # an id, a path of names and an operation's name: plain pickle, no checks needed
             frames = [pickle.dumps(((held.oid, self._path, op, args, kwargs), {}), 5)]
         ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs), arg_frames=frames)
-        return held.pool._remote_from(held.runner, ref, (held, self._path, op))
+        return held.pool._remote_from(held.runner_id, ref, (held, self._path, op))
 
     def _plain(self, what: str, arg: Any = None) -> Any:
         return self._call(objects.plain, (self._held.oid, self._path, what, arg))

@@ -19,12 +19,12 @@ class FlameKernel(IPythonKernel):
     implementation_version = "0.1.0"
 
     #: The app this notebook is attached to (a flame.AppConnection), or None: cells run here.
-    attached = None
+    app = None
 
     @property
     def banner(self) -> str:  # type: ignore[override]
         text = super().banner + "\n" + BANNER_EXTRA
-        if self.attached is not None:
+        if self.app is not None:
             text += "\n" + self.where()
         return text
 
@@ -40,30 +40,30 @@ class FlameKernel(IPythonKernel):
 
     # ---- attach ----------------------------------------------------------------------
     def where(self) -> str:
-        node = self.attached
-        if node is None:
+        app = self.app
+        if app is None:
             return "not attached: cells run in this kernel"
-        argv = " ".join(node.info.get("argv") or [])
-        return f"attached to pid {node.pid} on {node.host} ({argv}); %detach to run cells here again"
+        argv = " ".join(app.info.get("argv") or [])
+        return f"attached to pid {app.pid} on {app.host} ({argv}); %detach to run cells here again"
 
     def attach(self, target: str) -> str:
         from flame import connect
-        if self.attached is not None:
+        if self.app is not None:
             self.detach()
-        self.attached = connect(target)
+        self.app = connect(target)
         return self.where()
 
     def detach(self) -> str:
-        node, self.attached = self.attached, None
-        if node is not None:
-            node.close()
-            return f"detached from pid {node.pid} on {node.host}; cells run in this kernel again"
+        app, self.app = self.app, None
+        if app is not None:
+            app.close()
+            return f"detached from pid {app.pid} on {app.host}; cells run in this kernel again"
         return "not attached"
 
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, **kwargs):
-        node = self.attached
-        if node is None or code.lstrip().startswith(("%attach", "%detach")):
+        app = self.app
+        if app is None or code.lstrip().startswith(("%attach", "%detach")):
             return await super().do_execute(code, silent, store_history, user_expressions,
                                             allow_stdin, **kwargs)
         from flame import AppGone
@@ -73,7 +73,7 @@ class FlameKernel(IPythonKernel):
             shell.history_manager.store_inputs(count, code, code)
             shell.execution_count += 1
         try:
-            reply = node.run(code, user_expressions=user_expressions,
+            reply = app.run(code, user_expressions=user_expressions,
                              execution_count=count if store_history else None)
             if reply.get("data") is not None and not silent:
                 self.send_response(self.iopub_socket, "execute_result", {
@@ -111,7 +111,7 @@ class FlameKernel(IPythonKernel):
                 # Peek first: a full deserialize records the signature against replays, and
                 # a message passed on is deserialized again further down.
                 kind = self.session.deserialize(frames, content=False, copy=False)["header"]["msg_type"]
-                if kind in ("complete_request", "inspect_request") and self.attached is None:
+                if kind in ("complete_request", "inspect_request") and self.app is None:
                     code = self.session.unpack(frames[4].bytes).get("code", "")
                     if not code.lstrip().startswith("%%remote"):
                         kind = None  # a local completion: the usual route
@@ -132,9 +132,9 @@ class FlameKernel(IPythonKernel):
         return await super().shell_channel_thread_main(msg)
 
     def do_complete(self, code, cursor_pos):
-        if self.attached is not None:
+        if self.app is not None:
             try:
-                return self.attached.complete(code, cursor_pos)
+                return self.app.complete(code, cursor_pos)
             except Exception:
                 self.log.warning("flamebook: completion from the attached app failed", exc_info=True)
         remote = self._on_runner("complete", code, cursor_pos) or self._remote_attributes(code, cursor_pos)
@@ -163,9 +163,9 @@ class FlameKernel(IPythonKernel):
                 "cursor_end": cursor_pos, "metadata": {}}
 
     def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
-        if self.attached is not None:
+        if self.app is not None:
             try:
-                return self.attached.inspect(code, cursor_pos, detail_level)
+                return self.app.inspect(code, cursor_pos, detail_level)
             except Exception:
                 self.log.warning("flamebook: inspection from the attached app failed", exc_info=True)
         remote = self._on_runner("inspect", code, cursor_pos, detail_level) or \
@@ -205,8 +205,8 @@ class FlameKernel(IPythonKernel):
         pool, runner, body, cursor, offset = target
         try:
             if kind == "inspect":
-                return pool.inspect(body, cursor, detail_level, runner=runner)
-            reply = pool.complete(body, cursor, runner=runner)
+                return pool.inspect(body, cursor, detail_level, runner_id=runner)
+            reply = pool.complete(body, cursor, runner_id=runner)
         except Exception:
             self.log.warning("flamebook: %s from a runner failed", kind, exc_info=True)
             return None

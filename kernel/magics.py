@@ -127,7 +127,7 @@ class FlameMagics(Magics):
             bundle = future.result()
             return None if bundle is None else RemoteValue(*bundle)
         finally:
-            runner = future.runner
+            runner = future.runner_id
             if runner is not None:
                 if pinned is not None and runner != pinned:
                     print(f"%%remote: runner {pinned} is gone; this cell ran on {runner} "

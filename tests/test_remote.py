@@ -236,3 +236,13 @@ def test_in_the_kernel_remotes_display_and_complete_from_their_runner():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_runner_id_names_the_runner_on_futures_remotes_and_snapshots(make_pool):
+    pool = make_pool(max=1)
+    future = pool.submit(os.getpid)
+    future.result()
+    value = pool.spawn(list, "abc")
+    assert future.runner_id == future.runner == pool.runners[0].runner_id == pool.runners[0].id
+    assert value.runner_id == value.runner == future.runner_id
+    assert pool.submit_to(value.runner_id, os.getpid).result() == future.result()
