@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import flame
-from conftest import wait_for
+from conftest import gone, wait_for
 
 
 class Boom(Exception):
@@ -120,7 +120,7 @@ def test_call_that_ignores_the_cancel_gets_its_runner_replaced(make_pool):
     pid = pool.call(os.getpid)
     with pytest.raises(flame.CallTimeout):
         pool.call(stubborn)
-    assert wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    assert wait_for(lambda: gone(pid))
     assert pool.call(os.getpid) != pid
 
 
