@@ -43,7 +43,7 @@ class Fleet:
         self.capacity = pool.backend.capacity()
         #: set by a boot failure: no refilling ``min`` until a boot works
         self.min_paused = False
-        self.watch = Watch(pool, self)
+        self.watch = Watch(self, pool.backend, pool.name, pool.parent_timeout)
 
     # ---- booting -----------------------------------------------------------------------
     def boot(self) -> None:

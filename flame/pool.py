@@ -174,7 +174,7 @@ class Pool:
         backend.acquire()
         self._backend_held = True
         self._endpoint.start()
-        self._fleet.watch.start()
+        self._fleet.watch.start(self._endpoint.stopped, functools.partial(self._fail, "watch"))
         _live_pools.add(self)
         with self._state():
             self._schedule()

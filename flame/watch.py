@@ -16,13 +16,12 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from . import shm
-from .backends.base import RunnerSpec
+from .backends.base import Backend, RunnerSpec
 from .endpoint import TICK
 from .errors import BootError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fleet import Fleet
-    from .pool import Pool
     from .runner import Runner
 
 log = logging.getLogger("flame.pool")
@@ -31,14 +30,20 @@ log = logging.getLogger("flame.pool")
 class Watch:
     """The watch thread of one pool and the helper threads running now."""
 
-    def __init__(self, pool: Pool, fleet: Fleet) -> None:
-        self._pool = pool
+    def __init__(self, fleet: Fleet, backend: Backend, name: str, parent_timeout: float) -> None:
         self._fleet = fleet
+        self._backend = backend
+        self._name = name
+        # A runner heartbeats as often as its parent; silent for this long, it is gone.
+        self._silent_after = max(10.0, 3 * parent_timeout)
         self._helpers: set[threading.Thread] = set()
-        self._thread = threading.Thread(target=self._loop, name=f"flame-{pool.name}-watch", daemon=True)
+        self._stopped = threading.Event()
+        self._fail: Callable[[BaseException], None] = lambda exc: None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, stopped: threading.Event, fail: Callable[[BaseException], None]) -> None:
+        """Watch until ``stopped`` is set; should the thread itself fail, ``fail`` says why."""
+        self._stopped, self._fail = stopped, fail
+        threading.Thread(target=self._loop, name=f"flame-{self._name}-watch", daemon=True).start()
 
     def boot(self, r: Runner, spec: RunnerSpec) -> None:
         """Boot ``r`` on a helper: backend.boot() may block."""
@@ -71,19 +76,17 @@ class Watch:
             self._helpers.discard(t)
 
     def _boot(self, r: Runner, spec: RunnerSpec) -> None:
-        pool = self._pool
         try:
-            handle = pool.backend.boot(spec)
+            handle = self._backend.boot(spec)
         except Exception as exc:
-            self._fleet.boot_failed(r, BootError(f"runner {r.id} could not be started by {pool.backend!r}: {exc}"))
+            self._fleet.boot_failed(r, BootError(f"runner {r.id} could not be started by {self._backend!r}: {exc}"))
             return
         self._fleet.booted(r, handle)
 
     def _reap(self, r: Runner) -> None:
-        pool = self._pool
         try:
-            pool.backend.terminate(r.handle)
-            if pool._shm.on or not pool.backend.remote:
+            self._backend.terminate(r.handle)
+            if getattr(self._backend, "shared_memory", False) or not self._backend.remote:
                 shm.sweep(r.id)  # its arena and start count, now that it cannot make them
         except Exception:
             log.exception("flame: backend failed to terminate runner %s", r.id)
@@ -91,10 +94,9 @@ class Watch:
 
     def _loop(self) -> None:
         """Ask backends how their runners are, outside the lock; the fleet acts on what they say."""
-        pool = self._pool
-        silent_after = max(10.0, 3 * pool.parent_timeout)
+        silent_after = self._silent_after
         try:
-            while not pool._endpoint.stopped.wait(TICK):
+            while not self._stopped.wait(TICK):
                 now = time.monotonic()
                 found = []
                 for r in self._fleet.list():
@@ -107,5 +109,5 @@ class Watch:
                 if found:
                     self._fleet.verdicts(found, now, silent_after)
         except BaseException as exc:  # noqa: BLE001
-            log.exception("flame: %s watch thread failed", pool.name)
-            pool._fail("watch", exc)
+            log.exception("flame: %s watch thread failed", self._name)
+            self._fail(exc)
