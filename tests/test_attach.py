@@ -322,19 +322,46 @@ def test_an_object_that_breaks_completion_costs_the_served_app_nothing(tmp_path)
             "class Evil:\n"
             "    def __dir__(self): raise RuntimeError('no dir')\n"
             "    def __getattr__(self, name): raise SystemExit('no ' + name)\n"
+            "    def __repr__(self): raise RuntimeError('no repr')\n"
+            "    @property\n"
+            "    def __doc__(self): raise RuntimeError('no doc')\n"
             "evil = Evil()\n"
             "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
     proc = serving(code, path)
     app = None
     try:
         app = flame.connect(path)
-        for text in ("evil.d", "evil.", "evil.x.y"):
+        for text in ("evil.d", "evil.", "evil.x.y", "evil"):
             reply = app.complete(text)
             assert reply["status"] in ("ok", "error"), reply
             reply = app.inspect(text)
             assert reply["status"] in ("ok", "error"), reply
         assert app.call(lambda: 7) == 7
         assert "time" in app.complete("tim")["matches"]
+    finally:
+        if app is not None:
+            app.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_slow_inspection_in_a_served_app_is_only_slow(tmp_path):
+    # Longer than a client waits for the app's heartbeats (APP_TIMEOUT): answered off the
+    # app's I/O thread, so the heartbeats go on and the client stays attached.
+    path = str(tmp_path / "slow.json")
+    code = ("import flame, sys, time\n"
+            "class Slow:\n"
+            "    def __repr__(self):\n"
+            "        time.sleep(7)\n"
+            "        return 'slow'\n"
+            "x = Slow()\n"
+            "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
+    proc = serving(code, path)
+    app = None
+    try:
+        app = flame.connect(path)
+        assert "slow" in app.inspect("x")["data"]["text/plain"]
+        assert app.call(lambda: 7) == 7
     finally:
         if app is not None:
             app.close()

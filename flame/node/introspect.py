@@ -4,9 +4,42 @@ from __future__ import annotations
 
 import inspect as _inspect
 import re
-from typing import Any
+import threading
+from typing import Any, Callable
 
 _TOKEN = re.compile(r"[A-Za-z_][\w.]*$|$")
+
+
+class Answerer:
+    """Answers completion and inspection requests on a thread of its own, one at a time.
+
+    Not on the thread that reads the socket: a slow ``__repr__`` or a cold jedi there would
+    leave the parent's heartbeats unread, and the runner would take its parent for gone (an
+    app, its clients). A slow answer must only be slow."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: Any = None
+        self._lock = threading.Lock()
+
+    def ask(self, kind: str, namespace: dict, head: dict, reply: Callable[[dict], None]) -> None:
+        """Answer request ``head`` against ``namespace``; ``reply(content)`` sends the answer."""
+        if self._queue is None:
+            with self._lock:
+                if self._queue is None:
+                    import queue
+                    self._queue = queue.SimpleQueue()
+                    threading.Thread(target=self._loop, name=self._name, daemon=True).start()
+        self._queue.put((kind, namespace, head, reply))
+
+    def _loop(self) -> None:
+        while True:
+            kind, namespace, head, reply = self._queue.get()
+            content = answer(kind, namespace, head)
+            try:
+                reply(content)
+            except Exception:  # the node is going away
+                return
 
 
 def answer(kind: str, namespace: dict, head: dict) -> dict:

@@ -114,6 +114,7 @@ class RunnerNode:
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.introspection: Any = None  # introspect.Answerer, made at the first request (imports jedi's way)
         self.handlers: dict[str, Callable[[dict, list], None]] = {
             Kind.CALL: self._on_call, Kind.CALLS: self._on_calls, Kind.CANCEL: self._on_cancel,
             Kind.SHUTDOWN: self._on_shutdown, Kind.CODE: self._on_code, Kind.FREE: self._on_free,
@@ -275,10 +276,14 @@ class RunnerNode:
         objects.release(head["ids"])
 
     def _on_introspect(self, head: dict, frames: list) -> None:
-        """COMPLETE or INSPECT, answered at once by whichever thread takes it in: also while a
-        call runs, against the namespace ``%%remote`` cells run in."""
+        """COMPLETE or INSPECT, against the namespace ``%%remote`` cells run in: answered on
+        the answerer's thread, also while a call runs, and never holding up the socket."""
         from . import interactive, introspect
-        self.post(Kind.REPLY, {"id": head["id"], "content": introspect.answer(head["k"], interactive.NAMESPACE, head)})
+        if self.introspection is None:  # handle() runs on one thread at a time (recv_lock)
+            self.introspection = introspect.Answerer("flame-node-introspect")
+        request_id = head["id"]
+        self.introspection.ask(head["k"], interactive.NAMESPACE, head,
+                               lambda content: self.post(Kind.REPLY, {"id": request_id, "content": content}))
 
     def _on_welcome(self, head: dict, frames: list) -> None:
         if head.get("blake3") and fast_digests():

@@ -57,6 +57,7 @@ class AppNode:
         self.work: queue.SimpleQueue = queue.SimpleQueue()
         self.running: tuple[str, bytes] | None = None  # (request id, client)
         self.calls = Calls(_shared_capture())
+        self.introspection = introspect.Answerer("flame-attach-introspect")
         self.handlers: dict[str, Callable[[bytes, dict, list], None]] = {
             Kind.HELLO: self._on_hello, Kind.RUN: self._on_work, Kind.CALL: self._on_work,
             Kind.CANCEL: self._on_cancel, Kind.COMPLETE: self._on_introspect, Kind.INSPECT: self._on_introspect,
@@ -156,8 +157,11 @@ class AppNode:
             self.send(ident, *cancelled_reply(head["id"]))
 
     def _on_introspect(self, ident: bytes, head: dict, frames: list) -> None:
-        """COMPLETE or INSPECT, answered at once on this thread: also while a cell runs."""
-        self.send(ident, Kind.REPLY, {"id": head["id"], "content": introspect.answer(head["k"], self.namespace, head)})
+        """COMPLETE or INSPECT: answered on the answerer's thread, also while a cell runs, and
+        never holding up this one (heartbeats to every client)."""
+        request_id = head["id"]
+        self.introspection.ask(head["k"], self.namespace, head,
+                               lambda content: self.send(ident, Kind.REPLY, {"id": request_id, "content": content}))
 
     # ---- worker thread ---------------------------------------------------------------------
     def _work_loop(self) -> None:
