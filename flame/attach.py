@@ -19,7 +19,7 @@ import zmq
 from . import serialize
 from .call import make_sink
 from .errors import FlameError, RunnerDied
-from .keys import new_key, write_private
+from .keys import new_key, read_private, write_private
 from .replies import Replies, Request
 from .wire import HEARTBEAT, Kind, Wire, curve_client, introduction, read_output
 
@@ -98,7 +98,8 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
     if connection_file is None:
         label = name or os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
         connection_file = os.path.join(attach_dir(), f"{label}-{os.getpid()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(connection_file)), exist_ok=True)
+    # Created 0700 (parents too): on a shared machine, the names of our apps are our own.
+    os.makedirs(os.path.dirname(os.path.abspath(connection_file)), mode=0o700, exist_ok=True)
     address = node.address
     if "://0.0.0.0:" in address:  # bound to every interface: tell clients a name they can reach
         address = address.replace("0.0.0.0", socket.gethostname())
@@ -115,14 +116,26 @@ def serve(address: str = "tcp://127.0.0.1:0", namespace: dict | None = None,
 
 
 def find_connection_file(target: str) -> str:
-    """A path, or a name looked up in ``attach_dir()`` (NAME.json, NAME-*.json, newest first)."""
+    """A path, or a name looked up in ``attach_dir()`` (NAME.json, NAME-*.json, newest first),
+    among this user's own files: in a shared attach directory, another user's file is never
+    picked (it would send them the cells, and unpickle their replies)."""
     if os.path.isfile(target):
         return target
     base = attach_dir()
+    foreign = []
     for pattern in (f"{target}", f"{target}.json", f"{target}-*.json", f"*{target}*.json"):
-        found = sorted(glob.glob(os.path.join(base, pattern)), key=os.path.getmtime, reverse=True)
+        found = []
+        for path in glob.glob(os.path.join(base, pattern)):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            (found if st.st_uid == os.geteuid() else foreign).append((st.st_mtime, path))
         if found:
-            return found[0]
+            return max(found)[1]
+    if foreign:
+        raise AttachError(f"no connection file of yours matches {target!r} in {base}; "
+                          f"other users' do ({', '.join(sorted(p for _, p in foreign))}), and are never used")
     raise AttachError(f"no connection file {target!r}, and none matching it in {base}")
 
 
@@ -132,12 +145,11 @@ class AppConnection:
     def __init__(self, connection_file: str, timeout: float = 10.0) -> None:
         path = find_connection_file(connection_file)
         try:
-            with open(path) as f:
-                info = json.load(f)
+            info = json.loads(read_private(path))
             key = bytes.fromhex(info["key"])
             self.address: str = info["address"]
         except (OSError, ValueError, KeyError) as exc:
-            raise AttachError(f"cannot read connection file {path}: {exc}") from exc
+            raise AttachError(f"cannot use connection file {path}: {exc}") from exc
         self.connection_file = path
         self.me = f"client-{os.urandom(6).hex()}"
         self._wire = Wire(key, self.me)

@@ -41,6 +41,32 @@ def write_private(path: str, text: str, replace: bool = True) -> None:
         os.close(fd)
 
 
+def read_private(path: str) -> bytes:
+    """The bytes of ``path``, if it is this user's own regular file that nobody else can read
+    or write; PermissionError saying which it is not otherwise. Checked on the open file (not
+    a symlink), so the file checked is the file read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        import stat
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise PermissionError(f"{path} belongs to another user (uid {st.st_uid}): refused, "
+                                  "since what it names would run this user's code")
+        if st.st_mode & 0o077:
+            raise PermissionError(f"{path} can be read or written by other users (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}): refused; flame writes these 0600")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def read_key(env: dict[str, str]) -> bytes:
     """The key from FLAME_KEY (hex) or the file FLAME_KEY_FILE names."""
     key = env.get("FLAME_KEY")
@@ -48,6 +74,5 @@ def read_key(env: dict[str, str]) -> bytes:
         return bytes.fromhex(key)
     path = env.get("FLAME_KEY_FILE")
     if path:
-        with open(path, "rb") as f:
-            return bytes.fromhex(f.read().decode().strip())
+        return bytes.fromhex(read_private(path).decode().strip())
     raise SystemExit("flame.node: no key (set FLAME_KEY or FLAME_KEY_FILE)")

@@ -173,6 +173,7 @@ def test_wrong_key_is_refused_with_a_clear_error(app, kernel, tmp_path):
     info["key"] = os.urandom(32).hex()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(info))
+    bad.chmod(0o600)  # a private file with the wrong key (a loose one is refused before)
     cell, (reply, msgs) = execute(kc, f"%attach {bad}")
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "AttachError" and "wrong key" in reply["content"]["evalue"]
@@ -270,6 +271,58 @@ def test_attached_cells_stream_their_output_while_they_run(app, collect):
     second = next(t for t, text in lines if "second" in text)
     assert second < ended - 1.0, "the second line arrived while the cell still ran, not at its end"
     assert second - t0 > 1.0
+
+
+def test_connection_files_open_to_or_owned_by_others_are_refused(app, tmp_path, monkeypatch):
+    # On a shared machine, a connection file someone else wrote (or could rewrite) names an
+    # app that would get our cells and whose replies we would unpickle: never used.
+    proc, path = app
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, to give a file to another user (`make test` runs as root)",
+                    pytrace=False)
+    import pwd
+    other = pwd.getpwnam("nobody")
+    info = json.dumps(json.load(open(path)))
+    loose = tmp_path / "loose.json"
+    loose.write_text(info)
+    loose.chmod(0o644)
+    with pytest.raises(flame.AttachError, match="can be read or written by other users"):
+        flame.connect(str(loose))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: everyone may add files
+    theirs = shared / "myapp-1.json"
+    theirs.write_text(info)
+    theirs.chmod(0o600)
+    os.chown(theirs, other.pw_uid, other.pw_gid)
+    with pytest.raises(flame.AttachError, match="belongs to another user"):
+        flame.connect(str(theirs))
+    monkeypatch.setenv("FLAMEBOOK_ATTACH_DIR", str(shared))
+    with pytest.raises(flame.AttachError, match="other users' do"):
+        flame.connect("myapp")
+    from flame.keys import write_private
+    ours = shared / "myapp-2.json"
+    write_private(str(ours), info)
+    os.utime(ours, (0, 0))  # older than theirs: picked all the same, being ours
+    conn = flame.connect("myapp")
+    try:
+        assert conn.connection_file == str(ours) and conn.pid == proc.pid
+    finally:
+        conn.close()
+
+
+def test_serve_makes_the_attach_directory_private(tmp_path, monkeypatch):
+    where = tmp_path / "fresh" / "attach"
+    monkeypatch.setenv("FLAMEBOOK_ATTACH_DIR", str(where))
+    proc = serving("import flame, time\nflame.serve(name='private')\nprint('up', flush=True)\ntime.sleep(600)\n", "")
+    try:
+        assert os.stat(where).st_mode & 0o777 == 0o700
+        conn = flame.connect("private")
+        assert conn.pid == proc.pid
+        conn.close()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_serve_never_writes_its_key_through_a_planted_file(tmp_path):
