@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,10 @@ class Fleet:
                "FLAME_PARENT_TIMEOUT": str(pool.parent_timeout), "FLAME_FAILSAFE": str(pool.boot_timeout)}
         if pool._endpoint.curve_public is not None:
             env["FLAME_CURVE_SERVER"] = pool._endpoint.curve_public.decode()  # a public key
-        starts = f"{shm.DIR}/flame-{rid}-starts" if not pool.backend.remote and shm.available() else None
+        # Named with 128 random bits: anyone can list /dev/shm, and a count planted where the
+        # runner would make its own would decide which of its calls run again.
+        starts = (f"{shm.DIR}/flame-{rid}-starts-{os.urandom(16).hex()}"
+                  if not pool.backend.remote and shm.available() else None)
         self.watch.boot(r, r.spec(pool.address, env, pool.max_concurrency, starts, pool._code))
         log.info("flame: booting runner %s", rid)
 

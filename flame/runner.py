@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -260,15 +261,20 @@ class Runner:
 
     def _started_calls(self) -> int | None:
         """How many of the calls sent to it the runner had started, by its start count, or
-        None without one. Read once the process is gone; the file is unlinked then."""
+        None without one. Read once the process is gone; the file is unlinked then. Only a
+        file of this user's that nobody else can write counts (not a symlink): another user's
+        would decide which calls run twice."""
         if self.starts is None:
             return None
         path, self.starts = self.starts, None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
             data = os.pread(fd, 8, 0)
         finally:
             os.close(fd)

@@ -170,12 +170,14 @@ def unlink(name: str) -> None:
 
 
 def sweep(owner: str) -> None:
-    """Unlink every arena of ``owner`` (a runner that died, a parent that is gone)."""
+    """Unlink every arena of ``owner`` (a runner that died, a parent that is gone). What cannot
+    be unlinked (another user's file named like ours, a directory) is passed over: the rest
+    still goes."""
     import glob
     for path in glob.glob(os.path.join(DIR, f"flame-{glob.escape(owner)}-*")):
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except OSError:
             pass
 
 

@@ -268,3 +268,81 @@ def test_garbage_at_a_served_app_is_logged_quietly(tmp_path):
         _, err = proc.communicate()
     lines = [line for line in err.splitlines() if "dropped" in line]
     assert 1 <= len(lines) <= 7, f"{len(lines)} log lines for 5000 bad frames:\n" + "\n".join(lines[:20])
+
+
+def _mark_then_die(path):
+    import os
+    import signal
+    with open(path, "a") as f:
+        f.write("ran\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_start_count_planted_by_another_user_never_makes_a_call_run_twice(make_pool, tmp_path):
+    # Anyone can list /dev/shm. A start count planted where the next runner would make its
+    # own, saying "nothing started", would have the pool run a started call again after the
+    # runner died. The runner's count has a name nobody can guess, and the pool reads only
+    # its own user's file.
+    import pwd
+    import signal
+    import time
+    from conftest import gone
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, to plant a file as another user (`make test` runs as root)",
+                    pytrace=False)
+    other = pwd.getpwnam("nobody")
+    pool = make_pool(max=1)
+    pid = pool.call(os.getpid)
+    first = pool.runners[0]
+    assert first.runner_id.endswith("-r1")
+    planted = f"/dev/shm/flame-{first.runner_id[:-1]}2-starts"  # where the next one's used to be
+    fd = os.open(planted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, (0).to_bytes(8, "little"))
+        os.fchown(fd, other.pw_uid, other.pw_gid)
+        os.close(fd)
+        os.kill(pid, signal.SIGKILL)  # the next call boots the runner the count was planted for
+        assert wait_for_gone(pool, first.runner_id)
+        path = str(tmp_path / "marks")
+        a = pool.submit(time.sleep, 0.3)
+        b = pool.submit(_mark_then_die, path)  # sent ahead (the pool is at max); it starts after a
+        assert a.result(timeout=30) is None
+        with pytest.raises(flame.RunnerDied):
+            b.result(timeout=30)
+        time.sleep(1.0)  # a second run, if any, has had time to write
+        assert open(path).read() == "ran\n", "a call that had started ran again"
+        assert gone(pid)
+    finally:
+        try:
+            os.unlink(planted)
+        except FileNotFoundError:
+            pass
+
+
+def wait_for_gone(pool, runner_id, timeout=20.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(r.runner_id != runner_id for r in pool.runners):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_sweep_goes_on_past_what_it_cannot_unlink():
+    # Another user's file named like ours (or a directory) must not keep our arenas in /dev/shm.
+    from flame import shm
+    owner = f"sweep-{os.urandom(8).hex()}"
+    blocker = os.path.join(shm.DIR, f"flame-{owner}-0")
+    os.mkdir(blocker)
+    arenas = [os.path.join(shm.DIR, f"flame-{owner}-{i}") for i in (1, 2, 3)]
+    try:
+        for path in arenas:
+            open(path, "wb").close()
+        shm.sweep(owner)
+        assert not [p for p in arenas if os.path.exists(p)], "arenas left behind"
+    finally:
+        os.rmdir(blocker)
+        for path in arenas:
+            if os.path.exists(path):
+                os.unlink(path)

@@ -27,7 +27,7 @@ def segments(prefix=""):
 
 
 def arenas(prefix=""):
-    return [p for p in segments(prefix) if not p.endswith("-starts")]
+    return [p for p in segments(prefix) if "-starts" not in p]
 
 
 @pytest.fixture(autouse=True)
