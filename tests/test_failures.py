@@ -216,7 +216,7 @@ def test_boot_timeout_kills_the_runner(make_pool, tmp_path):
 def test_runner_of_another_flamebook_version_is_named_as_such(make_pool, tmp_path):
     import sys
     older = "import flame.wire as w; w.MAGIC = b'FL\\x01'; from flame.node.node import main; main()"
-    python = _fake_python(tmp_path, f'exec {sys.executable} -c "{older}"')
+    python = _fake_python(tmp_path, f'exec {sys.executable} -c "{older}" "$@"')
     pool = make_pool(backend=flame.LocalBackend(python=python), max=1, boot_timeout=3.0)
     with pytest.raises(flame.BootError, match="another version of it") as info:
         pool.call(lambda: 1)

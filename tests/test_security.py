@@ -114,8 +114,11 @@ def test_key_is_never_on_argv_or_in_logs_and_binding_is_loopback(make_pool):
     proc = psutil.Process(pid)
     assert all(key not in arg for arg in proc.cmdline())
     assert pool.address.startswith("tcp://127.0.0.1:")
-    # The runner removes the key from its environment before running user code.
+    # The runner removes the key from its environment before running user code, and it was
+    # never in the environment the process started with (/proc/PID/environ keeps that one).
     assert pool.call(lambda: [k for k in __import__("os").environ if k.startswith("FLAME_KEY")]) == []
+    assert key.encode() not in open(f"/proc/{pid}/environ", "rb").read()
+    assert pool.call(lambda: __import__("pathlib").Path("/proc/self/environ").read_bytes()).find(key.encode()) == -1
     runner = next(iter(pool._runners.values()))
     assert key not in runner.handle.stderr_tail(1000)
 

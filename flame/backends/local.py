@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -183,14 +184,24 @@ class LocalBackend(Backend):
                 raise
             from .forkserver import ForkedHandle
             return ForkedHandle(pid, self._template, out, gpus)
+        # The key goes on the runner's stdin (as over SSH), not in its environment, which
+        # /proc/PID/environ keeps for the process's life. The pipe stays open: its EOF tells
+        # the runner at once that this process is gone.
+        key = env.pop("FLAME_KEY", None)
         try:
-            proc = subprocess.Popen(node_command(self.python, spec), env=env,
-                                    cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(node_command(self.python, spec) + (["--stdin"] if key else []), env=env,
+                                    cwd=self.cwd, stdin=subprocess.PIPE if key else subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         except OSError as exc:
             out.close()
             self._release(gpus)
             raise RuntimeError(f"cannot start {self.python!r}: {exc}") from exc
+        if key:
+            try:
+                proc.stdin.write(json.dumps({"FLAME_KEY": key}).encode() + b"\n")
+                proc.stdin.flush()
+            except OSError:  # it died at once: its exit status and stderr say why
+                pass
         return LocalHandle(proc, out, gpus)
 
     def _release(self, gpus: tuple[str, ...]) -> None:
@@ -213,6 +224,9 @@ class LocalBackend(Backend):
         assert isinstance(handle, LocalHandle)
         if handle.proc.poll() is None:
             handle.proc.kill()
+        if handle.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                handle.proc.stdin.close()
         try:
             handle.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - a process stuck in the kernel

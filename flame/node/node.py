@@ -21,7 +21,10 @@ operates on the socket re-checks ``ZMQ_EVENTS`` afterwards and wakes the main
 thread when a message is waiting.
 
 Configuration comes from the environment (never argv, so the key never shows in
-``ps``): FLAME_ADDRESS, FLAME_RUNNER_ID, FLAME_KEY (hex) or FLAME_KEY_FILE,
+``ps``), and with ``--stdin`` from a JSON line on stdin as well (local runners and SSH: the
+key then never is in the environment the process started with, which /proc/PID/environ
+shows; EOF on stdin later means the parent is gone): FLAME_ADDRESS, FLAME_RUNNER_ID,
+FLAME_KEY (hex) or FLAME_KEY_FILE,
 FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
 FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback),
 FLAME_SHM (shared memory with the parent), FLAME_STARTS (the start count's file),
@@ -50,7 +53,7 @@ from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wi
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .starts import StartCount
-from .terminator import Terminator
+from .terminator import Terminator, alive
 
 log = logging.getLogger("flame.node")
 
@@ -498,7 +501,11 @@ def _watch_stdin() -> None:
                 pass
         except OSError:
             pass
-        exit_now("its connection (stdin) closed")
+        # A local runner's stdin is a pipe from its parent: EOF is usually the parent's death,
+        # and then its shared memory goes with us (over SSH, the connection alone may be gone).
+        parent = os.environ.get("FLAME_PARENT_PID")
+        exit_now("its connection (stdin) closed", os.environ.get("FLAME_RUNNER_ID", ""),
+                 parent_gone=bool(parent) and not alive(int(parent)))
     threading.Thread(target=watch, name="flame-node-stdin", daemon=True).start()
 
 

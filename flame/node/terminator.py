@@ -32,7 +32,7 @@ class Terminator:
 
     def verdict(self) -> str | None:
         now = time.monotonic()
-        if self.parent_pid is not None and os.getppid() != self.parent_pid and not _alive(self.parent_pid):
+        if self.parent_pid is not None and os.getppid() != self.parent_pid and not alive(self.parent_pid):
             return f"parent process {self.parent_pid} is gone"
         if self.last_heard is None:
             if now - self.started > self.failsafe:
@@ -42,7 +42,7 @@ class Terminator:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` still runs. A parent killed while its own parent (a Jupyter server, a
     shell) has not reaped it yet is a zombie: it still answers signal 0, but it is gone."""
     try:
