@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -307,3 +308,26 @@ def test_an_archive_missing_from_the_hosts_cache_is_sent_whole(sshd, remote_host
     assert wait_for(lambda: r.code is None, timeout=10)
     assert pool.call(mymodel.train, 1)[0] == 5, "the next call gets the archive whole, and runs it"
     assert pool.code_bytes_sent > sent
+
+
+def test_a_code_cache_other_users_can_write_is_never_run_from(sshd, remote_host, make_pool):
+    # FLAME_CODE_CACHE on a shared, world-writable directory: another user's tree named like
+    # flame's archive would run as the runner's user, with the pool's key in reach.
+    shared = tempfile.mkdtemp(prefix="flame-shared-cache-")
+    os.chmod(shared, 0o1777)
+    outbox = tempfile.mkdtemp(prefix="flame-planted-")
+    os.chmod(outbox, 0o777)
+    marker = os.path.join(outbox, "ran")
+    entry = os.path.join(shared, flame_archive().digest)
+    write(os.path.join(entry, "flame", "__init__.py"), "")
+    write(os.path.join(entry, "flame", "node", "__init__.py"), "")
+    write(os.path.join(entry, "flame", "node", "__main__.py"), f"open({marker!r}, 'w').write('planted')\n")
+    subprocess.run(["chmod", "-R", "a+rX", entry], check=True)
+    try:
+        pool = make_pool(backend=remote_backend(sshd, remote_host, cache=shared), max=1)
+        with pytest.raises(flame.BootError, match="refusing to run code from it"):
+            pool.call(int)
+        assert not os.path.exists(marker), "the planted code ran"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree(outbox, ignore_errors=True)

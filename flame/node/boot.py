@@ -38,6 +38,35 @@ def cache_root():
     return os.path.join(base, "flamebook", "code")
 
 
+def untrusted(path):
+    """Why directory ``path`` must not be used for code, or None if it may: it must be this
+    user's own (not a symlink) and writable by nobody else, since what is in it runs as this
+    user. A missing one is None (it will be made, 0700)."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return "%s is not a directory" % path
+    if st.st_uid != os.geteuid():
+        return "%s belongs to another user (uid %d)" % (path, st.st_uid)
+    if st.st_mode & 0o022:
+        return "%s can be written by other users (mode %04o)" % (path, stat.S_IMODE(st.st_mode))
+    return None
+
+
+def trusted_root():
+    """``cache_root()``, refused (a PermissionError saying why) if another user owns it or can
+    write it: on a shared directory, another user's tree named like an archive would run."""
+    root = cache_root()
+    why = untrusted(root)
+    if why is not None:
+        raise PermissionError("the code cache %s: refusing to run code from it; set "
+                              "FLAME_CODE_CACHE to a directory of your own" % why)
+    return root
+
+
 def request_mac(key, ident, digest):
     """The HMAC that proves a code request comes from a holder of the pool's key."""
     import hmac
@@ -60,6 +89,10 @@ def install(root, digest, data, check=None):
         raise ValueError("code archive %s arrived corrupted" % digest[:12])
     os.makedirs(root, mode=0o700, exist_ok=True)
     path = os.path.join(root, digest)
+    for where in (root, path):
+        why = untrusted(where)
+        if why is not None:
+            raise PermissionError("code cache entry: %s: refusing to run code from it" % why)
     if os.path.isdir(path):
         return path
     tmp = tempfile.mkdtemp(prefix=".unpack-", dir=root)
@@ -194,8 +227,15 @@ def main():
     settings = dict(os.environ)
     boot = json.loads(settings["FLAME_BOOT"])
     _check(boot)
-    root = cache_root()
-    wanted = [d for d in (boot["flame"], boot.get("code")) if d]
+    try:
+        root = trusted_root()
+        wanted = [d for d in (boot["flame"], boot.get("code")) if d]
+        for d in wanted:
+            why = untrusted(os.path.join(root, d))
+            if why is not None:
+                raise PermissionError("code cache entry: %s: refusing to run code from it" % why)
+    except PermissionError as exc:
+        _unfit(str(exc))
     missing = [d for d in wanted if not os.path.isdir(os.path.join(root, d))]
     if missing:
         _fetch(settings, missing, boot["checks"], root, start + float(settings.get("FLAME_FAILSAFE", "60")))

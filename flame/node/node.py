@@ -309,13 +309,13 @@ class RunnerNode:
         ``sys.path`` in place of the previous one, and drop every module imported from that
         one: the next call imports the new code."""
         from . import boot
-        root = boot.cache_root()
-        path = os.path.join(root, digest)
         try:
+            root = boot.trusted_root()
+            path = os.path.join(root, digest)
             if data is not None:
                 boot.install(root, digest, data)
-            elif not os.path.isdir(path):
-                self.post("code-missing", {"h": digest})
+            elif not os.path.isdir(path) or boot.untrusted(path) is not None:
+                self.post(Kind.CODE_MISSING, {"h": digest})
                 return
         except Exception as exc:
             log.warning("flame runner %s: cannot take in code archive %s: %s", self.id, digest[:12], exc)
