@@ -8,6 +8,7 @@ runner's going means for its calls is the pool's to decide (``Pool._drop_runner`
 """
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import logging
@@ -50,7 +51,9 @@ class Fleet:
     def boot(self) -> None:
         """Boot one more runner, on a helper thread."""
         pool = self._pool
-        rid = f"{self._prefix}{next(self._ids)}"
+        # 128 random bits of its own: runner ids are seen by other users (/dev/shm names, Slurm
+        # job names), and an id someone else's socket took first is a runner that cannot connect.
+        rid = f"{self._prefix}{next(self._ids)}-{base64.b32encode(os.urandom(16)).decode().rstrip('=').lower()}"
         r = self.runners[rid] = Runner(rid, time.monotonic() + pool.boot_timeout,
                                        functools.partial(pool._endpoint.send, rid))
         env = {"FLAME_ADDRESS": pool.address, "FLAME_KEY": pool._key.hex(),

@@ -297,8 +297,8 @@ def test_a_start_count_planted_by_another_user_never_makes_a_call_run_twice(make
     pool = make_pool(max=1)
     pid = pool.call(os.getpid)
     first = pool.runners[0]
-    assert first.runner_id.endswith("-r1")
-    planted = f"/dev/shm/flame-{first.runner_id[:-1]}2-starts"  # where the next one's used to be
+    prefix = first.runner_id[:first.runner_id.rfind("-r") + 2]
+    planted = f"/dev/shm/flame-{prefix}2-starts"  # where the next one's used to be
     fd = os.open(planted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, (0).to_bytes(8, "little"))
@@ -349,3 +349,46 @@ def test_the_sweep_goes_on_past_what_it_cannot_unlink():
         for path in arenas:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+SQUATTER = """
+import sys, time, zmq
+ctx = zmq.Context()
+socks = []
+for n in range(2, 7):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.ROUTING_ID, (sys.argv[2] + str(n)).encode())
+    s.connect(sys.argv[1])
+    socks.append(s)
+time.sleep(1.0)
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def test_another_user_cannot_squat_the_next_runner_ids(make_pool, remote_host):
+    # Runner ids are seen by other users (in /dev/shm, in squeue). Another user's sockets
+    # connected under the ids the next runners would take must not keep them from booting.
+    import signal
+    import subprocess
+    from conftest import gone
+    from services import REMOTE_USER
+    import pwd
+    uid = pwd.getpwnam(REMOTE_USER).pw_uid
+    pool = make_pool(max=1, boot_timeout=10)
+    pid = pool.call(os.getpid)
+    first = pool.runners[0].runner_id
+    prefix = first[:first.rfind("-r") + 2]
+    attacker = subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "env", "-i", "HOME=/tmp",
+         "PATH=/usr/bin:/bin", remote_host.venv("bare"), "-c", SQUATTER, pool.address, prefix],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "up"
+        os.kill(pid, signal.SIGKILL)  # the next call boots the next runner
+        assert wait_for_gone(pool, first)
+        assert pool.call(os.getpid) != pid
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert gone(pid)
