@@ -229,3 +229,21 @@ def remote_host(sshd):
     host = RemoteHost()
     yield host
     host.stop()
+
+
+#: A cell binding ``evil`` to an object whose every hook raises (completion and inspection tests).
+EVIL = """
+class Evil:
+    def __dir__(self): raise RuntimeError('no dir')
+    def __getattr__(self, name): raise SystemExit('no ' + name)
+    def __repr__(self): raise RuntimeError('no repr')
+    @property
+    def __doc__(self): raise RuntimeError('no doc')
+evil = Evil()
+"""
+
+
+def slow_repr(seconds: float) -> str:
+    """A cell that binds ``x`` to an object whose repr takes ``seconds``."""
+    return ("import time\nclass Slow:\n    def __repr__(self):\n"
+            f"        time.sleep({seconds})\n        return 'slow'\nx = Slow()\n")

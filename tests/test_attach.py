@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import flame
-from conftest import ROOT
+from conftest import EVIL, ROOT, slow_repr
 from kernel_util import collect, execute, kernel_session, of_type, press_stop, start, streams
 
 APP = os.path.join(ROOT, "notebooks", "inventory_app.py")
@@ -366,24 +366,28 @@ def test_attached_cells_have_out_n_history_and_user_expressions(app, kernel):
     assert "len(inventory.items)" in text_of(msgs, cell)
 
 
+@contextlib.contextmanager
+def attached(tmp_path, setup: str):
+    """An app that runs ``setup``, then serves; yields (its process, a connection to it)."""
+    path = str(tmp_path / "app.json")
+    proc = serving("import flame, sys, time\n" + setup + "flame.serve(connection_file=sys.argv[1])\n"
+                   "print('up', flush=True)\ntime.sleep(600)\n", path)
+    app = None
+    try:
+        app = flame.connect(path)
+        yield proc, app
+    finally:
+        if app is not None:
+            app.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_an_object_that_breaks_completion_costs_the_served_app_nothing(tmp_path):
     # Completion and inspection run the app's objects' code (__getattr__, __dir__) on the
     # app's I/O thread; whatever that code raises, SystemExit included, must come back as a
     # reply, and the app must go on serving.
-    path = str(tmp_path / "evil.json")
-    code = ("import flame, sys, time\n"
-            "class Evil:\n"
-            "    def __dir__(self): raise RuntimeError('no dir')\n"
-            "    def __getattr__(self, name): raise SystemExit('no ' + name)\n"
-            "    def __repr__(self): raise RuntimeError('no repr')\n"
-            "    @property\n"
-            "    def __doc__(self): raise RuntimeError('no doc')\n"
-            "evil = Evil()\n"
-            "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
-    proc = serving(code, path)
-    app = None
-    try:
-        app = flame.connect(path)
+    with attached(tmp_path, EVIL) as (proc, app):
         for text in ("evil.d", "evil.", "evil.x.y", "evil"):
             reply = app.complete(text)
             assert reply["status"] in ("ok", "error"), reply
@@ -391,35 +395,14 @@ def test_an_object_that_breaks_completion_costs_the_served_app_nothing(tmp_path)
             assert reply["status"] in ("ok", "error"), reply
         assert app.call(lambda: 7) == 7
         assert "time" in app.complete("tim")["matches"]
-    finally:
-        if app is not None:
-            app.close()
-        proc.kill()
-        proc.wait()
 
 
 def test_a_slow_inspection_in_a_served_app_is_only_slow(tmp_path):
     # Longer than a client waits for the app's heartbeats (APP_TIMEOUT): answered off the
     # app's I/O thread, so the heartbeats go on and the client stays attached.
-    path = str(tmp_path / "slow.json")
-    code = ("import flame, sys, time\n"
-            "class Slow:\n"
-            "    def __repr__(self):\n"
-            "        time.sleep(7)\n"
-            "        return 'slow'\n"
-            "x = Slow()\n"
-            "flame.serve(connection_file=sys.argv[1])\nprint('up', flush=True)\ntime.sleep(600)\n")
-    proc = serving(code, path)
-    app = None
-    try:
-        app = flame.connect(path)
+    with attached(tmp_path, slow_repr(7)) as (proc, app):
         assert "slow" in app.inspect("x")["data"]["text/plain"]
         assert app.call(lambda: 7) == 7
-    finally:
-        if app is not None:
-            app.close()
-        proc.kill()
-        proc.wait()
 
 
 def test_cancels_in_a_served_app_hit_their_cell_or_nothing(tmp_path):

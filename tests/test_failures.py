@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import flame
-from conftest import gone, wait_for
+from conftest import EVIL, gone, slow_repr, wait_for
 
 
 class Boom(Exception):
@@ -571,38 +571,17 @@ def test_killing_runners_fails_only_the_calls_that_had_started(make_pool, tmp_pa
     assert len(unstarted) <= kills * concurrency, f"{len(unstarted)} calls failed for {kills} kills without running"
 
 
-SLOW_REPR = """
-import time
-class Slow:
-    def __repr__(self):
-        time.sleep(60)
-        return "slow"
-x = Slow()
-"""
-
-
 def test_an_inspection_pending_on_a_runner_that_dies_raises_runner_died(make_pool):
     # Not its timeout: the runner that owes the answer is gone, so the request fails at once.
     import signal
     pool = make_pool(max=1)
-    pool.call(flame.run_cell, SLOW_REPR, {})
+    pool.call(flame.run_cell, slow_repr(60), {})
     pid = pool.runners[0].pid
     threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
     t0 = time.monotonic()
     with pytest.raises(flame.RunnerDied):
         pool.inspect("x", timeout=40)
     assert time.monotonic() - t0 < 30, "the request waited out its timeout"
-
-
-EVIL = """
-class Evil:
-    def __dir__(self): raise RuntimeError('no dir')
-    def __getattr__(self, name): raise SystemExit('no ' + name)
-    def __repr__(self): raise RuntimeError('no repr')
-    @property
-    def __doc__(self): raise RuntimeError('no doc')
-evil = Evil()
-"""
 
 
 def test_an_object_that_breaks_completion_costs_the_runner_nothing(make_pool):
@@ -615,21 +594,11 @@ def test_an_object_that_breaks_completion_costs_the_runner_nothing(make_pool):
     assert pool.call(os.getpid) == pid
 
 
-SLOWISH_REPR = """
-import time
-class Slow:
-    def __repr__(self):
-        time.sleep(4)
-        return "slow"
-x = Slow()
-"""
-
-
 def test_a_slow_inspection_is_only_slow(make_pool):
     # Answered off the thread that hears the parent: heartbeats keep coming meanwhile, and
     # a runner that waits 2 s at most for them lives on.
     pool = make_pool(max=1, parent_timeout=2)
-    pool.call(flame.run_cell, SLOWISH_REPR, {})
+    pool.call(flame.run_cell, slow_repr(4), {})
     pid = pool.call(os.getpid)
     reply = pool.inspect("x", timeout=30)
     assert "slow" in reply["data"]["text/plain"]
