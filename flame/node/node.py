@@ -503,9 +503,17 @@ def _watch_stdin() -> None:
             pass
         # A local runner's stdin is a pipe from its parent: EOF is usually the parent's death,
         # and then its shared memory goes with us (over SSH, the connection alone may be gone).
+        # The pipe closes while the parent exits, before it is a zombie: give it a moment to be
+        # gone for certain, or a parent that is merely closing keeps its memory.
         parent = os.environ.get("FLAME_PARENT_PID")
-        exit_now("its connection (stdin) closed", os.environ.get("FLAME_RUNNER_ID", ""),
-                 parent_gone=bool(parent) and not alive(int(parent)))
+        gone = False
+        if parent:
+            until = time.monotonic() + 1.0
+            while not gone and time.monotonic() < until:
+                gone = not alive(int(parent))
+                if not gone:
+                    time.sleep(0.01)
+        exit_now("its connection (stdin) closed", os.environ.get("FLAME_RUNNER_ID", ""), parent_gone=gone)
     threading.Thread(target=watch, name="flame-node-stdin", daemon=True).start()
 
 
