@@ -8,7 +8,6 @@ runner's going means for its calls is the pool's to decide (``Pool._drop_runner`
 """
 from __future__ import annotations
 
-import base64
 import functools
 import itertools
 import logging
@@ -53,7 +52,7 @@ class Fleet:
         pool = self._pool
         # 128 random bits of its own: runner ids are seen by other users (/dev/shm names, Slurm
         # job names), and an id someone else's socket took first is a runner that cannot connect.
-        rid = f"{self._prefix}{next(self._ids)}-{base64.b32encode(os.urandom(16)).decode().rstrip('=').lower()}"
+        rid = f"{self._prefix}{next(self._ids)}-{os.urandom(16).hex()}"  # hex: no "-r" in it (shm.pool_owner)
         r = self.runners[rid] = Runner(rid, time.monotonic() + pool.boot_timeout,
                                        functools.partial(pool._endpoint.send, rid))
         env = {"FLAME_ADDRESS": pool.address, "FLAME_KEY": pool._key.hex(),

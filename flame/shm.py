@@ -44,7 +44,7 @@ _ALIGN = 64
 
 def pool_owner(runner_id: str) -> str:
     """The owner name of the pool's arena, from any of its runner ids
-    (``<pool>-<random>-r<N>-<random>``, no "-r" in the last part) or the ids' prefix
+    (``<pool>-<random>-r<N>-<hex>``: hex has no "-r") or the ids' prefix
     (``<pool>-<random>-r``): ``<pool>-<random>-p``."""
     return runner_id[:runner_id.rfind("-r")] + "-p"
 
