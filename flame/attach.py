@@ -15,6 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin 
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import serialize
 from .call import make_sink
@@ -152,12 +153,16 @@ class AppConnection:
             raise AttachError(f"cannot use connection file {path}: {exc}") from exc
         self.connection_file = path
         self.me = f"client-{os.urandom(6).hex()}"
-        self._wire = Wire(key, self.me)
+        self._wire = Wire(key, self.me, cut=True)  # a served app listens with CurveZMQ
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, self.me.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
-        curve_client(self._sock, info.get("curve_server_key"))
+        curve_client(self._sock, info.get("curve_server_key"), key)
+        # A wrong key is refused in the CurveZMQ handshake, before any frame: the monitor is
+        # how this side learns it, so the error can say "wrong key" rather than "no answer".
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(self.address)
         self._lock = threading.Lock()
         self._requests = Replies()
@@ -264,6 +269,8 @@ class AppConnection:
                         batch.append(self._sock.recv_multipart(copy=False))
                 for parts in batch:
                     self._handle(parts)
+                if self._monitor is not None:
+                    self._watch_handshake()
                 if not batch:
                     zmq.select([self._sock.getsockopt(zmq.FD)], [], [], 0.05)
                 now = time.monotonic()
@@ -288,9 +295,28 @@ class AppConnection:
         finally:
             with self._lock:
                 self._closed = True
+                self._stop_watching()
                 self._sock.close()
             self._ctx.term()
             self._fail_all(AppGone("detached from the app"))
+
+    def _watch_handshake(self) -> None:
+        """Until the first handshake succeeds, note an authentication refusal (io thread only)."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = True
+                self._fail_all(AttachError("refused"))
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                with self._lock:
+                    self._stop_watching()
+                return
+
+    def _stop_watching(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def _is_local(self) -> bool:
         return self.address.startswith(("tcp://127.", "tcp://localhost", "ipc://"))

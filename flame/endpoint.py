@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import select
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -27,7 +29,7 @@ from typing import Any, Callable
 import zmq
 
 from .node.boot import BOOT
-from .wire import WakePipe, Wire, curve_client, listener, pending, recv_ready, send_parts
+from .wire import WakePipe, Wire, curve_client, is_loopback, listener, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -42,6 +44,13 @@ POKE = b"\x00poke"
 Handler = Callable[[str, dict, list], None]
 #: serve(peer, digest): the code archive named ``digest`` for a booting runner, or None.
 Server = Callable[[str, str], "bytes | None"]
+
+
+def private_dir() -> str:
+    """A new directory only this user can enter (mode 0700, a random name), for the pool's
+    ``ipc://`` socket: short enough for a socket path (at most 107 bytes) wherever TMPDIR is."""
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="flame-ipc-", dir=base if len(base) < 60 else "/tmp")
 
 
 class Endpoint:
@@ -61,8 +70,17 @@ class Endpoint:
         self._serve = serve
         self._after = after or (lambda: None)
         self._ctx = zmq.Context()
-        self._sock, self.curve_public = listener(self._ctx, bind_host)
-        self._sock.bind(f"tcp://{bind_host}:0")
+        # Only this user can reach a socket in a private directory; off loopback, the
+        # handshake proves the key (see wire.listener). Either way, no stranger's frame reaches
+        # memory, where the HMAC would be checked only after it had been read whole.
+        curve = not is_loopback(bind_host)
+        self._sock, self.curve_public, self._gate = listener(self._ctx, key, curve)
+        self._dir: str | None = None
+        if curve:
+            self._sock.bind(f"tcp://{bind_host}:0")
+        else:
+            self._dir = private_dir()
+            self._sock.bind(f"ipc://{self._dir}/pool")
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock_fd = self._sock.getsockopt(zmq.FD)
         self._sock.setsockopt(zmq.RCVTIMEO, RECV_SLICE_MS)  # bounds a blocking receive (see wait)
@@ -77,7 +95,7 @@ class Endpoint:
         self._poke = self._ctx.socket(zmq.DEALER)
         self._poke.setsockopt(zmq.ROUTING_ID, POKE)
         self._poke.setsockopt(zmq.LINGER, 0)
-        curve_client(self._poke, self.curve_public)
+        curve_client(self._poke, self.curve_public, key)
         self._poke.connect(inproc)
         self._poke_lock = threading.Lock()
         # A caller receiving in wait() polls the socket and its own wake-up pipe: another
@@ -340,7 +358,11 @@ class Endpoint:
                 self._sock_lock.release()
             with self._poke_lock:
                 self._poke.close(linger=0)
+            if self._gate is not None:
+                self._gate.stop()
             self._ctx.term()
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
             self._wakeup.close()
             self._lead.close()
 

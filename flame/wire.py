@@ -25,6 +25,12 @@ import time
 from typing import Any, Iterable, Sequence
 
 from .keys import KEY_BYTES
+from .node.boot import curve_client_keys
+from .pieces import FRAME_MAX, MAGIC_PIECES, cut, join
+
+#: What CurveZMQ adds to a frame on the wire (a MESSAGE command: name, nonce, box MAC, flags;
+#: 33 bytes), which is what MAXMSGSIZE limits; rounded up.
+CURVE_OVERHEAD = 256
 
 log = logging.getLogger("flame.wire")
 
@@ -221,30 +227,65 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
-def listener(ctx: Any, host: str) -> tuple[Any, bytes | None]:
-    """A ROUTER for peers to connect to, and its CurveZMQ public key when ``host`` is not loopback.
+def listener(ctx: Any, key: bytes, curve: bool) -> tuple[Any, bytes | None, Any]:
+    """A ROUTER for peers to connect to; with ``curve``, its CurveZMQ public key and the ZAP
+    handler that admits only peers holding ``key`` (else None, None).
 
-    Off loopback the HMAC still authenticates every frame; CURVE encrypts them as well.
+    The HMAC authenticates every frame, but only after ZeroMQ has read the whole frame into
+    memory: a listener anyone can reach must refuse strangers in the handshake. CURVE with ZAP
+    does (a peer's key pair is derived from ``key``: :func:`~flame.node.boot.curve_client_keys`),
+    and encrypts as well; and a stranger's frames are limited to FRAME_MAX. Where only this
+    user can reach the socket (``ipc://`` in a private directory) neither is needed.
     """
     import zmq
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
-    public = None
-    if not is_loopback(host):
-        public, secret = zmq.curve_keypair()
-        sock.curve_secretkey = secret
-        sock.curve_server = True
-    return sock, public
+    if not curve:
+        return sock, None, None
+    # A stranger's frame is read whole before the handshake refuses it: ZeroMQ hangs up at a
+    # larger one (see pieces), and peers that hold the key cut theirs (Wire's ``cut``).
+    sock.setsockopt(zmq.MAXMSGSIZE, FRAME_MAX + CURVE_OVERHEAD)
+    from zmq.auth.thread import ThreadAuthenticator
+    allowed = curve_client_keys(key)[0]
+    # Started before the socket binds: a handshake with no ZAP handler to ask passes.
+    gate = ThreadAuthenticator(ctx, log=logging.getLogger("flame.zap"))
+    gate.start()
+    gate.configure_curve_callback("*", _Allow(allowed))
+    public, secret = zmq.curve_keypair()
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+    return sock, public, gate
 
 
-def curve_client(sock: Any, server_key: str | bytes | None) -> None:
-    """Make ``sock`` a CurveZMQ client of the listener whose public key is ``server_key`` (if any)."""
+class _Allow:
+    """ZAP's answer: only the one public key of the pool's peers."""
+
+    def __init__(self, public: bytes) -> None:
+        self.public = public
+        self.refused = 0
+        self._logged = 0.0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if hmac.compare_digest(key, self.public):
+            return True
+        # Logged quietly, like dropped messages: whoever can reach the socket can knock.
+        self.refused += 1
+        now = time.monotonic()
+        if self.refused <= LOG_FIRST or now - self._logged >= LOG_EVERY:
+            self._logged = now
+            log.warning("flame: refused a peer without the pool's key in the CurveZMQ handshake; "
+                        "%d refused so far", self.refused)
+        return False
+
+
+def curve_client(sock: Any, server_key: str | bytes | None, key: bytes) -> None:
+    """Make ``sock`` a CurveZMQ client, holding ``key``, of the listener whose public key is
+    ``server_key`` (if any)."""
     if not server_key:
         return
-    import zmq
-    public, secret = zmq.curve_keypair()
+    public, secret = curve_client_keys(key)
     sock.curve_serverkey = server_key.encode() if isinstance(server_key, str) else server_key
     sock.curve_publickey = public
     sock.curve_secretkey = secret
@@ -294,7 +335,7 @@ class Wire:
     reach the peer in order) and calls :meth:`decode` from one thread.
     """
 
-    def __init__(self, key: bytes, me: str) -> None:
+    def __init__(self, key: bytes, me: str, cut: bool = False) -> None:
         if not isinstance(key, bytes) or len(key) < KEY_BYTES:
             raise ValueError(f"wire key must be at least {KEY_BYTES} random bytes")
         # Keyed once; each message copies the keyed state instead of setting up a new HMAC
@@ -304,6 +345,9 @@ class Wire:
         keyed = hmac.new(key, digestmod="sha256")
         self._hmac = getattr(keyed, "_hmac", None) or keyed
         self.me = me
+        #: whether what it sends goes to a listener that takes no frame over FRAME_MAX (one
+        #: that others can reach: see :func:`listener`); a larger one is cut into pieces
+        self.cut = cut
         self._seq = 0
         self._last: dict[str, int] = {}
         self.dropped = 0
@@ -340,13 +384,15 @@ class Wire:
         mac = self._hmac.copy()
         mac.update(signed)
         if k == len(frames):
-            return [MAGIC + mac.digest() + signed]
+            first = MAGIC + mac.digest() + signed
+            return cut([first]) if self.cut and len(first) > FRAME_MAX else [first]
         oob = frames[k:]
         fast = to in self.fast_peers
         if digest is None or digest[0] != fast:
             digest = (fast, frames_digest(oob, fast))
         mac.update(digest[1])
-        return [(MAGIC_FAST if fast else MAGIC) + mac.digest() + signed, *oob]
+        msg = [(MAGIC_FAST if fast else MAGIC) + mac.digest() + signed, *oob]
+        return cut(msg) if self.cut else msg
 
     def _mac(self, *data: Any) -> bytes:
         mac = self._hmac.copy()
@@ -366,6 +412,13 @@ class Wire:
         first = memoryview(parts[0])
         magic = first[:3]
         fast = magic != MAGIC  # one comparison for the common case
+        if fast and magic == MAGIC_PIECES:
+            parts = join(parts)
+            if parts is None or memoryview(parts[0])[:3] == MAGIC_PIECES:
+                return self._drop("malformed map of pieces", peer)
+            first = memoryview(parts[0])
+            magic = first[:3]
+            fast = magic != MAGIC
         if fast and magic != MAGIC_FAST:
             return self._drop("not flamebook's wire format, or another version of it: is the same "
                               "flamebook installed on both sides?", peer)

@@ -113,7 +113,10 @@ def test_key_is_never_on_argv_or_in_logs_and_binding_is_loopback(make_pool):
     key = pool._key.hex()
     proc = psutil.Process(pid)
     assert all(key not in arg for arg in proc.cmdline())
-    assert pool.address.startswith("tcp://127.0.0.1:")
+    # Loopback pools listen on a Unix socket in a directory that only this user can enter.
+    assert pool.address.startswith("ipc://")
+    where = os.path.dirname(pool.address.removeprefix("ipc://"))
+    assert os.stat(where).st_uid == os.getuid() and os.stat(where).st_mode & 0o777 == 0o700
     # The runner removes the key from its environment before running user code, and it was
     # never in the environment the process started with (/proc/PID/environ keeps that one).
     assert pool.call(lambda: [k for k in __import__("os").environ if k.startswith("FLAME_KEY")]) == []
@@ -134,6 +137,27 @@ class _OffLoopback(flame.LocalBackend):
 
     def connect_address(self, bound):
         return "tcp://127.0.0.1:" + bound.rsplit(":", 1)[1]
+
+
+def test_large_values_cross_a_curve_listener_in_pieces(make_pool, tmp_path):
+    # Its MAXMSGSIZE would hang up at a whole 5 MiB frame: values and output that large reach
+    # the pool and a served app in pieces, and arrive whole.
+    import numpy as np
+    from test_attach import serving
+    pool = make_pool(backend=_OffLoopback(shared_memory=False), max=1)
+    big = np.arange(5 << 18, dtype=np.int32)  # 5 MiB
+    assert (pool.submit(lambda a: a + 1, big).result(timeout=60) == big + 1).all()
+    assert len(pool.submit(lambda: "x" * (3 << 20)).result(timeout=60)) == 3 << 20
+    path = str(tmp_path / "app.json")
+    proc = serving("import flame, sys, time\nflame.serve(connection_file=sys.argv[1])\n"
+                   "print('up', flush=True)\ntime.sleep(600)\n", path)
+    try:
+        app = flame.connect(path)
+        assert (app.call(lambda a: a * 2, big) == big * 2).all()
+        app.close()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_off_loopback_pools_encrypt_with_curve(make_pool):
@@ -185,6 +209,48 @@ def test_wire_checks_every_byte_and_frame_before_loading_anything():
     assert head["id"] == "c1" and [bytes(f) for f in got] == frames
     assert receiver.decode(msg) is None  # replayed
     assert receiver.dropped == len(first) + 4
+
+
+def test_frames_larger_than_a_listener_takes_travel_as_pieces(tmp_path):
+    """A listener others can reach hangs up at a frame over FRAME_MAX (its MAXMSGSIZE): a
+    larger frame, or a header that makes the first frame larger, travels in pieces from a
+    peer holding the key, and arrives whole."""
+    from flame.pieces import FRAME_MAX
+    from flame.wire import curve_client, listener
+    key = os.urandom(32)
+    sender, receiver = Wire(key, "a", cut=True), Wire(key, "b")
+    ctx = zmq.Context()
+    router, public, gate = listener(ctx, key, curve=True)
+    router.bind("tcp://127.0.0.1:0")
+    dealers = []
+    for _ in range(2):
+        dealers.append(ctx.socket(zmq.DEALER))
+        dealers[-1].setsockopt(zmq.LINGER, 0)
+        curve_client(dealers[-1], public, key)
+        dealers[-1].connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
+    oversized, dealer = dealers
+    try:
+        oversized.send(bytes(2 * FRAME_MAX))  # one frame too large: the listener never reads it
+        assert not router.poll(1000)
+        big, text = os.urandom(3 * FRAME_MAX + 5), "t" * (FRAME_MAX + 7)
+        msg = sender.encode("call", "b", {"id": "c1", "text": text}, [b"small", big])
+        assert len(msg) > 3 and all(memoryview(p).nbytes <= FRAME_MAX for p in msg)
+        dealer.send_multipart(msg, copy=False)
+        assert router.poll(10_000)
+        parts = router.recv_multipart(copy=False)[1:]
+        head, got = receiver.decode(parts)
+        assert head["text"] == text and bytes(got[0]) == b"small" and bytes(got[1]) == big
+        # A map that does not fit its pieces, or joins them otherwise, is dropped.
+        parts = [bytes(p) for p in sender.encode("call", "b", {"id": "c2"}, [big])]
+        assert receiver.decode([parts[0]] + parts[2:]) is None
+        assert receiver.decode(parts[:1] + parts[2:] + parts[1:2]) is None
+        assert receiver.decode(parts) is not None
+    finally:
+        for d in dealers:
+            d.close()
+        router.close()
+        gate.stop()
+        ctx.term()
 
 
 def test_key_files_are_created_new_and_private(tmp_path):
@@ -241,7 +307,10 @@ def test_garbage_at_a_pool_is_logged_quietly(make_pool, caplog):
     ctx.term()
 
 
-def test_garbage_at_a_served_app_is_logged_quietly(tmp_path):
+def test_strangers_at_a_served_app_are_refused_and_logged_quietly(tmp_path):
+    # An app's socket is on loopback, where every local user can connect: peers without the
+    # key are refused in the CurveZMQ handshake, each refusal counted, the log kept short.
+    import json
     import subprocess
     import sys
     import time
@@ -253,24 +322,30 @@ def test_garbage_at_a_served_app_is_logged_quietly(tmp_path):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         assert proc.stdout.readline().strip() == "up"
-        import json
+        info = json.load(open(path))
         ctx = zmq.Context()
-        rogue = ctx.socket(zmq.DEALER)
-        rogue.setsockopt(zmq.LINGER, 0)
-        rogue.connect(json.load(open(path))["address"])
-        for i in range(5000):
-            rogue.send_multipart([b"garbage %d" % i])
+        rogues = []
+        for i in range(40):
+            rogue = ctx.socket(zmq.DEALER)
+            rogue.setsockopt(zmq.LINGER, 0)
+            public, secret = zmq.curve_keypair()
+            rogue.curve_serverkey, rogue.curve_publickey, rogue.curve_secretkey = (
+                info["curve_server_key"].encode(), public, secret)
+            rogue.connect(info["address"])
+            rogue.send_multipart([b"garbage %d" % i], zmq.NOBLOCK)
+            rogues.append(rogue)
         time.sleep(3)
         app = flame.connect(path)  # still serving
         assert app.call(lambda: 7) == 7
         app.close()
-        rogue.close()
+        for rogue in rogues:
+            rogue.close()
         ctx.term()
     finally:
         proc.kill()
         _, err = proc.communicate()
-    lines = [line for line in err.splitlines() if "dropped" in line]
-    assert 1 <= len(lines) <= 7, f"{len(lines)} log lines for 5000 bad frames:\n" + "\n".join(lines[:20])
+    lines = [line for line in err.splitlines() if "refused a peer" in line]
+    assert 1 <= len(lines) <= 7, f"{len(lines)} log lines for 40 strangers:\n" + "\n".join(lines[:20])
 
 
 def _mark_then_die(path):
@@ -392,3 +467,125 @@ def test_another_user_cannot_squat_the_next_runner_ids(make_pool, remote_host):
         attacker.kill()
         attacker.wait()
     assert gone(pid)
+
+
+FLOODER = r"""
+import errno, socket, sys, time, zmq
+address, server_key = sys.argv[1], sys.argv[2]
+if address.startswith("ipc://"):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(address[len("ipc://"):])
+        print("connected", flush=True)
+    except OSError as exc:
+        print(errno.errorcode[exc.errno], flush=True)
+else:
+    # A ZMTP 3.0 greeting for CURVE, then a handshake command declaring 1 GiB: ZeroMQ would
+    # read it into memory before the handshake could refuse it, but for MAXMSGSIZE.
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\0") + bytes(32))
+    s.settimeout(10)
+    s.recv(64)
+    try:
+        s.sendall(b"\x06" + (1 << 30).to_bytes(8, "big"))
+        for _ in range(256):
+            s.sendall(bytes(1 << 20))
+        print("tcp kept", flush=True)
+    except OSError:
+        print("tcp closed", flush=True)
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.ROUTING_ID, sys.argv[3].encode())
+if server_key != "-":
+    public, secret = zmq.curve_keypair()
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key.encode(), public, secret
+sock.connect(address)
+frame = bytes(256 << 20)
+sock.setsockopt(zmq.SNDTIMEO, 3000)
+for _ in range(2):
+    try:
+        sock.send_multipart([frame])
+    except zmq.Again:  # no pipe: the CurveZMQ handshake was refused
+        pass
+time.sleep(3)
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def _as_other_user(remote_host, script, *args):
+    """``script`` run as REMOTE_USER (another local user, with none of our files), from the
+    pyzmq-only venv; its stdout is a pipe."""
+    import pwd
+    import subprocess
+    from services import REMOTE_USER
+    uid = pwd.getpwnam(REMOTE_USER).pw_uid
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "env", "-i", "HOME=/tmp",
+         "PATH=/usr/bin:/bin", remote_host.venv("bare"), "-c", script, *args],
+        stdout=subprocess.PIPE, text=True)
+
+
+def _flooded(remote_host, address, server_key, pid, ident="x"):
+    """How many bytes the process ``pid`` grew by at most while another user attacked
+    ``address`` (FLOODER), and what the attacker's first connection met."""
+    import threading
+    import time
+    victim = psutil.Process(pid)
+    before = victim.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample():  # memory read in and freed again within the attack counts too
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], victim.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    attacker = _as_other_user(remote_host, FLOODER, address, server_key or "-", ident)
+    try:
+        met = attacker.stdout.readline().strip()
+        assert attacker.stdout.readline().strip() == "sent"
+        time.sleep(1)
+        return peak[0] - before, met
+    finally:
+        done.set()
+        sampler.join()
+        attacker.kill()
+        attacker.wait()
+
+
+@pytest.mark.parametrize("where", ["loopback", "off loopback"])
+def test_another_user_cannot_put_frames_into_a_pools_memory(make_pool, remote_host, where):
+    # The HMAC is checked only once ZeroMQ has read a whole frame: another user must not reach
+    # the pool's socket at all (loopback: a Unix socket in a 0700 directory), or must be
+    # refused in the handshake (off loopback: CurveZMQ, ZAP admits only the pool's key).
+    pool = make_pool(max=1, **({"backend": _OffLoopback()} if where == "off loopback" else {}))
+    pid = pool.call(os.getpid)
+    nxt = pool.runners[0].runner_id[:-4] + "0000"  # an id squatted, were the handshake to pass
+    grew, met = _flooded(remote_host, pool.address, pool._endpoint.curve_public and
+                         pool._endpoint.curve_public.decode(), os.getpid(), nxt)
+    assert grew < 128 << 20, f"the pool grew by {grew >> 20} MiB"
+    assert met == ("EACCES" if where == "loopback" else "tcp closed")
+    assert pool.call(os.getpid) == pid
+
+
+def test_another_user_cannot_put_frames_into_a_served_apps_memory(tmp_path, remote_host):
+    import json
+    from test_attach import serving
+    path = str(tmp_path / "app.json")
+    proc = serving("import flame, sys, time\nflame.serve(connection_file=sys.argv[1])\n"
+                   "print('up', flush=True)\ntime.sleep(600)\n", path)
+    try:
+        info = json.load(open(path))
+        grew, met = _flooded(remote_host, info["address"], info["curve_server_key"], proc.pid)
+        assert grew < 128 << 20, f"the app grew by {grew >> 20} MiB"
+        assert met == "tcp closed"
+        app = flame.connect(path)
+        assert app.call(lambda: 7) == 7
+        app.close()
+    finally:
+        proc.kill()
+        proc.wait()

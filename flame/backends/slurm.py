@@ -163,6 +163,8 @@ class SlurmBackend(Backend):
         return f"SlurmBackend(partition={self.partition!r}{gpus})"
 
     def connect_address(self, bound: str) -> str:
+        if bound.startswith("ipc://"):  # connect_host is loopback: a single-node cluster
+            return bound
         port = bound.rsplit(":", 1)[1]
         return f"tcp://{self.connect_host}:{port}"
 

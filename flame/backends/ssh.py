@@ -97,7 +97,8 @@ class SSHBackend(Backend):
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._conns: dict[str, Any] = {}
-        self._tunnels: dict[tuple[str, str], tuple[Any, int]] = {}  # (host, address) -> (conn, port)
+        # (host, parent address) -> (conn, address on the host, its directory there)
+        self._tunnels: dict[tuple[str, str], tuple[Any, str, str]] = {}
         self._alock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -130,18 +131,27 @@ class SSHBackend(Backend):
             self._conns[h.spec] = conn
             return conn
 
-    async def _tunnel(self, h: _Host, conn: Any, address: str) -> int:
-        """The remote port that leads back to the parent's ``address`` (one per connection and
-        pool: a tunnel goes with the connection that carried it)."""
+    async def _tunnel(self, h: _Host, conn: Any, address: str) -> str:
+        """The address on the host that leads back to the parent's ``address`` (one per
+        connection and pool: a tunnel goes with the connection that carried it).
+
+        A Unix socket in a new 0700 directory (sshd makes it 0600, StreamLocalBindMask),
+        not a loopback port: on a shared host, any user can connect to a port and have the
+        parent read whatever they send before its signature is checked."""
         key = (h.spec, address)
         known = self._tunnels.get(key)
         if known is not None and known[0] is conn:
             return known[1]
-        host, _, local_port = address.removeprefix("tcp://").rpartition(":")
-        listener = await conn.forward_remote_port("127.0.0.1", 0, host, int(local_port))
-        port = listener.get_port()
-        self._tunnels[key] = (conn, port)
-        return port
+        made = await conn.run("mktemp -d /tmp/flame-ipc-XXXXXXXXXXXXXXXX", check=True)
+        where = made.stdout.strip()
+        path = f"{where}/pool"
+        if address.startswith("ipc://"):
+            await conn.forward_remote_path(path, address.removeprefix("ipc://"))
+        else:
+            host, _, port = address.removeprefix("tcp://").rpartition(":")
+            await conn.forward_remote_path_to_port(path, host, int(port))
+        self._tunnels[key] = (conn, f"ipc://{path}", where)
+        return f"ipc://{path}"
 
     # ---- the contract --------------------------------------------------------------------------
     def boot(self, spec: RunnerSpec) -> RunnerHandle:
@@ -163,8 +173,7 @@ class SSHBackend(Backend):
 
     async def _boot_on(self, h: _Host, spec: RunnerSpec) -> SSHHandle:
         conn = await self._connection(h)
-        port = await self._tunnel(h, conn, spec.address)
-        settings = {**self.env, **spec.env, "FLAME_ADDRESS": f"tcp://127.0.0.1:{port}"}
+        settings = {**self.env, **spec.env, "FLAME_ADDRESS": await self._tunnel(h, conn, spec.address)}
         cd = f"cd {shlex.quote(self.cwd)} && " if self.cwd else ""
         # `echo $$; exec` tells us the runner's pid before Python starts, for terminate().
         command = f"{cd}echo $$; exec {shlex.join(node_command(self.python, spec))} --stdin"
@@ -225,6 +234,9 @@ class SSHBackend(Backend):
             return
 
         async def close_all() -> None:
+            for conn, _, where in self._tunnels.values():
+                if not conn.is_closed():
+                    await conn.run(f"rm -rf {shlex.quote(where)}", check=False)
             for conn in self._conns.values():
                 conn.close()
         try:

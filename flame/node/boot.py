@@ -73,6 +73,18 @@ def request_mac(key, ident, digest):
     return hmac.new(key, BOOT + ident + digest.encode(), "sha256").digest()
 
 
+def curve_client_keys(key):
+    """The CurveZMQ key pair (Z85, public then secret) every runner and client of the pool's
+    ``key`` connects with: derived from the key, so that a listener allows only this public key
+    (ZAP) and a peer without the key is refused in the handshake, before any frame of its own
+    reaches memory."""
+    import hmac
+    import zmq
+    from zmq.utils import z85
+    secret = z85.encode(hmac.new(key, b"flame curve client", "sha256").digest())
+    return zmq.curve_public(secret), secret
+
+
 def install(root, digest, data, check=None):
     """Unpack archive ``digest`` into ``root/digest`` and return that path; ``check`` is the
     SHA-256 that ``data`` must have (when it did not come over the signed wire).
@@ -174,12 +186,12 @@ def _fetch(settings, digests, checks, root, deadline):
     ident = (settings["FLAME_RUNNER_ID"] + "/boot").encode()
     sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.setsockopt(zmq.LINGER, 0)
+    key = _read_key(settings)
     server = settings.get("FLAME_CURVE_SERVER")
     if server:
-        public, secret = zmq.curve_keypair()
+        public, secret = curve_client_keys(key)
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server.encode(), public, secret
     sock.connect(settings["FLAME_ADDRESS"])
-    key = _read_key(settings)
     try:
         for digest in digests:
             sock.send_multipart([BOOT, digest.encode(), request_mac(key, ident, digest)])

@@ -77,14 +77,15 @@ class RunnerNode:
         self.terminator = Terminator(float(env.get("FLAME_PARENT_TIMEOUT", "5")),
                                      float(env.get("FLAME_FAILSAFE", "60")),
                                      int(ppid) if ppid else None)
-        self.wire = Wire(read_key(env), self.id)
+        key = read_key(env)
+        self.wire = Wire(key, self.id, cut=bool(env.get("FLAME_CURVE_SERVER")))
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        curve_client(self.sock, env.get("FLAME_CURVE_SERVER"))  # set when the parent is off loopback
+        curve_client(self.sock, env.get("FLAME_CURVE_SERVER"), key)  # set when the parent is off loopback
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
         #: one entry per other thread waiting for sock_lock (list ops are atomic), as in the

@@ -43,8 +43,9 @@ class AppNode:
         self.namespace = namespace
         self.wire = Wire(key, APP)
         self.ctx = zmq.Context()
-        host = address.split("://", 1)[-1].rsplit(":", 1)[0]
-        self.sock, self.curve_public = listener(self.ctx, host)
+        # Always CurveZMQ, with ZAP admitting only holders of the key: an app's socket is
+        # one any local user can reach, loopback included, and its clients are few.
+        self.sock, self.curve_public, self._gate = listener(self.ctx, key, curve=True)
         if address.endswith(":0"):
             self.sock.bind(address[:-2] + ":*")
         else:
@@ -123,6 +124,7 @@ class AppNode:
             log.exception("flame: attach I/O thread failed")
         finally:
             self.sock.close()
+            self._gate.stop()
             self.ctx.term()
 
     def _handle(self, parts: list) -> None:
