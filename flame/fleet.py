@@ -130,7 +130,7 @@ class Fleet:
         pool._endpoint.wire.forget(r.id)
         pool._endpoint.wire.fast_peers.discard(r.id)
         pool._shm.forget(r.id)  # whatever it held of ours is ours again
-        never_started = r.die(pool.max_concurrency)
+        never_started = r.die()
         if r.handle is not None:
             pool._later.append(functools.partial(self.watch.reap, r))
         return never_started

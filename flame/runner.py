@@ -86,6 +86,7 @@ class Runner:
         #: runner counts the calls it has started (``flame/node/starts.py``), if it has one
         self.sent = 0
         self.starts: str | None = None
+        self.counted = False  # whether it has a start count at all
 
     # ---- booting ----------------------------------------------------------------------
     def spec(self, address: str, env: dict, concurrency: int, starts: str | None,
@@ -94,6 +95,7 @@ class Runner:
         env = {**env, "FLAME_RUNNER_ID": self.id}
         if starts is not None:  # it counts the calls it starts there
             self.starts = env["FLAME_STARTS"] = starts
+        self.counted = starts is not None
         if code is not None:  # it boots from archives it fetches from the pool (node/boot.py)
             env["FLAME_BOOT"] = json.dumps(code.boot_settings())
             self.code = code.code_digest()
@@ -240,21 +242,22 @@ class Runner:
         self.stop_deadline = time.monotonic() + grace
         self._send(Kind.SHUTDOWN)
 
-    def die(self, concurrency: int) -> list[Call]:
+    def die(self) -> list[Call]:
         """It is gone (or given up on): dead from now on. Returns the calls sent to it that
         provably never started, taken off it, to run elsewhere; the others stay in ``calls``.
 
         A runner starts its calls in the order they were sent. A local one counts them in its
         start count (node/starts.py) before it starts each: the calls past it provably never
-        started. Without the file, only the first ``concurrency`` unanswered calls are taken to
-        have started, since a runner hands each reply to ZeroMQ before it starts another call
-        (not proof: ZeroMQ may not have sent it when the process is killed). Only a call sent
-        ahead kept its arguments (the others let them go once sent)."""
+        started. A runner without one (on another machine) gives no such proof: a reply still
+        in ZeroMQ's hands when it was killed is lost, and the call sent after it may have run,
+        so none of its calls runs again. Only a call sent ahead kept its arguments (the others
+        let them go once sent)."""
         self.state = "dead"
-        unanswered = [c for c in self.calls.values() if c.state == "running"]
         started = self._started_calls()
-        never = unanswered[concurrency:] if started is None else [c for c in unanswered if c.order >= started]
-        never = [c for c in never if c.arg_frames is not None]
+        if started is None:
+            return []
+        never = [c for c in self.calls.values()
+                 if c.state == "running" and c.order >= started and c.arg_frames is not None]
         for call in never:
             del self.calls[call.id]
         return never
@@ -310,14 +313,23 @@ class Runner:
                 return None
             names = ", ".join(f"{c.name}()" for c in self.calls.values())
             return RunnerDied(f"runner {self.id} died ({how})" + (
-                f" while running {names}" if names else "") + note, self.id, code, tail)
+                f" while running {names}" if names else "") + self._not_again() + note,
+                self.id, code, tail)
         if why == "boot timeout":
             return BootError(f"runner {self.id} did not connect within boot_timeout={boot_timeout:g} s"
                              + (f"; its messages were refused: {refused}" if refused else "") + note, tail)
         if why == "silent":
             return RunnerDied(f"runner {self.id} stopped answering (no heartbeat for "
-                              f"{time.monotonic() - self.last_heard:.0f} s)" + note, self.id)
+                              f"{time.monotonic() - self.last_heard:.0f} s)" + self._not_again() + note,
+                              self.id)
         return None  # "stop overdue"
+
+    def _not_again(self) -> str:
+        """Why calls sent ahead to it fail rather than run elsewhere, where that is so."""
+        if self.counted or len(self.calls) < 2:
+            return ""
+        return ("; calls sent to it are not run again, since it keeps no start count this "
+                "process can read (any of them may have started)")
 
     def info(self) -> RunnerInfo:
         import datetime

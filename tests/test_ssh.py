@@ -54,6 +54,25 @@ def test_runner_killed_mid_call_gives_runner_died(sshd, make_pool):
     assert pool.call(lambda: "healed") == "healed"
 
 
+def test_a_call_sent_ahead_to_a_killed_ssh_runner_is_not_run_again(sshd, make_pool, tmp_path):
+    # B's reply is lost with its runner (still in ZeroMQ's hands at the SIGKILL); C, sent
+    # ahead behind B, had started. An SSH runner keeps no start count the pool can read, so
+    # neither runs again: both fail with RunnerDied, which says why.
+    from test_failures import _lose_the_next_reply, _mark_then_die
+    pool = make_pool(backend=backend(sshd), max=1)
+    pool.call(_lose_the_next_reply)
+    path = str(tmp_path / "marks")
+    b = pool.submit(time.sleep, 0.3)
+    c = pool.submit(_mark_then_die, path)  # sent ahead: the pool is at max
+    with pytest.raises(flame.RunnerDied, match="not run again"):
+        b.result(timeout=30)
+    with pytest.raises(flame.RunnerDied):
+        c.result(timeout=30)
+    time.sleep(1.0)  # a second run, if any, has had time to write
+    assert open(path).read() == "ran\n", "a call that had started ran again"
+    assert pool.call(lambda: "next") == "next"
+
+
 def test_idle_shutdown_ends_the_remote_process(sshd, make_pool):
     pool = make_pool(backend=backend(sshd), max=1, idle_shutdown_after=0.5)
     pid = pool.call(os.getpid)
