@@ -356,29 +356,30 @@ def _mark_then_die(path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_start_count_planted_by_another_user_never_makes_a_call_run_twice(make_pool, tmp_path):
+PLANTER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(fd, (0).to_bytes(8, "little"))  # "nothing started"
+print("planted", flush=True)
+"""
+
+
+def test_a_start_count_planted_by_another_user_never_makes_a_call_run_twice(make_pool, tmp_path, remote_host):
     # Anyone can list /dev/shm. A start count planted where the next runner would make its
     # own, saying "nothing started", would have the pool run a started call again after the
     # runner died. The runner's count has a name nobody can guess, and the pool reads only
     # its own user's file.
-    import pwd
     import signal
     import time
     from conftest import gone
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root, to plant a file as another user (`make test` runs as root)",
-                    pytrace=False)
-    other = pwd.getpwnam("nobody")
     pool = make_pool(max=1)
     pid = pool.call(os.getpid)
     first = pool.runners[0]
     prefix = first.runner_id[:first.runner_id.rfind("-r") + 2]
     planted = f"/dev/shm/flame-{prefix}2-starts"  # where the next one's used to be
-    fd = os.open(planted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    planter = _as_other_user(remote_host, PLANTER, planted)  # the attack: another local user
     try:
-        os.write(fd, (0).to_bytes(8, "little"))
-        os.fchown(fd, other.pw_uid, other.pw_gid)
-        os.close(fd)
+        assert planter.communicate(timeout=30)[0].strip() == "planted"
         os.kill(pid, signal.SIGKILL)  # the next call boots the runner the count was planted for
         assert wait_for_gone(pool, first.runner_id)
         path = str(tmp_path / "marks")
