@@ -11,7 +11,7 @@ from concurrent.futures._base import FINISHED as _FINISHED
 from typing import Any, Callable, Iterable, Protocol
 
 from . import serialize
-from .errors import SerializationError
+from .errors import RunnerDied, SerializationError
 
 
 class OutputSink(Protocol):
@@ -70,7 +70,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "shm", "origin", "order", "__weakref__")
+                 "shm", "origin", "order", "retries", "tries", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -103,9 +103,35 @@ class Call:
         self.cancel_deadline: float | None = None
         #: its place among the calls sent to its runner (Runner.sent when it was sent)
         self.order = 0
+        #: runs left should its runner die before it returns (the pool's ``retries``); while
+        #: any are left it keeps its arguments
+        self.retries = 0
+        #: why each earlier run failed (a RunnerDied's message each), for ``attempts``
+        self.tries: list[str] = []
 
     def __repr__(self) -> str:
         return f"<Call {self.id} {self.name}() {self.state}>"
+
+    def run_again(self, error: BaseException) -> bool:
+        """Its runner died with ``error`` before it returned: whether it runs again (it has
+        retries left). Not a call being cancelled or past its deadline, nor one that uses
+        values that were on that runner: they are not silently recomputed."""
+        if (not isinstance(error, RunnerDied) or self.retries <= 0 or self.state != "running"
+                or self.strict or self.arg_frames is None
+                or (self.deadline is not None and time.monotonic() > self.deadline)):
+            return False
+        self.retries -= 1
+        self.tries.append(str(error))
+        return True
+
+    def failure(self, error: BaseException) -> BaseException:
+        """What it fails with: ``error``, or, after retries, a RunnerDied naming every try."""
+        if not self.tries or not isinstance(error, RunnerDied):
+            return error
+        tries = [*self.tries, str(error)]
+        return RunnerDied(f"{self.name}() failed on each of its {len(tries)} tries: "
+                          + "; ".join(f"({i}) {why}" for i, why in enumerate(tries, 1)),
+                          error.runner_id, error.exit_code, error.stderr)
 
 
 def _receive_until(waiter: "CallFuture | Outcome", timeout: float | None) -> None:
@@ -150,6 +176,12 @@ class CallFuture(Future):
     def runner(self) -> str | None:
         """The same as :attr:`runner_id`."""
         return self.runner_id
+
+    @property
+    def attempts(self) -> int:
+        """How many runs the call has taken so far: 1, plus one per run whose runner died
+        before it returned and that the pool's ``retries`` ran again."""
+        return len(self.call.tries) + 1
 
     def result(self, timeout: float | None = None) -> Any:
         """The call's value, or its exception raised here. While waiting, this thread receives

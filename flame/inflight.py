@@ -69,7 +69,7 @@ class Packer:
                     fn_payload, arg_frames, (out_of_band_digest(arg_frames, self.fast)
                      if len(arg_frames) > 1 or len(arg_frames[0]) >= INLINE_MAX else None),
                     deadline, affinity, outcome)
-        call.strict, call.shm = strict, shared
+        call.strict, call.shm, call.retries = strict, shared, pool.retries
         if strict:
             call.origin = origin
         return call

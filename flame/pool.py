@@ -88,7 +88,7 @@ class Pool:
                  boot_timeout: float = 30.0, timeout: float | None = None,
                  parent_timeout: float = 5.0, name: str | None = None,
                  code_sync: bool | Sequence[str] | None = None, code_exclude: Sequence[str] = (),
-                 code_limit: int = CODE_LIMIT) -> None:
+                 code_limit: int = CODE_LIMIT, retries: int = 0) -> None:
         """
         Args:
             backend: how runners are started. Defaults to ``LocalBackend()``.
@@ -109,6 +109,9 @@ class Pool:
                 .git, virtualenvs and caches. Defaults to none.
             code_limit: most bytes of local code code sync sends; past it, CodeSyncError names
                 the largest files. Defaults to 100 MB.
+            retries: times a call whose runner died before it returned (killed, lost, out of
+                memory, preempted) runs again on another runner; such a call may run more than
+                once, so it must be idempotent. Defaults to 0.
         """
         if backend is None:
             from .backends.local import LocalBackend
@@ -125,6 +128,7 @@ class Pool:
         options.number("timeout", timeout, minimum=0, optional=True, positive=True)
         options.number("parent_timeout", parent_timeout, minimum=0, positive=True)
         options.number("code_limit", code_limit, minimum=1, integer=True)
+        options.number("retries", retries, minimum=0, integer=True)
         code_sync = options.code_sync(code_sync, backend)
         options.patterns("code_exclude", code_exclude)
         self.backend = backend
@@ -133,6 +137,7 @@ class Pool:
         self.boot_timeout = boot_timeout
         self.timeout = timeout
         self.parent_timeout = parent_timeout
+        self.retries = retries
         self.name = name or f"pool-{next(_pool_ids)}"
 
         self._key = new_key()
@@ -633,8 +638,16 @@ class Pool:
         else:
             for call in never_started:
                 self._finish(call, exc=error)
+        again = []
         for call in list(r.calls.values()):
-            self._finish(call, exc=error)
+            if not self._closed and call.run_again(error):
+                r.answered(call.id)
+                again.append(call)
+            else:
+                self._finish(call, exc=call.failure(error))
+        if again:
+            self._requeue(again)
+            log.info("flame: %d call(s) lost with runner %s run again (retries)", len(again), r.id)
         for call in [c for c in self._waiting if c.strict and c.affinity == r.id]:
             self._waiting.remove(call)  # it needs values that were on that runner
             self._finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "

@@ -182,7 +182,7 @@ class Runner:
             frames.insert(0, call.fn_payload)
             if len(call.fn_payload) >= INLINE_MAX:
                 digest = None
-        if not call.ahead:
+        if not call.ahead and not call.retries:
             call.arg_frames = call.arg_digest = None  # sent; let large buffers go
         return fields, frames, digest
 

@@ -603,3 +603,110 @@ def test_a_slow_inspection_is_only_slow(make_pool):
     reply = pool.inspect("x", timeout=30)
     assert "slow" in reply["data"]["text/plain"]
     assert pool.call(os.getpid) == pid
+
+
+# ---- retries ---------------------------------------------------------------------------------
+def _die_the_first_time(path):
+    """SIGKILLs its own runner on its first run; returns the run count on a later one."""
+    import os
+    import signal
+    with open(path, "a") as f:
+        f.write("run\n")
+    runs = open(path).read().count("run\n")
+    if runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return runs, os.getpid()
+
+
+def _always_die():
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_and_count(path):
+    with open(path, "a") as f:
+        f.write("run\n")
+    raise ValueError("its own error")
+
+
+def test_a_call_whose_runner_dies_runs_again_with_retries(make_pool, tmp_path):
+    pool = make_pool(max=1, retries=1)
+    first = pool.call(os.getpid)
+    fut = pool.submit(_die_the_first_time, str(tmp_path / "runs"))
+    runs, pid = fut.result(timeout=60)
+    assert runs == 2 and fut.attempts == 2
+    assert pid != first, "the second run was on another runner"
+    ok = pool.submit(os.getpid)
+    assert ok.result(timeout=30) == pid and ok.attempts == 1
+    # pool.call (no future of its own) is retried the same way
+    assert pool.call(_die_the_first_time, str(tmp_path / "again"))[0] == 2
+
+
+def test_runner_died_names_every_try_once_retries_are_spent(make_pool):
+    pool = make_pool(max=2, retries=2)
+    fut = pool.submit(_always_die)
+    with pytest.raises(flame.RunnerDied, match=r"each of its 3 tries: \(1\) runner .*SIGKILL.*\(2\) .*\(3\) ") as info:
+        fut.result(timeout=90)
+    assert len({w for w in str(info.value).split() if w.startswith("pool-")}) == 3, "three runners"
+    assert fut.attempts == 3
+
+
+def test_a_call_that_raises_is_never_retried(make_pool, tmp_path):
+    pool = make_pool(max=1, retries=2)
+    path = str(tmp_path / "runs")
+    fut = pool.submit(_raise_and_count, path)
+    with pytest.raises(ValueError, match="its own error"):
+        fut.result(timeout=30)
+    assert open(path).read() == "run\n" and fut.attempts == 1
+
+
+def test_without_retries_a_killed_runner_still_gives_runner_died(make_pool, tmp_path):
+    pool = make_pool(max=1)
+    path = str(tmp_path / "runs")
+    with pytest.raises(flame.RunnerDied, match="SIGKILL"):
+        pool.submit(_die_the_first_time, path).result(timeout=30)
+    assert open(path).read() == "run\n"
+
+
+def _mark_and_die(xs, path):
+    with open(path, "a") as f:
+        f.write("run\n")
+    _always_die()
+
+
+def test_a_call_on_a_lost_remotes_runner_is_not_retried(make_pool, tmp_path):
+    # Its value is gone with the runner: the call fails rather than recompute it somewhere.
+    pool = make_pool(max=2, retries=3)
+    held = pool.spawn(list, range(3))
+    path = str(tmp_path / "runs")
+    with pytest.raises(flame.RunnerDied):
+        pool.submit(_mark_and_die, held, path).result(timeout=30)
+    with pytest.raises(flame.RunnerDied):
+        held.get()
+    assert open(path).read() == "run\n"
+
+
+def test_retries_keep_the_deadline_from_submit(make_pool, tmp_path):
+    pool = make_pool(max=1, retries=5, timeout=1.0)
+
+    def slow_then_die(path):
+        import os
+        import signal
+        import time
+        with open(path, "a") as f:
+            f.write("run\n")
+        time.sleep(0.7)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    path = str(tmp_path / "runs")
+    with pytest.raises((flame.RunnerDied, flame.CallTimeout)):
+        pool.submit(slow_then_die, path).result(timeout=60)
+    assert open(path).read().count("run") <= 2, "retried past its deadline"
+
+
+def test_retries_is_checked_at_the_door():
+    with pytest.raises(ValueError, match="retries"):
+        flame.Pool(retries=-1)
+    with pytest.raises(TypeError, match="retries"):
+        flame.Pool(retries=1.5)

@@ -156,3 +156,25 @@ def test_two_parents_on_one_machine_do_not_collide(slurm, tmp_path):
                for n in (20, 21)]
     outs = [p.communicate(timeout=120) for p in parents]
     assert [o.strip() for o, _ in outs] == ["40", "42"], [e[-2000:] for _, e in outs]
+
+
+def test_a_job_cancelled_mid_call_is_retried_on_a_new_job(slurm, tmp_path, make_pool):
+    # Preemption, as scancel does it: with retries the call runs again, on another job.
+    pool = make_pool(backend=backend(tmp_path), max=1, boot_timeout=60, retries=1)
+    marks = tmp_path / "runs"
+
+    def job_then_wait(path):
+        import os, time
+        with open(path, "a") as f:
+            f.write(os.environ["SLURM_JOB_ID"] + "\n")
+        if open(path).read().count("\n") == 1:
+            time.sleep(60)  # cancelled meanwhile
+        return os.environ["SLURM_JOB_ID"]
+
+    fut = pool.submit(job_then_wait, str(marks))
+    assert wait_for(lambda: marks.exists() and marks.read_text().endswith("\n"), timeout=60)
+    first = marks.read_text().split()[0]
+    subprocess.run(["scancel", first], check=True)
+    second = fut.result(timeout=90)
+    assert second != first and marks.read_text().split() == [first, second]
+    assert fut.attempts == 2
