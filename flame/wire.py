@@ -26,8 +26,10 @@ from typing import Any, Iterable, Sequence
 
 from .keys import KEY_BYTES
 from .node.boot import curve_client_keys
-from .pieces import FRAME_MAX, MAGIC_PIECES, cut, join
 
+#: The largest frame a CurveZMQ listener accepts (its ``MAXMSGSIZE``, with CURVE_OVERHEAD), and
+#: so the largest one a ``Wire(cut=True)`` sends: larger ones travel in pieces (flame/pieces.py).
+FRAME_MAX = 1 << 20
 #: What CurveZMQ adds to a frame on the wire (a MESSAGE command: name, nonce, box MAC, flags;
 #: 33 bytes), which is what MAXMSGSIZE limits; rounded up.
 CURVE_OVERHEAD = 256
@@ -319,7 +321,16 @@ _dumps, _loads = pickle.dumps, pickle.loads
 MAGIC = b"FL\x02"
 #: The same format, its out-of-band frames digested with BLAKE3 rather than SHA-256.
 MAGIC_FAST = b"FL\x03"
+#: Starts the map of a message whose frames travel in pieces (flame/pieces.py).
+MAGIC_PIECES = b"FL\x7f"
 _SIG = len(MAGIC) + 32  # then HMAC-SHA256
+
+
+def _cut(msg: list) -> list:
+    """``msg`` as a Wire(cut=True) sends it: whole, or its map and pieces (flame/pieces.py)."""
+    from .pieces import cut
+    made = cut(msg, FRAME_MAX)
+    return msg if made is None else [MAGIC_PIECES + made[0], *made[1]]
 
 
 class Wire:
@@ -385,14 +396,14 @@ class Wire:
         mac.update(signed)
         if k == len(frames):
             first = MAGIC + mac.digest() + signed
-            return cut([first]) if self.cut and len(first) > FRAME_MAX else [first]
+            return _cut([first]) if self.cut and len(first) > FRAME_MAX else [first]
         oob = frames[k:]
         fast = to in self.fast_peers
         if digest is None or digest[0] != fast:
             digest = (fast, frames_digest(oob, fast))
         mac.update(digest[1])
         msg = [(MAGIC_FAST if fast else MAGIC) + mac.digest() + signed, *oob]
-        return cut(msg) if self.cut else msg
+        return _cut(msg) if self.cut else msg
 
     def _mac(self, *data: Any) -> bytes:
         mac = self._hmac.copy()
@@ -413,7 +424,8 @@ class Wire:
         magic = first[:3]
         fast = magic != MAGIC  # one comparison for the common case
         if fast and magic == MAGIC_PIECES:
-            parts = join(parts)
+            from .pieces import join
+            parts = join(first[3:], parts[1:])
             if parts is None or memoryview(parts[0])[:3] == MAGIC_PIECES:
                 return self._drop("malformed map of pieces", peer)
             first = memoryview(parts[0])

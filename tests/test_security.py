@@ -215,7 +215,7 @@ def test_frames_larger_than_a_listener_takes_travel_as_pieces(tmp_path):
     """A listener others can reach hangs up at a frame over FRAME_MAX (its MAXMSGSIZE): a
     larger frame, or a header that makes the first frame larger, travels in pieces from a
     peer holding the key, and arrives whole."""
-    from flame.pieces import FRAME_MAX
+    from flame.wire import FRAME_MAX
     from flame.wire import curve_client, listener
     key = os.urandom(32)
     sender, receiver = Wire(key, "a", cut=True), Wire(key, "b")
