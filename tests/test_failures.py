@@ -350,7 +350,7 @@ def test_shutdown_waits_for_a_boot_under_way_and_stops_its_runner():
 
 def test_a_blocking_terminate_does_not_stall_other_calls(make_pool):
     pool = make_pool(backend=SlowBackend(terminate_delay=8.0), max=2, idle_shutdown_after=None)
-    first, second = pool.map(lambda _: (__import__("time").sleep(0.3), os.getpid())[1], range(2))
+    first, second = list(pool.map(lambda _: (__import__("time").sleep(0.3), os.getpid())[1], range(2)))
     with pytest.raises(flame.RunnerDied):
         pool.call(exec, "import os; os._exit(1)", {})  # terminate() now blocks for 8 s
     t0 = time.monotonic()
@@ -385,7 +385,7 @@ def _slow_rebuild():
 
 def test_unpickling_a_result_happens_in_the_callers_thread(make_pool):
     pool = make_pool(max=2)
-    pool.map(lambda _: __import__("time").sleep(0.3), range(2))
+    list(pool.map(lambda _: __import__("time").sleep(0.3), range(2)))
     slow = pool.submit(SlowToUnpickle)
     time.sleep(0.5)  # its result arrives meanwhile: it is settled, not unpickled, on arrival
     assert slow.done()
@@ -432,7 +432,7 @@ def test_runner_watch_thread_dying_ends_the_runner_with_its_traceback(make_pool)
 # ---- a cancel hits the call it was meant for, or nothing ---------------------------------------
 def test_cancels_racing_the_end_of_calls_never_hit_another_call(make_pool):
     pool = make_pool(max=1, max_concurrency=4)
-    pool.map(lambda _: None, range(4))
+    list(pool.map(lambda _: None, range(4)))
     import random
     rng = random.Random(7)
     for _ in range(3):
@@ -447,7 +447,7 @@ def test_cancels_racing_the_end_of_calls_never_hit_another_call(make_pool):
                 assert f.cancelled()
             except KeyboardInterrupt:
                 pytest.fail(f"call {i} was hit by a cancel meant for another call")
-    assert pool.map(lambda i: i, range(8)) == list(range(8))
+    assert list(pool.map(lambda i: i, range(8))) == list(range(8))
 
 
 def _deliver_async_exceptions_late(delay):
@@ -485,7 +485,7 @@ def test_a_cancel_delivered_late_never_hits_the_next_call(make_pool):
     except KeyboardInterrupt:
         pytest.fail("the cancel meant for one call interrupted the next call on its thread")
     assert b.result(timeout=20) == "b"
-    assert pool.map(lambda i: i, range(6)) == list(range(6))
+    assert list(pool.map(lambda i: i, range(6))) == list(range(6))
 
 
 def _logged_work(i, path):
@@ -525,12 +525,16 @@ def test_a_call_started_after_a_lost_reply_is_not_run_again(make_pool, tmp_path)
     # B's reply is lost with its runner; C, sent ahead behind B, had started. Taking "the first
     # unanswered call" as the only one started would run C again elsewhere: the runner's
     # start count says C started, so C fails with RunnerDied instead.
-    pool = make_pool(max=1)
+    lose_a_reply_then_die(make_pool(max=1), str(tmp_path / "marks"))
+
+
+def lose_a_reply_then_die(pool, path, why=None):
+    """B's reply is lost, then C, sent ahead behind B, marks ``path`` and kills the runner:
+    both must fail with RunnerDied (matching ``why``), and C must not run again."""
     pool.call(_lose_the_next_reply)
-    path = str(tmp_path / "marks")
     b = pool.submit(time.sleep, 0.3)
     c = pool.submit(_mark_then_die, path)  # sent ahead: the pool is at max
-    with pytest.raises(flame.RunnerDied):
+    with pytest.raises(flame.RunnerDied, match=why):
         b.result(timeout=30)
     with pytest.raises(flame.RunnerDied):
         c.result(timeout=30)

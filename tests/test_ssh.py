@@ -58,19 +58,8 @@ def test_a_call_sent_ahead_to_a_killed_ssh_runner_is_not_run_again(sshd, make_po
     # B's reply is lost with its runner (still in ZeroMQ's hands at the SIGKILL); C, sent
     # ahead behind B, had started. An SSH runner keeps no start count the pool can read, so
     # neither runs again: both fail with RunnerDied, which says why.
-    from test_failures import _lose_the_next_reply, _mark_then_die
-    pool = make_pool(backend=backend(sshd), max=1)
-    pool.call(_lose_the_next_reply)
-    path = str(tmp_path / "marks")
-    b = pool.submit(time.sleep, 0.3)
-    c = pool.submit(_mark_then_die, path)  # sent ahead: the pool is at max
-    with pytest.raises(flame.RunnerDied, match="not run again"):
-        b.result(timeout=30)
-    with pytest.raises(flame.RunnerDied):
-        c.result(timeout=30)
-    time.sleep(1.0)  # a second run, if any, has had time to write
-    assert open(path).read() == "ran\n", "a call that had started ran again"
-    assert pool.call(lambda: "next") == "next"
+    from test_failures import lose_a_reply_then_die
+    lose_a_reply_then_die(make_pool(backend=backend(sshd), max=1), str(tmp_path / "marks"), "not run again")
 
 
 def test_idle_shutdown_ends_the_remote_process(sshd, make_pool):
@@ -96,7 +85,7 @@ def test_sigkilled_parent_leaves_nothing_on_the_host(sshd, tmp_path):
         b = flame.SSHBackend([{sshd.host!r}], python=sys.executable, key={sshd.client_key!r},
                              known_hosts=None, env={{"FLAME_CODE_CACHE": {CODE_CACHE!r}}})
         pool = flame.Pool(b, min=2, max=2)
-        pids = pool.map(lambda _: (__import__("time").sleep(0.3), __import__("os").getpid())[1], range(2))
+        pids = list(pool.map(lambda _: (__import__("time").sleep(0.3), __import__("os").getpid())[1], range(2)))
         print(" ".join(map(str, pids)), flush=True)
         time.sleep(600)
     """))
@@ -130,7 +119,7 @@ def test_runners_spread_across_hosts(sshd, make_pool):
     port = sshd.host.rsplit(":", 1)[1]
     hosts = [sshd.host, f"root@localhost:{port}"]  # two names for the one test server
     pool = make_pool(backend=backend(sshd, hosts=hosts), max=2)
-    pool.map(lambda _: __import__("time").sleep(0.5), range(2))
+    list(pool.map(lambda _: __import__("time").sleep(0.5), range(2)))
     used = sorted(r.handle.ssh_host.spec for r in pool._runners.values())
     assert used == sorted(hosts)
 
