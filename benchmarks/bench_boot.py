@@ -78,7 +78,7 @@ def eight(preload):
     def once():
         t = time.perf_counter()
         with flame.Pool(flame.LocalBackend(preload=preload), min=0, max=8) as pool:
-            assert pool.map(uses_plots, range(8)) == [sum(range(i + 1)) for i in range(8)]
+            assert list(pool.map(uses_plots, range(8))) == [sum(range(i + 1)) for i in range(8)]
             return time.perf_counter() - t
     return once
 

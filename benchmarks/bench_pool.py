@@ -180,6 +180,30 @@ def peers() -> dict:
     return found
 
 
+def joblib_maps(systems: dict) -> dict:
+    """The same tiny tasks through ``joblib.Parallel`` (its auto-batching) on flame's backend,
+    on loky (joblib's own), and on Ray's and Dask's backends where those are installed."""
+    try:
+        import joblib
+    except ImportError:
+        return {}
+    flame.register_joblib()
+
+    def through(backend, **config):
+        def run(fn, xs):
+            with joblib.parallel_config(backend=backend, n_jobs=2, **config):
+                return joblib.Parallel()(joblib.delayed(fn)(x) for x in xs)
+        return run
+    maps = {"joblib on flame": through("flame", pool=systems["flame"]), "joblib on loky": through("loky")}
+    if "Ray" in systems:
+        from ray.util.joblib import register_ray
+        register_ray()
+        maps["joblib on Ray"] = through("ray")
+    if "Dask" in systems:  # its backend uses the Client made last: the Dask peer's
+        maps["joblib on Dask"] = through("dask")
+    return maps
+
+
 def main(quick: bool = False) -> None:
     n_warm, rounds, n_cold, n_big, n_tasks, t_rounds = ((300, 3, 3, 3, 1000, 1) if quick
                                                         else (3000, 10, 7, 7, 5000, 5))
@@ -212,11 +236,15 @@ def main(quick: bool = False) -> None:
     systems = {"floor": Floor(2), "flame": flame.Pool(max=2), "ProcessPoolExecutor": ProcessPoolExecutor(2)}
     for name, make in others.items():
         systems[name] = make(2)
-    maps = {"floor": systems["floor"].pipelined, "flame": systems["flame"].map,
+    maps = {"floor": systems["floor"].pipelined, "flame": lambda fn, xs: list(systems["flame"].map(fn, xs)),
             "flame (submit)": lambda fn, xs: [f.result() for f in [systems["flame"].submit(fn, x) for x in xs]],
-            "ProcessPoolExecutor": lambda fn, xs: list(systems["ProcessPoolExecutor"].map(fn, xs, chunksize=1))}
+            "flame (chunksize=50)": lambda fn, xs: list(systems["flame"].map(fn, xs, chunksize=50)),
+            "ProcessPoolExecutor": lambda fn, xs: list(systems["ProcessPoolExecutor"].map(fn, xs, chunksize=1)),
+            "ProcessPoolExecutor (chunksize=50)":
+                lambda fn, xs: list(systems["ProcessPoolExecutor"].map(fn, xs, chunksize=50))}
     for name in others:
         maps[name] = systems[name].map
+    maps.update(joblib_maps(systems))
     for run in maps.values():
         assert run(tiny, range(4)) == [1, 2, 3, 4]
 

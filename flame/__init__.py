@@ -52,6 +52,8 @@ _EXPORTS = {
     "SerializationError": "flame.errors",
     "PoolClosed": "flame.errors",
     "CodeSyncError": "flame.codesync",
+    "MapResults": "flame.mapping",
+    "register_joblib": "flame.joblib_backend",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -87,3 +89,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .node.interactive import run_cell
     from .progress import Progress, set_progress_factory
     from .runner import RunnerInfo
+    from .mapping import MapResults
+    from .joblib_backend import register_joblib

@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future, InvalidStateError, wait
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED
 from concurrent.futures._base import FINISHED as _FINISHED
 from typing import Any, Callable, Iterable, Protocol
 
@@ -63,6 +64,7 @@ def make_sink() -> OutputSink:
 
 
 _ids = itertools.count(1)
+_DONE = frozenset((_FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED))
 
 
 class Call:
@@ -186,7 +188,9 @@ class CallFuture(Future):
     def result(self, timeout: float | None = None) -> Any:
         """The call's value, or its exception raised here. While waiting, this thread receives
         the pool's messages itself, and a KeyboardInterrupt stops the remote work too."""
-        if not self.settled:
+        # Not settled yet, but done: a done callback asking (joblib's does), which runs before
+        # set_result returns, maybe on the thread that receives for everyone.
+        if not self.settled and self._state not in _DONE:
             _receive_until(self, timeout)
         # Settled: read without the condition's lock (a finished future never changes).
         value = self._result if self._state == _FINISHED and self._exception is None else super().result(0)

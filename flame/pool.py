@@ -28,17 +28,18 @@ import re
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Executor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import holdings, options, placement, present, shm, wire
 from .backends.base import Backend
-from .call import Call, CallFuture, gather
+from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
 from .endpoint import Endpoint
 from .errors import BootError, CallTimeout, PoolClosed, RunnerDied
 from .holdings import Holdings
 from .inflight import Packer, deliver, output, settle
+from .mapping import MapResults
 from .keys import new_key
 from .placement import PREFETCH
 from .remote import Remote, RemoteGone, _Held
@@ -72,7 +73,7 @@ def shutdown_all() -> None:
 atexit.register(shutdown_all)
 
 
-class Pool:
+class Pool(Executor):
     """An elastic set of runners that execute calls.
 
     Runners are booted on demand, up to ``max``, and shut down after being idle.
@@ -202,7 +203,7 @@ class Pool:
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
                 strict: bool = False, origin: Any = "") -> CallFuture:
-        return self._queue(fn, [(args, kwargs)], affinity, strict, origin)[0].future
+        return self._queue(fn, [(args, kwargs)], affinity, strict, origin)[0]
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a runner and return its value (or raise its exception).
@@ -211,7 +212,7 @@ class Pool:
         remote work too, then re-raises.
         """
         # No future: this thread waits for the call itself, and receives its own result.
-        return self._queue(fn, [(args, kwargs)], outcome=True)[0].future.result()
+        return self._queue(fn, [(args, kwargs)], outcome=True)[0].result()
 
     def spawn(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Remote:
         """Run ``fn(*args, **kwargs)`` on a runner and keep the result there; return a Remote.
@@ -225,14 +226,29 @@ class Pool:
         ref = future.result()
         return self._remote_from(future.runner_id, ref, f"spawn({name})")
 
-    def map(self, fn: Callable, *iterables: Iterable) -> list:
-        """``[fn(*xs) for xs in zip(*iterables)]``, run across runners; results in input order.
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> MapResults:
+        """``fn(*xs)`` for each ``xs`` in ``zip(*iterables)``, run across runners, as
+        :meth:`concurrent.futures.Executor.map`: every call is submitted now, and the results
+        come in input order as they are read (``list(pool.map(...))`` waits for them all).
 
-        If one call fails, the others are cancelled and its exception is raised. In a notebook,
-        a map that takes more than a second shows a progress line in the cell.
+        A call's exception is raised when its result is reached, and the calls not yet done
+        are cancelled. ``timeout``: seconds from this call after which reading a result not
+        yet there raises TimeoutError (None: no limit). ``chunksize``: items sent as one call
+        and one message, for many small ones. In a notebook, a map that takes more than a
+        second shows a progress line in the cell, and as a cell's value shows its results.
         """
-        futures = [c.future for c in self._queue(fn, [(xs, {}) for xs in zip(*iterables)])]
-        return gather(futures, title=f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})")
+        options.number("chunksize", chunksize, minimum=1, integer=True)
+        title = f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})"
+        items = list(zip(*iterables))
+        if chunksize > 1:
+            from .node.chunk import run_chunk
+            futures = self._queue(run_chunk, [((fn, items[i:i + chunksize]), {})
+                                              for i in range(0, len(items), chunksize)])
+        else:
+            futures = self._queue(fn, [(xs, {}) for xs in items])
+        from .progress import Tracker  # here: the progress line is only for batches
+        return MapResults(futures, timeout, chunksize > 1, Tracker(title, futures))
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""
@@ -397,11 +413,13 @@ class Pool:
 
     # ---- calls: queued -> running (-> cancelling) -> done ---------------------------------
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
-               strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Call]:
-        """Calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``: all pickled first, then
-        queued under one lock with one placement decision (one decision per call cost a third
-        of the parent's time per tiny task, and the lock it held starved the thread taking
-        results). A pool with no runner starts booting for them before it pickles them."""
+               strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Any]:
+        """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in
+        ``arguments``: all pickled first, then queued under one lock with one placement
+        decision (one decision per call cost a third of the parent's time per tiny task, and
+        the lock it held starved the thread taking results). A pool with no runner starts
+        booting for them before it pickles them. The futures are taken before the calls are
+        queued: a call lets go of its future once done, which can be before this returns."""
         expected = self._expect_calls(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._packer.function(fn)
@@ -410,9 +428,10 @@ class Pool:
         except BaseException:
             self._unexpect(expected)
             raise
+        futures = [c.future for c in calls]
         if calls:
             self._enqueue(calls)
-        return calls
+        return futures
 
     def _expect_calls(self, n: int) -> list[Runner]:
         """``n`` calls are about to be queued and the pool has no runner: start the boots placement

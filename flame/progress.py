@@ -8,6 +8,7 @@ a display id, then ``update_display_data``); outside a kernel there is none, unl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -55,12 +56,12 @@ def set_progress_factory(factory: Callable[[], Progress | None] | None) -> None:
     _factory = factory or _default
 
 
-def describe(title: str, futures: list, done: int, failed: int, elapsed: float) -> str:
+def describe(title: str, pending: Iterable[Any], total: int, done: int, failed: int, elapsed: float) -> str:
     """``map(work): 12/40 done, 1 failed, on pool-1-...-r1, r2 · 3.2 s``."""
-    working = sorted({f.runner_id for f in futures if not f.done() and getattr(f, "runner_id", None)})
+    working = sorted({f.runner_id for f in pending if not f.done() and getattr(f, "runner_id", None)})
     on = f", on {', '.join(working[:4])}{' ...' if len(working) > 4 else ''}" if working else ""
     fails = f", {failed} failed" if failed else ""
-    return f"{title}: {done}/{len(futures)} done{fails}{on} · {elapsed:.1f} s"
+    return f"{title}: {done}/{total} done{fails}{on} · {elapsed:.1f} s"
 
 
 class Tracker:
@@ -68,7 +69,10 @@ class Tracker:
 
     def __init__(self, title: str, futures: Iterable[Any]) -> None:
         self.title = title
-        self.futures = list(futures)
+        futures = list(futures)
+        self.total = len(futures)
+        #: the futures not yet done: a done one (its result) is not kept alive from here
+        self.pending: set = set()
         self.done = self.failed = 0
         self.started = time.monotonic()
         self.progress = _factory()
@@ -76,21 +80,26 @@ class Tracker:
         self._shown = False
         self._finished = False
         self._show_lock = threading.Lock()
-        if self.progress is None or not self.futures:
+        if self.progress is None or not futures:
             return
         lock = threading.Lock()
+        self.pending.update(futures)
 
         def count(f: Any) -> None:
             with lock:
+                self.pending.discard(f)
                 self.done += 1
                 if f.cancelled() or f.exception() is not None:
                     self.failed += 1
-        for f in self.futures:
+        for f in futures:
             f.add_done_callback(count)
         threading.Thread(target=self._keep, name="flame-progress", daemon=True).start()
 
     def _text(self) -> str:
-        return describe(self.title, self.futures, self.done, self.failed, time.monotonic() - self.started)
+        with contextlib.suppress(RuntimeError):  # the set changed size: its next look will do
+            return describe(self.title, list(self.pending), self.total, self.done, self.failed,
+                            time.monotonic() - self.started)
+        return f"{self.title}: {self.done}/{self.total} done"
 
     def _keep(self) -> None:
         if self._ended.wait(PROGRESS_AFTER):

@@ -20,7 +20,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     with flame.Pool(max=2, idle_shutdown_after=2.0) as pool:
         print("empty pool:", pool)
-        print("squares:", pool.map(work, range(4)))
+        print("squares:", list(pool.map(work, range(4))))
         print("runners:", [(r.id, r.pid, r.state) for r in pool.runners])
         try:
             pool.call(lambda: 1 / 0)

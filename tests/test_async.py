@@ -36,7 +36,7 @@ def test_coroutine_functions_run_on_the_runner(make_pool, collect):
     pool = make_pool(max=1)
     assert pool.call(double_later, 21) == 42
     assert pool.call(returns_an_awaitable, 5) == 10
-    assert pool.map(double_later, range(3)) == [0, 2, 4]
+    assert list(pool.map(double_later, range(3))) == [0, 2, 4]
     assert "doubling 21\n" in collect.text(), "output of a coroutine reaches its call"
     with pytest.raises(ValueError, match="async failure") as info:
         pool.call(fails_later)
@@ -77,7 +77,7 @@ def test_max_concurrency_runs_coroutines_concurrently_on_one_runner(make_pool):
         return os.getpid()
     pool.call(nap, 0)  # booted
     t0 = time.monotonic()
-    pids = pool.map(nap, range(20))
+    pids = list(pool.map(nap, range(20)))
     took = time.monotonic() - t0
     assert len(set(pids)) == 1
     assert took < 2.0, f"20 coroutines of 0.5 s took {took:.2f} s"

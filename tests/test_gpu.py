@@ -24,14 +24,14 @@ def busy_visible(seconds):
 
 def test_runners_get_disjoint_gpus(make_pool):
     pool = make_pool(backend=flame.LocalBackend(gpus_per_runner=1, gpu_ids=[0, 1, 2, 3]), max=4)
-    seen = pool.map(busy_visible, [0.5] * 4)
+    seen = list(pool.map(busy_visible, [0.5] * 4))
     assert sorted(seen) == ["0", "1", "2", "3"]
     assert sorted(g for r in pool.runners for g in r.gpus) == ["0", "1", "2", "3"]
 
 
 def test_gpus_per_runner_two_hands_out_pairs(make_pool):
     pool = make_pool(backend=flame.LocalBackend(gpus_per_runner=2, gpu_ids=["0", "1", "2", "3"]), max=4)
-    seen = pool.map(busy_visible, [0.5] * 2)
+    seen = list(pool.map(busy_visible, [0.5] * 2))
     assert sorted(seen) == ["0,1", "2,3"]
 
 
@@ -64,7 +64,7 @@ def test_parent_cuda_visible_devices_is_the_set_to_choose_from(make_pool, monkey
     backend = flame.LocalBackend(gpus_per_runner=1)
     assert backend.gpu_sets == (("2",), ("5",))
     pool = make_pool(backend=backend, max=2)
-    assert sorted(pool.map(busy_visible, [0.4, 0.4])) == ["2", "5"]
+    assert sorted(list(pool.map(busy_visible, [0.4, 0.4]))) == ["2", "5"]
 
 
 def test_asking_for_gpus_where_none_exist_is_a_clear_error(monkeypatch):

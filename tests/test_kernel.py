@@ -116,6 +116,24 @@ def test_stop_button_interrupts_a_blocking_remote_call(kernel):
     assert time.monotonic() - t0 < 5
 
 
+def test_stop_button_stops_a_joblib_parallel_on_the_pool(kernel):
+    pytest.importorskip("joblib", reason="joblib is in the test extra")
+    km, kc = kernel
+    execute(kc, "import joblib\nflame.register_joblib()\njpool = flame.Pool(max=2)")
+    msg_id = kc.execute("with joblib.parallel_config(backend='flame', pool=jpool):\n"
+                        "    joblib.Parallel(n_jobs=2)(joblib.delayed(time.sleep)(60) for _ in range(4))")
+    time.sleep(2)  # the fits are running on the runners
+    reply, msgs, took = press_stop(km, kc, msg_id)
+    assert took < 5
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    # the remote sleeps were stopped: both runners answer at once
+    t0 = time.monotonic()
+    assert value_of(kc, "len({f.result() for f in [jpool.submit(os.getpid) for _ in range(2)]})") in ("1", "2")
+    assert time.monotonic() - t0 < 5
+    execute(kc, "jpool.shutdown()")
+
+
 def test_remote_exception_renders_like_a_local_one(kernel):
     km, kc = kernel
     cell, (reply, msgs) = execute(kc, "def inner(x):\n    return 1 / x\n\ndef outer():\n    return inner(0)\n"
@@ -169,7 +187,7 @@ def test_kernel_end_leaves_no_runners(how):
         # A parent_timeout far past the bound below: the runners must see their parent go, not
         # wait for its silence (a SIGKILLed kernel stays a zombie until its manager reaps it).
         execute(kc, "import flame\npool = flame.Pool(max=2, parent_timeout=30)\n"
-                    "pool.map(lambda _: __import__('time').sleep(0.2), range(2))")
+                    "list(pool.map(lambda _: __import__('time').sleep(0.2), range(2)))")
         pids = _runner_pids(kc)
         assert len(pids) == 2
         if how == "shutdown":
@@ -227,7 +245,7 @@ def test_map_and_gather_show_a_progress_line_updated_in_place(kernel):
     km, kc = kernel
     execute(kc, "ppool = flame.Pool(max=2)")
     cell, (reply, msgs) = execute(kc, "def slow(i):\n    time.sleep(0.4)\n    return i\n"
-                                      "r = ppool.map(slow, range(8))\nlen(r)")
+                                      "r = list(ppool.map(slow, range(8)))\nlen(r)")
     assert reply["content"]["status"] == "ok", reply["content"]
     first = of_type(msgs, "display_data", cell)
     updates = of_type(msgs, "update_display_data", cell)
@@ -246,6 +264,8 @@ def test_map_and_gather_show_a_progress_line_updated_in_place(kernel):
     assert texts and "gather: 6/6 done" in texts[-1]
     cell, (reply, msgs) = execute(kc, "ppool.map(slow, range(2))")  # quick: no line at all
     assert not of_type(msgs, "display_data", cell)
+    # As a cell's value, a map shows its results, read when the cell ends.
+    assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] == "[0, 1]"
     execute(kc, "ppool.shutdown()")
 
 

@@ -77,7 +77,7 @@ def test_submit_map_cast_acall(make_pool, tmp_path):
     pool = make_pool(max=2)
     fut = pool.submit(pow, 2, 10)
     assert fut.result(timeout=30) == 1024
-    assert pool.map(lambda a, b: a * b, range(10), range(10)) == [i * i for i in range(10)]
+    assert list(pool.map(lambda a, b: a * b, range(10), range(10))) == [i * i for i in range(10)]
     marker = tmp_path / "cast"
     pool.cast(lambda p: open(p, "w").write("done"), str(marker))
     assert wait_for(lambda: marker.exists() and marker.read_text() == "done")
@@ -99,11 +99,11 @@ def test_map_sends_calls_together_in_order_small_and_large(make_pool):
     pool.call(int)
     sent = pool._endpoint.wire._seq
     payloads = [b"x" * (300_000 if i % 97 == 0 else i % 7) for i in range(1500)]
-    assert pool.map(_size, range(1500), payloads) == [(i, len(p)) for i, p in enumerate(payloads)]
+    assert list(pool.map(_size, range(1500), payloads)) == [(i, len(p)) for i, p in enumerate(payloads)]
     messages = pool._endpoint.wire._seq - sent
     assert messages < 1500 - 10, f"{messages} messages for 1500 calls: none went together"
     # a function first seen inside such a message is known to the runner for the ones after it
-    assert pool.map(lambda i: -i, range(40)) == [-i for i in range(40)]
+    assert list(pool.map(lambda i: -i, range(40))) == [-i for i in range(40)]
 
 
 def test_a_fresh_pool_boots_while_its_first_call_is_pickled(make_pool):
@@ -139,7 +139,7 @@ def test_max_runners_and_max_concurrency(make_pool):
         start = time.monotonic()
         time.sleep(0.6)
         return os.getpid(), threading.get_ident(), start
-    results = pool.map(busy, range(6))
+    results = list(pool.map(busy, range(6)))
     pids = [r[0] for r in results]
     assert len(set(pids)) == 2, "two runners at most"
     assert len(pool.runners) == 2
@@ -166,7 +166,7 @@ def test_waiting_callers_are_served_fifo(make_pool):
 def test_min_runners_stay_warm_and_idle_ones_shut_down(make_pool):
     pool = make_pool(min=1, max=3, idle_shutdown_after=0.5)
     assert wait_for(lambda: [r.state for r in pool.runners] == ["ready"])
-    pool.map(lambda _: __import__("time").sleep(0.3), range(3))
+    list(pool.map(lambda _: __import__("time").sleep(0.3), range(3)))
     assert len(pool.runners) == 3
     pids = {r.pid for r in pool.runners}
     assert wait_for(lambda: len(pool.runners) == 1, timeout=10)
@@ -427,7 +427,7 @@ def test_a_pool_of_64_runners_maps_over_them_with_no_error_and_no_leak():
         assert wait_for(lambda: sum(r.state == "ready" for r in pool.runners) == 64, timeout=300)
         pids = {r.pid for r in pool.runners}
         assert len(pids) == 64
-        out = pool.map(lambda x: (x * 2, os.getpid()), range(2000))
+        out = list(pool.map(lambda x: (x * 2, os.getpid()), range(2000)))
         assert [v for v, _ in out] == [x * 2 for x in range(2000)]
         used = {pid for _, pid in out}
         assert used <= pids and len(used) > 1

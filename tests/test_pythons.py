@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
 
     with flame.Pool(max=2) as pool:
         assert pool.call(lambda: sys.version_info[:2]) == sys.version_info[:2]
-        assert pool.map(later, range(4)) == [0, 2, 4, 6]
+        assert list(pool.map(later, range(4))) == [0, 2, 4, 6]
         value = pool.spawn(list, range(3))
         assert value.get() == [0, 1, 2] and len(value) == 3
 

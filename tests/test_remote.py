@@ -78,7 +78,7 @@ def test_remote_arguments_run_on_their_runner_as_the_real_object(make_pool):
 
 def test_calls_with_a_remote_wait_for_its_runner_even_when_others_are_free(make_pool):
     pool = make_pool(max=2)
-    pool.map(lambda _: time.sleep(0.3), range(2))  # two runners up
+    list(pool.map(lambda _: time.sleep(0.3), range(2)))  # two runners up
     model = pool.spawn(Model, 1)
     busy = pool.submit_to(model.runner, time.sleep, 1.0)
     t0 = time.monotonic()
@@ -90,7 +90,7 @@ def test_calls_with_a_remote_wait_for_its_runner_even_when_others_are_free(make_
 
 def test_remotes_on_two_runners_in_one_call_is_a_clear_error(make_pool):
     pool = make_pool(max=2)
-    pool.map(lambda _: time.sleep(0.3), range(2))
+    list(pool.map(lambda _: time.sleep(0.3), range(2)))
     a = pool.spawn(Model, 1)
     b = pool.submit_to(next(r.id for r in pool.runners if r.id != a.runner), lambda: 1)
     b.result()

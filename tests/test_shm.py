@@ -185,7 +185,7 @@ def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
         import os, time, numpy as np, flame
         pool = flame.Pool(max=2, min=2, parent_timeout=2)
         a = np.ones(32 * 2**20 // 8)
-        pool.map(lambda x: x * 2, [a, a])  # both runners: arenas made, regions lent both ways
+        list(pool.map(lambda x: x * 2, [a, a]))  # both runners: arenas made, regions lent both ways
         futs = [pool.submit(lambda x: (__import__("time").sleep(60), x)[1], a) for _ in range(2)]
         print(pool._id_prefix[:-1], flush=True)
         time.sleep(600)
@@ -210,7 +210,7 @@ def test_a_pool_and_its_runners_sent_sigterm_together_leave_nothing(tmp_path):
         import time, numpy as np, flame
         pool = flame.Pool(max=2, min=2)
         a = np.ones(32 * 2**20 // 8)
-        pool.map(lambda x: x * 2, [a, a])  # arenas on both sides, and the start counts
+        list(pool.map(lambda x: x * 2, [a, a]))  # arenas on both sides, and the start counts
         print(pool._id_prefix[:-1], *(r.pid for r in pool.runners), flush=True)
         time.sleep(600)
     """))

@@ -107,7 +107,7 @@ def test_sigkilled_parent_leaves_no_job(slurm, tmp_path):
         b = flame.SlurmBackend(python=sys.executable, env={{"PYTHONPATH": {ROOT!r}}},
                                work_dir={str(tmp_path / "slurm")!r})
         pool = flame.Pool(b, min=2, max=2, parent_timeout=2, boot_timeout=60)
-        pool.map(lambda _: __import__("time").sleep(0.3), range(2))
+        list(pool.map(lambda _: __import__("time").sleep(0.3), range(2)))
         print("ready", flush=True)
         time.sleep(600)
     """))

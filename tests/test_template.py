@@ -106,7 +106,7 @@ def test_nothing_outlives_a_sigkilled_parent(tmp_path):
     script.write_text(textwrap.dedent("""
         import flame, os, time
         pool = flame.Pool(flame.LocalBackend(preload=["json"]), min=2, max=2, parent_timeout=2)
-        pids = pool.map(lambda _: (__import__("time").sleep(0.3), __import__("os").getpid())[1], range(2))
+        pids = list(pool.map(lambda _: (__import__("time").sleep(0.3), __import__("os").getpid())[1], range(2)))
         print(" ".join(map(str, pids)), flush=True)
         time.sleep(600)
     """))

@@ -220,6 +220,7 @@ class LocalBackend(Backend):
                 while handle.exit_status() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
             self._release(handle.gpus)
+            handle.log.close()  # its tail, if needed, was read when it died
             return
         assert isinstance(handle, LocalHandle)
         if handle.proc.poll() is None:
@@ -232,6 +233,7 @@ class LocalBackend(Backend):
         except subprocess.TimeoutExpired:  # pragma: no cover - a process stuck in the kernel
             log.warning("flame: runner pid %s did not exit after SIGKILL", handle.pid)
         self._release(handle.gpus)  # only once the process is gone: the GPU is free again
+        handle.log.close()  # its tail, if needed, was read when it died
 
 
 def _log_file(runner_id: str) -> "IO[bytes]":

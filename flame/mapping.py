@@ -1,0 +1,73 @@
+"""What ``Pool.map`` returns: its results in input order, each when it is reached, as
+``concurrent.futures.Executor.map`` gives them."""
+from __future__ import annotations
+
+import collections
+import time
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+from typing import Any, Iterator
+
+
+class MapResults(Iterator):
+    """The results of one ``map``, lazily and in order. A call's exception is raised when its
+    result is reached, and then the calls not yet done are cancelled, as they are when the
+    object is dropped or :meth:`close` d; a result already yielded is no longer referenced
+    here. ``timeout`` counts from the ``map`` call. In a notebook, as a cell's value, it shows
+    its progress line and then its results as a list."""
+
+    def __init__(self, futures: list, timeout: float | None, chunked: bool, tracker: Any) -> None:
+        self._futures = collections.deque(futures)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._chunk: collections.deque = collections.deque()
+        self._chunked = chunked
+        self._tracker = tracker
+
+    def __iter__(self) -> "MapResults":
+        return self
+
+    def __next__(self) -> Any:
+        if self._chunk:
+            return self._chunk.popleft()
+        if not self._futures:
+            self.close()
+            raise StopIteration
+        future = self._futures.popleft()
+        try:
+            if self._deadline is None:
+                value = future.result()
+            else:
+                value = future.result(max(0.0, self._deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            self.close()
+            raise FutureTimeout("a map result was not ready within its timeout") from None
+        except BaseException:
+            self.close()
+            raise
+        del future  # the future holds the result: only the caller keeps it now
+        if not self._chunked:
+            return value
+        self._chunk.extend(value)
+        return self.__next__()
+
+    def close(self) -> None:
+        """Cancel the calls not yet done (their results will not be asked for)."""
+        while self._futures:
+            self._futures.pop().cancel()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<flame map results: {len(self._futures)} call(s) not yet read>"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """As a notebook cell's value: wait for the rest (the progress line shows meanwhile)
+        and show the results as a list."""
+        printer.pretty(list(self))
