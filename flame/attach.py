@@ -22,7 +22,8 @@ from .call import make_sink
 from .errors import FlameError, RunnerDied
 from .keys import new_key, read_private, write_private
 from .replies import Replies, Request
-from .wire import HEARTBEAT, Kind, Wire, curve_client, introduction, read_output
+from .listen import curve_client
+from .wire import HEARTBEAT, Kind, Wire, introduction, read_output
 
 log = logging.getLogger("flame.attach")
 

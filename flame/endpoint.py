@@ -29,7 +29,8 @@ from typing import Any, Callable
 import zmq
 
 from .node.boot import BOOT
-from .wire import WakePipe, Wire, curve_client, is_loopback, listener, pending, recv_ready, send_parts
+from .listen import curve_client, is_loopback, listener
+from .wire import WakePipe, Wire, pending, recv_ready, send_parts
 
 log = logging.getLogger("flame.pool")
 
@@ -71,7 +72,7 @@ class Endpoint:
         self._after = after or (lambda: None)
         self._ctx = zmq.Context()
         # Only this user can reach a socket in a private directory; off loopback, the
-        # handshake proves the key (see wire.listener). Either way, no stranger's frame reaches
+        # handshake proves the key (see listen.listener). Either way, no stranger's frame reaches
         # memory, where the HMAC would be checked only after it had been read whole.
         curve = not is_loopback(bind_host)
         self._sock, self.curve_public, self._gate = listener(self._ctx, key, curve)

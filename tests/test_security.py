@@ -216,7 +216,7 @@ def test_frames_larger_than_a_listener_takes_travel_as_pieces(tmp_path):
     larger frame, or a header that makes the first frame larger, travels in pieces from a
     peer holding the key, and arrives whole."""
     from flame.wire import FRAME_MAX
-    from flame.wire import curve_client, listener
+    from flame.listen import curve_client, listener
     key = os.urandom(32)
     sender, receiver = Wire(key, "a", cut=True), Wire(key, "b")
     ctx = zmq.Context()

@@ -48,7 +48,7 @@ import zmq
 
 from .. import serialize, shm
 from ..keys import read_key
-from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wire, curve_client, fast_digests, introduction, pending, recv_ready,
+from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wire, fast_digests, introduction, pending, recv_ready,
                     send_parts)
 from .capture import Capture
 from .execute import Calls, cancelled_reply
@@ -85,7 +85,9 @@ class RunnerNode:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        curve_client(self.sock, env.get("FLAME_CURVE_SERVER"), key)  # set when the parent is off loopback
+        if env.get("FLAME_CURVE_SERVER"):  # the parent is off loopback (imported only then: boot time)
+            from ..listen import curve_client
+            curve_client(self.sock, env["FLAME_CURVE_SERVER"], key)
         self.sock.connect(self.address)
         self.sock_lock = threading.Lock()
         #: one entry per other thread waiting for sock_lock (list ops are atomic), as in the

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import zmq
 
 from .. import serialize
-from ..wire import FLUSH_INTERVAL, HEARTBEAT, Kind, WakePipe, Wire, introduction, listener
+from ..listen import listener
+from ..wire import FLUSH_INTERVAL, HEARTBEAT, Kind, WakePipe, Wire, introduction
 from . import aio, display, introspect
 from .capture import Capture
 from .execute import Calls, cancelled_reply
