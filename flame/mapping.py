@@ -11,7 +11,8 @@ from typing import Any, Iterator
 class MapResults(Iterator):
     """The results of one ``map``, lazily and in order. A call's exception is raised when its
     result is reached, and then the calls not yet done are cancelled, as they are when the
-    object is dropped or :meth:`close` d; a result already yielded is no longer referenced
+    object is dropped part-read or :meth:`close` d (dropped unread, its calls run on, as with
+    ``Executor.map``); a result already yielded is no longer referenced
     here. ``timeout`` counts from the ``map`` call. In a notebook, as a cell's value, it shows
     its progress line and then its results as a list."""
 
@@ -21,11 +22,13 @@ class MapResults(Iterator):
         self._chunk: collections.deque = collections.deque()
         self._chunked = chunked
         self._tracker = tracker
+        self._read = False  # dropped before any result was read, its calls go on (as the stdlib's)
 
     def __iter__(self) -> "MapResults":
         return self
 
     def __next__(self) -> Any:
+        self._read = True
         if self._chunk:
             return self._chunk.popleft()
         if not self._futures:
@@ -60,7 +63,10 @@ class MapResults(Iterator):
 
     def __del__(self) -> None:
         try:
-            self.close()
+            if self._read:
+                self.close()
+            elif self._tracker is not None:
+                self._tracker.close()
         except Exception:
             pass
 

@@ -79,3 +79,12 @@ def test_cpythons_executor_suites_pass_against_pool(tmp_path):
     report = out.stderr[-6000:]
     assert out.returncode == 0, report
     assert "OK" in report and "skipped" not in report.split("Ran")[-1], report
+
+
+def test_a_map_dropped_unread_still_runs_its_calls(make_pool, tmp_path):
+    # As Executor.map: only a map whose results are being read cancels the rest when dropped.
+    from conftest import wait_for
+    pool = make_pool(max=2)
+    marks = tmp_path / "marks"
+    pool.map(lambda i, p: open(p, "a").write(f"{i}\n"), range(6), [str(marks)] * 6)
+    assert wait_for(lambda: marks.exists() and len(marks.read_text().split()) == 6, timeout=30)
