@@ -53,16 +53,13 @@ from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wi
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .starts import StartCount
-from .terminator import Terminator, alive
+from .terminator import EXIT_BROKEN, Terminator, cleanup, exit_now, terminated, watch_stdin
 
 log = logging.getLogger("flame.node")
 
 PARENT = "parent"
 #: The longest the main thread waits in one blocking receive (it then looks at its flags).
 RECV_SLICE = 0.02
-EXIT_PARENT_LOST = 3
-#: Exit code when the node's own machinery failed (its traceback is in the log).
-EXIT_BROKEN = 4
 
 
 class RunnerNode:
@@ -104,7 +101,7 @@ class RunnerNode:
         # Shared memory with a parent on this machine (shm.py): our arena for results, the
         # parent's mapped for arguments, and the frees our finalizers queue for the watch thread.
         self.shm = shm.Side(env.get("FLAME_SHM") == "1" and shm.available(), self.id)
-        _cleanup.append(self.shm.close)
+        cleanup.append(self.shm.close)
         self.parent_owner = shm.pool_owner(self.id)
         self.calls = Calls(self.capture, signal_main=self.concurrency == 1,
                            pack=self._pack if self.shm.on else None)
@@ -116,7 +113,7 @@ class RunnerNode:
         #: a local runner's count of the calls it started, for its pool after a kill (starts.py)
         self.starts = StartCount(env["FLAME_STARTS"]) if env.get("FLAME_STARTS") else None
         if self.starts is not None:
-            _cleanup.append(self.starts.close)
+            cleanup.append(self.starts.close)
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -431,53 +428,6 @@ def _give_way(wanting: list) -> None:
         time.sleep(0.0002)
 
 
-#: Run before the node exits, whatever the way: unlink our shared memory.
-_cleanup: list = []
-
-
-def exit_now(why: str, runner_id: str = "", code: int = EXIT_PARENT_LOST, parent_gone: bool = False) -> None:
-    """Exit at once (the parent is gone, or the runner cannot go on). Saying why is best effort:
-    stderr may be a closed pipe (an SSH channel that went away), and that must not keep the
-    runner alive. With the parent's process gone, its shared memory goes too: no one else would
-    unlink it (a parent that is merely silent keeps it)."""
-    try:
-        for fn in _cleanup:
-            fn()
-        if parent_gone and "-r" in runner_id:
-            shm.sweep(shm.pool_owner(runner_id))
-    except BaseException:
-        pass
-    try:
-        log.warning("flame runner %s exiting: %s", runner_id, why)
-        sys.__stderr__.flush()
-    except BaseException:
-        pass
-    finally:
-        os._exit(code)
-
-
-def _terminated(runner_id: str, terminator: Terminator) -> None:
-    """SIGTERM (``pkill``, ``scancel``, a host shutting down): unlink our shared memory, then
-    die of the signal as before, so that the parent still reads "killed by SIGTERM".
-
-    ``pkill -f`` signals the parent in the same instant, and a parent that dies of SIGTERM
-    unlinks nothing: if it is gone a moment later, its files go with ours, as when it is
-    killed (exit_now)."""
-    try:
-        for fn in _cleanup:
-            fn()
-        log.warning("flame runner %s exiting: it was sent SIGTERM", runner_id)
-        if terminator.parent_pid is not None and "-r" in runner_id:
-            until = time.monotonic() + 0.5
-            while time.monotonic() < until and terminator.verdict() is None:
-                time.sleep(0.02)
-            if (terminator.verdict() or "").startswith("parent process"):
-                shm.sweep(shm.pool_owner(runner_id))
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _visible_gpus() -> list[str]:
     value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [g for g in value.split(",") if g.strip()] if value.strip() else []
@@ -494,40 +444,14 @@ def _gpu_info(ids: list[str]) -> list[dict]:
         return []
 
 
-def _watch_stdin() -> None:
-    """EOF on stdin means the connection to the parent is gone: exit at once."""
-    fd = sys.stdin.fileno()
-
-    def watch() -> None:
-        try:
-            while os.read(fd, 65536):
-                pass
-        except OSError:
-            pass
-        # A local runner's stdin is a pipe from its parent: EOF is usually the parent's death,
-        # and then its shared memory goes with us (over SSH, the connection alone may be gone).
-        # The pipe closes while the parent exits, before it is a zombie: give it a moment to be
-        # gone for certain, or a parent that is merely closing keeps its memory.
-        parent = os.environ.get("FLAME_PARENT_PID")
-        gone = False
-        if parent:
-            until = time.monotonic() + 1.0
-            while not gone and time.monotonic() < until:
-                gone = not alive(int(parent))
-                if not gone:
-                    time.sleep(0.01)
-        exit_now("its connection (stdin) closed", os.environ.get("FLAME_RUNNER_ID", ""), parent_gone=gone)
-    threading.Thread(target=watch, name="flame-node-stdin", daemon=True).start()
-
-
 def main() -> None:
     faulthandler.enable()  # a segfault prints its Python traceback into the stderr tail
     if "--stdin" in sys.argv[1:]:
         from .boot import settings_from_stdin
         settings_from_stdin()
-        _watch_stdin()
+        watch_stdin()
     elif os.environ.pop("FLAME_WATCH_STDIN", None):  # the bootstrap read the settings (boot.py)
-        _watch_stdin()
+        watch_stdin()
     env = dict(os.environ)
     for name in ("FLAME_KEY", "FLAME_KEY_FILE"):
         os.environ.pop(name, None)  # user code and its subprocesses never see the key
@@ -539,13 +463,13 @@ def main() -> None:
     from . import display
     display.install(display.to_calls(node.capture))
     signal.signal(signal.SIGINT, node.calls.on_sigint)
-    signal.signal(signal.SIGTERM, lambda *_: _terminated(node.id, node.terminator))
+    signal.signal(signal.SIGTERM, lambda *_: terminated(node.id, node.terminator))
     threading.Thread(target=node.watch_loop, name="flame-node-watch", daemon=True).start()
     if node.concurrency > 1:
         for i in range(node.concurrency):
             threading.Thread(target=node.worker, name=f"flame-node-worker-{i + 1}", daemon=True).start()
     node.main_loop()
-    for fn in _cleanup:
+    for fn in cleanup:
         fn()
     with node.sock_lock:
         node.sock.close()
