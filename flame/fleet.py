@@ -2,9 +2,9 @@
 what the backend's threads (``Watch``) find about them.
 
 The fleet writes its own state (the runners, the backend's capacity, whether refilling
-``min`` is paused) under the pool's lock; each runner's fields are the Runner's own. What a
-runner's going means for its calls is the pool's to decide (``Pool._drop_runner``,
-``Pool._boot_failed``): the fleet only asks it.
+``min`` is paused, the requests runners owe a reply) under the pool's lock; each runner's
+fields are the Runner's own. Which of a dead runner's calls run again is the Runner's to say
+(``Runner.die``); where they go, the pool's (``Pool._drop_runner``, ``Pool._boot_failed``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import time
 from typing import TYPE_CHECKING
 
 from . import shm, wire
-from .errors import BootError
+from .errors import BootError, RunnerDied
+from .replies import Replies
 from .runner import Runner
 from .watch import Watch
 
@@ -44,6 +45,8 @@ class Fleet:
         self.capacity = pool.backend.capacity()
         #: set by a boot failure: no refilling ``min`` until a boot works
         self.min_paused = False
+        #: completions and inspections asked of runners (``ask``), by request id
+        self.requests = Replies()
         self.watch = Watch(self, pool.backend, pool.name, pool.parent_timeout)
 
     # ---- booting -----------------------------------------------------------------------
@@ -70,16 +73,16 @@ class Fleet:
     def booted(self, r: Runner, handle: RunnerHandle) -> None:
         """On the boot helper: the backend started ``r``'s process."""
         capacity = self._pool.backend.capacity()
-        with self._pool._state():
+        with self._pool._state:
             self.capacity = capacity
             if r.booted(handle):
                 self._pool._schedule()
             else:  # the pool gave up on it meanwhile
-                self._pool._later.append(functools.partial(self.watch.reap, r))
+                self._pool._state.later(functools.partial(self.watch.reap, r))
 
     def boot_failed(self, r: Runner, error: BootError) -> None:
         """On the boot helper: the backend could not start ``r``."""
-        with self._pool._state():
+        with self._pool._state:
             self._pool._boot_failed(r, error)
 
     def hello(self, r: Runner, head: dict) -> bool:
@@ -96,7 +99,7 @@ class Fleet:
 
     def serve_code(self, peer: str, digest: str) -> bytes | None:
         """On the receiving thread: the archive a booting runner of this pool asks for."""
-        with self._pool._lock:
+        with self._pool._state.lock:
             r = self.runners.get(peer.removesuffix("/boot"))
             if r is None or r.state != "booting":
                 return None
@@ -114,15 +117,33 @@ class Fleet:
             r = next((x for x in self.runners.values() if x.state == "ready"), None)
         return r
 
+    def ask(self, kind: str, fields: dict, runner_id: str | None, timeout: float) -> dict:
+        """Ask runner ``runner_id`` (else any ready one) a question of ``kind``; wait for its
+        reply's content (any thread, not holding the lock)."""
+        endpoint = self._pool._endpoint
+        with self._pool._state.lock:
+            r = self.ready(runner_id)
+            if r is None:
+                raise LookupError(f"{self._pool.name} has no ready runner to ask")
+            request_id, request = self.requests.new(r.id)
+            endpoint.send(r.id, kind, {"id": request_id, **fields})
+        endpoint.nudge()  # someone must receive the reply
+        try:
+            return request.future.result(timeout)
+        finally:
+            self.requests.drop(request_id)
+
     # ---- going -------------------------------------------------------------------------
     def stop(self, r: Runner) -> None:
         r.stop(STOP_GRACE)
         log.info("flame: stopping runner %s", r.id)
 
-    def forget(self, r: Runner, boot_failed: bool = False) -> list[Call]:
-        """``r`` is gone or given up on: forget it, and have its process made sure of. Returns
-        the calls sent to it that provably never started (``Runner.die``). A failed boot
-        pauses refilling ``min`` until a boot works: a broken boot must surface, not loop."""
+    def forget(self, r: Runner, error: BaseException, retry: bool,
+               boot_failed: bool = False) -> tuple[list[Call], list[tuple[Call, BaseException]]]:
+        """``r`` is gone or given up on, with ``error``: forget it, and have its process made
+        sure of. Returns its calls that run again and those that fail (``Runner.die``). A
+        failed boot pauses refilling ``min`` until a boot works: a broken boot must surface,
+        not loop."""
         pool = self._pool
         del self.runners[r.id]
         if boot_failed:
@@ -130,23 +151,26 @@ class Fleet:
         pool._endpoint.wire.forget(r.id)
         pool._endpoint.wire.fast_peers.discard(r.id)
         pool._shm.forget(r.id)  # whatever it held of ours is ours again
-        never_started = r.die()
+        if self.requests:  # completions or inspections it will never answer
+            pool._state.later(functools.partial(self.requests.fail, RunnerDied(
+                f"runner {r.id} is gone before it answered", r.id), r.id))
+        fates = r.die(error, retry)
         if r.handle is not None:
-            pool._later.append(functools.partial(self.watch.reap, r))
-        return never_started
+            pool._state.later(functools.partial(self.watch.reap, r))
+        return fates
 
     def reaped(self, r: Runner) -> None:
         """On the terminate helper: ``r``'s process is gone; a GPU set may be free again."""
         pool = self._pool
         if self.capacity is not None and not pool._endpoint.stopped.is_set():
             capacity = pool.backend.capacity()
-            with pool._state():
+            with pool._state:
                 self.capacity = capacity
                 pool._schedule()
 
     # ---- the watch thread's findings ---------------------------------------------------
     def list(self) -> list[Runner]:
-        with self._pool._lock:
+        with self._pool._state.lock:
             return list(self.runners.values())
 
     def verdicts(self, found: list[tuple[Runner, str, int | None, str]], now: float,
@@ -154,7 +178,7 @@ class Fleet:
         """The watch thread's findings ``(runner, verdict, exit code, stderr tail)``: those still
         so under the lock become a failed boot or a dropped runner."""
         pool = self._pool
-        with pool._state():
+        with pool._state:
             for r, why, code, tail in found:
                 if r.verdict(now, code, silent_after) != why:
                     continue

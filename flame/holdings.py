@@ -1,5 +1,5 @@
-"""Values the pool's runners hold for Remotes: making Remotes, finding the runner a call's
-Remotes live on, and releasing values in batches.
+"""Values the pool's runners hold for Remotes: making Remotes, sending operations on them to
+their runner, finding the runner a call's Remotes live on, and releasing values in batches.
 
 Releasing a Remote's value (``_Held.__del__``) may run in any thread, at any point where the
 garbage collector runs, the pool's own locked sections included: so it only appends to
@@ -7,29 +7,42 @@ garbage collector runs, the pool's own locked sections included: so it only appe
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import RunnerDied
 from .remote import Remote, RemoteGone, _Held
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .call import Outcome
+    from .pool import Pool
     from .runner import Runner
 
 
 class Holdings:
     """The Remotes' side of one pool; it owns the queue of values to release."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
         #: (runner_id, object id) of values no Remote refers to any more
         self.releases: list = []
 
-    def remote(self, r: Runner | None, runner_id: str, ref: tuple, origin: Any) -> Remote:
-        """Wrap a runner's reference ``(id, bytes)`` as a Remote, and count it on ``r``."""
+    def remote(self, runner_id: str, ref: tuple, origin: Any) -> Remote:
+        """Wrap runner ``runner_id``'s reference ``(id, bytes)`` as a Remote, and count it there."""
         oid, nbytes = ref
+        r = self._pool._fleet.runners.get(runner_id)
         if r is not None:
             r.hold(oid, nbytes)
         return Remote(_Held(self._pool, runner_id, oid, origin, nbytes))
+
+    def on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Outcome:
+        """Queue ``fn(*args)`` on the runner that holds ``held``, and nowhere else; the caller
+        waits for the Outcome. ``arg_frames``: the arguments already pickled."""
+        pool = self._pool
+        if pool.closed:
+            raise RemoteGone(f"{pool.name} was shut down: the value from {held.origin} is gone")
+        call = pool._packer.call(fn, args, {}, held.runner_id, True, held, arg_frames=arg_frames, outcome=True)
+        pool._enqueue((call,))
+        return call.future
 
     def release(self, runner_id: str, oid: int) -> None:
         """A Remote's value is no longer referred to here. Any thread, any time: no lock."""
@@ -37,6 +50,8 @@ class Holdings:
 
     def send(self, runners: dict[str, Runner]) -> None:
         """Send the releases queued since the last tick, one message per runner (under the lock)."""
+        if not self.releases:
+            return
         releases, self.releases = self.releases, []
         by_runner: dict[str, list[int]] = {}
         for runner_id, oid in releases:

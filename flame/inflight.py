@@ -1,21 +1,23 @@
-"""Calls in flight, at both ends of the lock: made ready before they are queued, and their
+"""Calls in flight: made ready before they are queued, held by id until they end, and their
 answers taken in after.
 
-``Packer`` pickles a call outside the pool's lock (the function once, by content hash; the
+``InFlight`` owns the pool's calls by id, from submit until they are settled, and the
+transitions that end them (retired, finished, interrupted, timed out). ``Packer`` pickles a call outside the pool's lock (the function once, by content hash; the
 arguments; large buffers into shared memory). ``deliver`` settles a call's future once the
 lock is released: futures' callbacks are the user's code, and results are unpickled by the
 ``result()`` that asks for them, in the caller's thread.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import CancelledError, InvalidStateError
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import present, serialize
 from .call import Call, CallFuture, Pickled
-from .errors import SerializationError
+from .errors import CallTimeout, SerializationError
 from .functions import FunctionCache
 from .holdings import holder_of
 from .remote import _sending, remotes_in
@@ -23,9 +25,79 @@ from .wire import INLINE_MAX, Kind, fast_digests, out_of_band_digest, read_outpu
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
+    from .runner import Runner
     from .shm import Side
+    from .state import State
 
 log = logging.getLogger("flame.pool")
+
+#: How long a cancelled call may take to stop before its runner is killed and replaced.
+CANCEL_GRACE = 1.0
+
+
+class InFlight:
+    """A pool's calls by call id, queued or on a runner, until each is settled (caller holds
+    the pool's lock)."""
+
+    def __init__(self, state: State, shm: Side, timeout: float | None) -> None:
+        self._state = state
+        self._shm = shm
+        self._timeout = timeout
+        #: call id -> Call, from submit until it is answered, failed or cancelled
+        self.calls: dict[str, Call] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.calls)
+
+    def add(self, calls: Iterable[Call]) -> None:
+        for call in calls:
+            self.calls[call.id] = call
+
+    def retire(self, call: Call) -> None:
+        """``call`` is over here: its slot on its runner is free, its shared memory ours again."""
+        call.state = "done"
+        if call.shm is not None:  # the pool will not send it again; its runners free it when done
+            self._shm.release(call.shm[1], "pool")
+            call.shm = None
+        self.calls.pop(call.id, None)
+        if call.runner is not None:
+            call.runner.answered(call.id)
+
+    def finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
+        """Retire ``call`` and settle its future once the lock is released."""
+        self.retire(call)
+        self._state.later(functools.partial(settle, call.future, result, exc))
+
+    def interrupt(self, call: Call) -> None:
+        """Ask its runner to stop ``call``; past CANCEL_GRACE the runner is replaced."""
+        call.state = "cancelling"
+        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
+        call.runner.cancel(call.id)
+
+    def time_out(self, call: Call) -> None:
+        """``call`` passed the pool's timeout (queued: taken off the queue by its owner)."""
+        if call.state == "queued":
+            self.finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
+                                              f"{self._timeout:g} s without a runner"))
+        else:  # still on its runner until it answers the interrupt
+            self._state.later(functools.partial(settle, call.future, None, CallTimeout(
+                f"{call.name}() passed its timeout of {self._timeout:g} s; its remote work was stopped")))
+
+    def overdue(self, runners: Iterable[Runner], now: float) -> list[Runner]:
+        """Interrupt the calls past their deadline; return the runners with a cancelled call
+        that did not stop within CANCEL_GRACE (to be killed and replaced)."""
+        stuck = []
+        for r in runners:
+            for call in list(r.calls.values()):
+                if call.state == "running" and call.deadline is not None and now > call.deadline:
+                    self.interrupt(call)
+                    self.time_out(call)
+                elif call.state == "cancelling" and now > call.cancel_deadline:
+                    log.warning("flame: %s did not stop within %g s of its cancel; "
+                                "killing runner %s", call, CANCEL_GRACE, r.id)
+                    stuck.append(r)
+                    break
+        return stuck
 
 
 class Packer:

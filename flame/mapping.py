@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class MapResults(Iterator):
@@ -77,3 +77,18 @@ class MapResults(Iterator):
         """As a notebook cell's value: wait for the rest (the progress line shows meanwhile)
         and show the results as a list."""
         printer.pretty(list(self))
+
+
+def start(queue: Callable[[Callable, list], list], fn: Callable, iterables: tuple,
+          timeout: float | None, chunksize: int) -> MapResults:
+    """Queue the calls of one ``map`` through ``queue`` (the pool's: a function and a list of
+    ``(args, kwargs)`` to futures), ``chunksize`` items a call, and return their results."""
+    title = f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})"
+    items = list(zip(*iterables))
+    if chunksize > 1:
+        from .node.chunk import run_chunk
+        futures = queue(run_chunk, [((fn, items[i:i + chunksize]), {}) for i in range(0, len(items), chunksize)])
+    else:
+        futures = queue(fn, [(xs, {}) for xs in items])
+    from .progress import Tracker  # here: the progress line is only for batches
+    return MapResults(futures, timeout, chunksize > 1, Tracker(title, futures))

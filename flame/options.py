@@ -5,6 +5,33 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
+def check_pool(backend: Any, min: int, max: int, max_concurrency: int, idle_shutdown_after: float | None,
+               boot_timeout: float, timeout: float | None, parent_timeout: float,
+               code_sync: bool | Sequence[str] | None, code_exclude: Sequence[str], code_limit: int,
+               retries: int) -> tuple[Any, bool | Sequence[str]]:
+    """``Pool(...)``'s options checked; returns the backend (``LocalBackend()`` if None) and
+    ``code_sync`` as the backend takes it."""
+    from .backends.base import Backend
+    if backend is None:
+        from .backends.local import LocalBackend
+        backend = LocalBackend()
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a flame Backend, got {backend!r}")
+    number("min", min, minimum=0, integer=True)
+    number("max", max, minimum=1, integer=True)
+    if min > max:
+        raise ValueError(f"min ({min}) must not exceed max ({max})")
+    number("max_concurrency", max_concurrency, minimum=1, integer=True)
+    number("idle_shutdown_after", idle_shutdown_after, minimum=0, optional=True, positive=True)
+    number("boot_timeout", boot_timeout, minimum=0, positive=True)
+    number("timeout", timeout, minimum=0, optional=True, positive=True)
+    number("parent_timeout", parent_timeout, minimum=0, positive=True)
+    number("code_limit", code_limit, minimum=1, integer=True)
+    number("retries", retries, minimum=0, integer=True)
+    patterns("code_exclude", code_exclude)
+    return backend, _code_sync(code_sync, backend)
+
+
 def number(name: str, value: Any, *, minimum: float, integer: bool = False,
            optional: bool = False, positive: bool = False) -> None:
     """Raise TypeError/ValueError unless ``value`` is a number (an int) within bounds."""
@@ -18,7 +45,7 @@ def number(name: str, value: Any, *, minimum: float, integer: bool = False,
         raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
 
 
-def code_sync(value: bool | Sequence[str] | None, backend: Any) -> bool | Sequence[str]:
+def _code_sync(value: bool | Sequence[str] | None, backend: Any) -> bool | Sequence[str]:
     """``code_sync`` as given, or the backend's default (on for runners on other machines)."""
     if value is None:
         value = backend.remote

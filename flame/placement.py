@@ -61,7 +61,7 @@ class _Any:
     affinity = None
 
 
-#: Stands for a call about to be queued, to ask what it would boot (``Pool._expect_calls``).
+#: Stands for a call about to be queued, to ask what it would boot (``Pool._boot_ahead``).
 ANY = _Any()
 
 
@@ -84,6 +84,16 @@ def least_loaded(runners: Iterable[Any], limit: int, load: dict | None = None) -
             if n < fewest:
                 best, fewest = r, n
     return best
+
+
+def direct(call: Any, runners: dict, limit: int) -> Any:
+    """Where one call goes straight away when nothing waits before it (the per-call path,
+    ahead of ``decide``): the runner it names, if ready with a free slot, else for a call
+    that names none the least loaded ready runner with one; None: it waits."""
+    if call.affinity is None:
+        return least_loaded(runners.values(), limit)
+    r = runners.get(call.affinity)
+    return r if r is not None and r.state == "ready" and len(r.calls) < limit else None
 
 
 def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: float) -> Decision:

@@ -1,59 +1,57 @@
-"""The pool: its options, its API, and the state it owns: the queue of waiting calls, the
-calls in flight by id, and its runners by id.
+"""The pool: its options, its API, and the state it owns: the queue of waiting calls and
+what placement decides for it.
 
 Like FLAME's Pool, it decides and the others do: ``placement.decide`` says which call
 starts where and what boots or stops; each ``Runner`` (``runner.py``) owns its runner's
-life, the messages it is sent and its code-sync diff; ``Watch`` (``watch.py``) owns the
-threads that call the backend; ``Packer`` (``inflight.py``) pickles calls outside the lock
-and ``deliver`` settles their futures after it; ``Holdings`` (``holdings.py``) the values
+life, the messages it is sent, its code-sync diff and which of its calls run again when it
+dies; the ``Fleet`` (``fleet.py``) the runners by id, and ``Watch`` the threads that call the
+backend; ``InFlight`` (``inflight.py``) the calls by id and how each ends, ``Packer`` pickles
+them outside the lock and ``deliver`` settles them after it; the ``Inbox`` (``inbox.py``)
+handles each message kind a runner sends and the I/O thread's tick; ``Holdings`` the values
 runners keep for Remotes; ``shm.Side`` the shared memory; ``CodeSync`` the local code sent;
-``Endpoint`` the socket and its I/O thread. Each message kind a runner sends has one
-handler here (``_handlers``).
+``Endpoint`` the socket and its I/O thread.
 
 Threads: callers (submit, wait), the endpoint's I/O thread (receives when no caller does,
-heartbeats and deadlines every tick), the watch thread, a short-lived helper per boot and
-per terminate. State is guarded by one lock, and nothing slow or foreign runs under it: no
-backend call, no future callback, no unpickling. Transitions queue those as effects, run
-once the lock is released (:meth:`Pool._state`).
+ticks), the watch thread, a short-lived helper per boot and per terminate. State is guarded
+by one lock (``state.State``), and nothing slow or foreign runs under it: transitions queue
+those as effects, run once the lock is released.
 """
 from __future__ import annotations
 
 import atexit
 import collections
 import contextlib
-import functools
 import itertools
+import functools
 import logging
 import re
-import threading
 import time
 import weakref
 from concurrent.futures import CancelledError, Executor
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from . import holdings, options, placement, present, shm, wire
+from . import holdings, mapping, options, placement, present, shm
 from .backends.base import Backend
 from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
 from .endpoint import Endpoint
-from .errors import BootError, CallTimeout, PoolClosed, RunnerDied
-from .holdings import Holdings
-from .inflight import Packer, deliver, output, settle
-from .mapping import MapResults
-from .keys import new_key
-from .placement import PREFETCH
-from .remote import Remote, RemoteGone, _Held
-from .replies import Replies
+from .errors import BootError, PoolClosed, RunnerDied
 from .fleet import STOP_GRACE, Fleet
+from .holdings import Holdings
+from .inbox import Inbox
+from .inflight import InFlight, Packer
+from .keys import new_key
+from .mapping import MapResults
+from .placement import PREFETCH
+from .remote import Remote
 from .runner import Runner, RunnerInfo
+from .state import State
 from .wire import Kind
 
 log = logging.getLogger("flame.pool")
 
 #: How long shutdown waits for backends to force-stop runners (SSH, scancel).
 TERMINATE_WAIT = 20.0
-#: How long a cancelled call may take to stop before its runner is killed and replaced.
-CANCEL_GRACE = 1.0
 
 _pool_ids = itertools.count(1)
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
@@ -114,24 +112,9 @@ class Pool(Executor):
                 memory, preempted) runs again on another runner; such a call may run more than
                 once, so it must be idempotent. Defaults to 0.
         """
-        if backend is None:
-            from .backends.local import LocalBackend
-            backend = LocalBackend()
-        if not isinstance(backend, Backend):
-            raise TypeError(f"backend must be a flame Backend, got {backend!r}")
-        options.number("min", min, minimum=0, integer=True)
-        options.number("max", max, minimum=1, integer=True)
-        if min > max:
-            raise ValueError(f"min ({min}) must not exceed max ({max})")
-        options.number("max_concurrency", max_concurrency, minimum=1, integer=True)
-        options.number("idle_shutdown_after", idle_shutdown_after, minimum=0, optional=True, positive=True)
-        options.number("boot_timeout", boot_timeout, minimum=0, positive=True)
-        options.number("timeout", timeout, minimum=0, optional=True, positive=True)
-        options.number("parent_timeout", parent_timeout, minimum=0, positive=True)
-        options.number("code_limit", code_limit, minimum=1, integer=True)
-        options.number("retries", retries, minimum=0, integer=True)
-        code_sync = options.code_sync(code_sync, backend)
-        options.patterns("code_exclude", code_exclude)
+        backend, code_sync = options.check_pool(
+            backend, min, max, max_concurrency, idle_shutdown_after, boot_timeout, timeout,
+            parent_timeout, code_sync, code_exclude, code_limit, retries)
         self.backend = backend
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
@@ -150,39 +133,29 @@ class Pool(Executor):
             None if code_sync is True else list(code_sync), code_exclude, code_limit)) if backend.remote else None
         self._shm = shm.Side(bool(getattr(backend, "shared_memory", False)) and shm.available(),
                              shm.pool_owner(self._id_prefix))
+        self._state = State(self.name)  # the lock, and the effects queued under it
         self._packer = Packer(self)
+        self._inflight = InFlight(self._state, self._shm, timeout)
         self._holdings = Holdings(self)
-        self._lock = threading.Lock()
-        self._later: list = []  # effects queued under the lock, run once it is released
         self._fleet = Fleet(self, self._id_prefix)
         self._runners = self._fleet.runners  # read here; written by the fleet
         self._waiting: collections.deque[Call] = collections.deque()
-        #: a runner freed slots while calls wait: place them once the batch of messages is handled
-        self._freed = False
-        self._calls: dict[str, Call] = {}
-        self._requests = Replies()  # completions and inspections asked of runners
         self._closed = False
         self._limits: placement.Limits | None = None
         self._limits_key: tuple = ()
-        self._next_beat = 0.0
-        # One handler per kind a runner sends (stream, display and reply are taken outside
-        # the lock, in _on_message). Each runs under the lock; an answer's returns what
-        # deliver() settles once the lock is released.
-        self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
-            Kind.RESULT: self._on_answer, Kind.ERROR: self._on_answer, Kind.HELLO: self._on_hello,
-            Kind.HEARTBEAT: _heard, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
-        }
-        self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._on_message,
-                                  self._tick, functools.partial(self._fail, "I/O"),
-                                  lambda: bool(self._calls or self._requests),
-                                  self._fleet.serve_code if backend.remote else None, self._after_messages)
+        self._inbox = Inbox(self)
+        self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._inbox.message,
+                                  self._inbox.tick, functools.partial(self._fail, "I/O"),
+                                  lambda: bool(self._inflight or self._fleet.requests),
+                                  self._fleet.serve_code if backend.remote else None,
+                                  self._inbox.after_messages)
         self.address = backend.connect_address(self._endpoint.address)
         backend.acquire()
         self._backend_held = True
         self._endpoint.start()
         self._fleet.watch.start(self._endpoint.stopped, functools.partial(self._fail, "watch"))
         _live_pools.add(self)
-        with self._state():
+        with self._state:
             self._schedule()
         log.info("flame: %s listening on %s with %r", self.name, self.address, backend)
 
@@ -224,7 +197,7 @@ class Pool(Executor):
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         future = self._submit(objects.spawn, (fn, args, kwargs), {})
         ref = future.result()
-        return self._remote_from(future.runner_id, ref, f"spawn({name})")
+        return self._holdings.remote(future.runner_id, ref, f"spawn({name})")
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> MapResults:
@@ -239,16 +212,7 @@ class Pool(Executor):
         second shows a progress line in the cell, and as a cell's value shows its results.
         """
         options.number("chunksize", chunksize, minimum=1, integer=True)
-        title = f"map({getattr(fn, '__qualname__', None) or type(fn).__name__})"
-        items = list(zip(*iterables))
-        if chunksize > 1:
-            from .node.chunk import run_chunk
-            futures = self._queue(run_chunk, [((fn, items[i:i + chunksize]), {})
-                                              for i in range(0, len(items), chunksize)])
-        else:
-            futures = self._queue(fn, [(xs, {}) for xs in items])
-        from .progress import Tracker  # here: the progress line is only for batches
-        return MapResults(futures, timeout, chunksize > 1, Tracker(title, futures))
+        return mapping.start(self._queue, fn, iterables, timeout, chunksize)
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""
@@ -275,14 +239,14 @@ class Pool(Executor):
         interactive namespace (the one ``%%remote`` cells run in): runner ``runner_id`` if it
         is ready, else any ready one. Answered at once, also while the runner runs calls;
         RunnerDied if the runner goes first."""
-        return self._ask(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor},
-                         runner_id, timeout)
+        return self._fleet.ask(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor},
+                               runner_id, timeout)
 
     def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0, *,
                 runner_id: str | None = None, timeout: float = 10.0) -> dict:
         """Jupyter ``inspect_reply`` content for the name at ``cursor``, from a runner (see :meth:`complete`)."""
-        return self._ask(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
-                                        "detail": detail_level}, runner_id, timeout)
+        return self._fleet.ask(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
+                                              "detail": detail_level}, runner_id, timeout)
 
     @property
     def code_bytes_sent(self) -> int:
@@ -292,7 +256,7 @@ class Pool(Executor):
     @property
     def runners(self) -> list[RunnerInfo]:
         """A snapshot of the pool's runners."""
-        with self._lock:
+        with self._state.lock:
             return [r.info() for r in self._runners.values()]
 
     @property
@@ -310,10 +274,10 @@ class Pool(Executor):
 
         With ``wait``, calls already submitted finish first; ``cancel_futures`` cancels them instead.
         """
-        with self._state():
+        with self._state:
             first = not self._closed
             self._closed = True
-            pending = list(self._calls.values())
+            pending = list(self._inflight.calls.values())
         if cancel_futures:
             for call in pending:
                 call.future.cancel()
@@ -323,10 +287,10 @@ class Pool(Executor):
                     call.future.exception()
         if not first and self._endpoint.stopped.is_set():
             return
-        with self._state():
+        with self._state:
             while self._waiting:
                 call = self._waiting.popleft()
-                self._finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
+                self._inflight.finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
             for r in list(self._runners.values()):
                 if r.state == "ready":
                     self._fleet.stop(r)
@@ -335,7 +299,7 @@ class Pool(Executor):
         deadline = time.monotonic() + STOP_GRACE
         while self._runners and time.monotonic() < deadline:
             time.sleep(0.02)
-        with self._state():
+        with self._state:
             for r in list(self._runners.values()):
                 self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
         self._endpoint.stop()
@@ -349,42 +313,12 @@ class Pool(Executor):
         self.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
 
     def __repr__(self) -> str:
-        with self._lock:
-            states = collections.Counter(r.state for r in self._runners.values())
-            busy = sum(len(r.calls) for r in self._runners.values())
-        desc = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runners"
-        return (f"<flame.Pool {self.name}: {desc}; {busy} running, {len(self._waiting)} waiting; "
-                f"max={self.max} max_concurrency={self.max_concurrency}"
-                f"{' (shut down)' if self._closed else ''}>")
+        return present.pool_text(self)
 
     def _repr_html_(self) -> str:
         return present.pool_html(self)
 
-
-    # ---- state: one lock; effects run after it is released ---------------------------
-    @contextlib.contextmanager
-    def _state(self) -> Iterator[None]:
-        """Hold the lock; on leaving, release it, then run the effects queued meanwhile."""
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        """Release the lock, then run the effects queued while it was held (in order)."""
-        todo = self._later
-        if not todo:
-            self._lock.release()
-            return
-        self._later = []
-        self._lock.release()
-        for effect in todo:
-            try:
-                effect()
-            except Exception:
-                log.exception("flame: %s: %r failed", self.name, effect)
-
+    # ---- the queue and placement (caller holds the lock unless a method says otherwise) ----
     def _limits_now(self) -> placement.Limits:
         key = (self._fleet.capacity, self._closed or self._fleet.min_paused, self._endpoint.stopped.is_set())
         limits = self._limits
@@ -396,7 +330,7 @@ class Pool(Executor):
         return limits
 
     def _schedule(self) -> None:
-        """Apply placement's decision (caller holds the lock)."""
+        """Apply placement's decision."""
         decision = placement.decide(self._waiting, list(self._runners.values()), self._limits_now(),
                                     time.monotonic())
         if decision.starts:
@@ -411,73 +345,58 @@ class Pool(Executor):
         for r in decision.stops:
             self._fleet.stop(r)
 
-    # ---- calls: queued -> running (-> cancelling) -> done ---------------------------------
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
                strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Any]:
         """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in
-        ``arguments``: all pickled first, then queued under one lock with one placement
-        decision (one decision per call cost a third of the parent's time per tiny task, and
-        the lock it held starved the thread taking results). A pool with no runner starts
-        booting for them before it pickles them. The futures are taken before the calls are
-        queued: a call lets go of its future once done, which can be before this returns."""
-        expected = self._expect_calls(len(arguments)) if not self._runners and arguments else []
+        ``arguments`` (not holding the lock): all pickled first, then queued under one lock
+        with one placement decision (one decision per call cost a third of the parent's time
+        per tiny task, and the lock it held starved the thread taking results). A pool with
+        no runner starts booting for them before it pickles them: in a fresh process the
+        first call imports what pickling needs (cloudpickle), which then overlaps the boot.
+        The futures are taken before the calls are queued: a call lets go of its future once
+        done, which can be before this returns."""
+        booted = self._boot_ahead(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._packer.function(fn)
             calls = [self._packer.call(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
                      for args, kwargs in arguments]
-        except BaseException:
-            self._unexpect(expected)
+        except BaseException:  # they will not come: stop the runners booted for them, if still idle
+            if booted:
+                with self._state:
+                    for r in booted:
+                        if not r.calls and r.state in ("booting", "ready") and not self._waiting:
+                            self._drop_runner(r, None, reschedule=False)
             raise
         futures = [c.future for c in calls]
         if calls:
             self._enqueue(calls)
         return futures
 
-    def _expect_calls(self, n: int) -> list[Runner]:
-        """``n`` calls are about to be queued and the pool has no runner: start the boots placement
-        would start for them now, before they are pickled, and return those runners. In a fresh
-        process the first call imports what pickling needs (cloudpickle): that then overlaps
-        the runner's boot."""
-        with self._state():
+    def _boot_ahead(self, n: int) -> list[Runner]:
+        """Boot what placement would boot for ``n`` calls in a pool with no runner; return those runners."""
+        with self._state:
             if self._runners or self._closed:
                 return []
-            expected = [placement.ANY] * n
-            for _ in range(placement.decide(expected, [], self._limits_now(), time.monotonic()).boots):
+            for _ in range(placement.decide([placement.ANY] * n, [], self._limits_now(), time.monotonic()).boots):
                 self._fleet.boot()
             return list(self._runners.values())
 
-    def _unexpect(self, runners: list[Runner]) -> None:
-        """The calls ``_expect_calls`` booted ``runners`` for failed to pickle: stop the ones
-        that have taken no call meanwhile, as if they had never been asked for."""
-        if runners:
-            with self._state():
-                for r in runners:
-                    if not r.calls and r.state in ("booting", "ready") and not self._waiting:
-                        self._drop_runner(r, None, reschedule=False)
-
     def _enqueue(self, calls: Sequence[Call]) -> None:
         """Register ``calls`` and start what can start; all of them, or none (PoolClosed,
-        RunnerDied for a call whose values' runner is gone)."""
+        RunnerDied for a call whose values' runner is gone). Not holding the lock."""
         self._shm.send_frees(self._send_free)  # regions of runners' memory we let go of
         registered = False
-        self._lock.acquire()  # not _state(): this is the per-call path
+        self._state.acquire()  # not `with`: this is the per-call path
         try:
             if self._closed:
                 raise PoolClosed(f"{self.name} is shut down")
             for call in calls:
                 if call.strict and call.affinity not in self._runners:
                     raise holdings.lost(call.affinity, call.origin)
-            for call in calls:
-                self._calls[call.id] = call
+            self._inflight.add(calls)
             registered = True
             if len(calls) == 1 and not self._waiting:  # the common case: straight to a runner with room
-                call = calls[0]
-                if call.affinity is None:
-                    runner = placement.least_loaded(self._runners.values(), self.max_concurrency)
-                else:
-                    runner = self._runners.get(call.affinity)
-                    if runner is not None and (runner.state != "ready" or len(runner.calls) >= self.max_concurrency):
-                        runner = None
+                runner = placement.direct(calls[0], self._runners, self.max_concurrency)
                 if runner is not None:
                     runner.start(calls, self.max_concurrency, self._code, self._shm.lend)
                     return
@@ -496,142 +415,29 @@ class Pool(Executor):
                         self._shm.release(call.shm[1], "pool")
             raise
         finally:
-            self._release()
+            self._state.release()
 
     def _send_free(self, runner_id: str, offset: int) -> None:
         self._endpoint.send(runner_id, Kind.FREE, {"at": offset})
 
-    def _requeue(self, calls: list[Call]) -> None:
-        """Calls that provably never started go back to the front of the queue, in their
-        order, to run elsewhere (see ``Runner.die``)."""
-        for call in reversed(calls):
-            call.state, call.runner, call.ahead = "queued", None, False
-            self._waiting.appendleft(call)
-
-    def _finish(self, call: Call, result: Any = None, exc: BaseException | None = None) -> None:
-        """Release a call's slot and settle its future once the lock is released."""
-        self._retire(call)
-        self._later.append(functools.partial(settle, call.future, result, exc))
-
-    def _retire(self, call: Call) -> None:
-        call.state = "done"
-        if call.shm is not None:  # the pool will not send it again; its runners free it when done
-            self._shm.release(call.shm[1], "pool")
-            call.shm = None
-        self._calls.pop(call.id, None)
-        if call.runner is not None:
-            call.runner.answered(call.id)
-
     def _cancel(self, call: Call) -> None:
-        """Stop a call: drop it from the queue, or interrupt it on its runner."""
-        with self._state():
+        """Stop a call (not holding the lock): drop it from the queue, or interrupt it on its runner."""
+        with self._state:
             if call.state == "queued":
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(call)
-                self._retire(call)
+                self._inflight.retire(call)
             elif call.state == "running":
-                self._interrupt(call)
+                self._inflight.interrupt(call)
 
-    def _interrupt(self, call: Call) -> None:
-        call.state = "cancelling"
-        call.cancel_deadline = time.monotonic() + CANCEL_GRACE
-        call.runner.cancel(call.id)
+    def _expire_waiting(self, now: float) -> None:
+        """Fail the waiting calls past the pool's timeout."""
+        if self.timeout is not None:
+            for call in [c for c in self._waiting if now > c.deadline]:
+                self._waiting.remove(call)
+                self._inflight.time_out(call)
 
-    def _timeout(self, call: Call) -> None:
-        if call.state == "queued":
-            self._finish(call, exc=CallTimeout(f"{call.name}() waited past its timeout of "
-                                               f"{self.timeout:g} s without a runner"))
-        else:  # still on its runner until it answers the interrupt
-            self._later.append(functools.partial(settle, call.future, None, CallTimeout(
-                f"{call.name}() passed its timeout of {self.timeout:g} s; its remote work was stopped")))
-
-    # ---- messages from runners: one handler per kind -------------------------------------
-    def _on_message(self, peer: str, head: dict, frames: list) -> None:
-        kind = head["k"]
-        if kind == Kind.STREAM or kind == Kind.DISPLAY:  # to the cell that asked; no lock
-            output(self._calls.get(head.get("id", "")), peer, kind, head, frames)
-            return
-        if kind == Kind.REPLY:  # to an introspection request (Pool.complete, Pool.inspect)
-            self._requests.answer(head.get("id", ""), peer, head.get("content"))
-            return
-        handler = self._handlers.get(kind)
-        if handler is None:
-            return
-        self._lock.acquire()  # not _state(): this is the per-call path
-        try:
-            r = self._runners.get(peer)
-            if r is None:
-                return  # a runner already dropped; its late messages mean nothing now
-            r.heard()
-            answer = handler(r, head)
-        finally:
-            self._release()
-        if answer is not None and not answer[0].future.settled:
-            deliver(*answer, peer, head, frames, self._shm)
-
-    def _on_answer(self, r: Runner, head: dict) -> tuple | None:
-        """RESULT or ERROR: the call's slot is free; deliver() settles it after the lock."""
-        call = r.calls.get(head.get("id", ""))
-        if call is None:
-            return None
-        cancelled = call.state == "cancelling" and bool(head.get("cancelled"))
-        self._retire(call)
-        if r.state == "ready" and self._waiting:
-            self._freed = True  # placed once per batch of messages: _after_messages
-        return call, cancelled
-
-    def _on_hello(self, r: Runner, head: dict) -> None:
-        """HELLO: a booting runner is ready."""
-        if self._fleet.hello(r, head):
-            self._schedule()
-
-    def _on_free(self, r: Runner, head: dict) -> None:
-        """FREE: a region of our arena the runner no longer uses."""
-        self._shm.release(head.get("at", -1), r.id)
-
-    def _on_code_missing(self, r: Runner, head: dict) -> None:
-        """CODE_MISSING: its host's cache lost an archive; the next call sends it whole."""
-        r.code_missing(self._code, head.get("h"))
-
-    # ---- the I/O thread's tick -----------------------------------------------------------
-    def _tick(self, now: float) -> None:
-        """Heartbeats, call deadlines, cancels overdue, releases, frees, placement. No backend
-        call: a slow backend must never starve heartbeats (runners would exit)."""
-        with self._state():
-            if now >= self._next_beat:
-                self._next_beat = now + wire.HEARTBEAT  # read here: one value, wherever it is set
-                self._fleet.heartbeat()
-            for r in list(self._runners.values()):
-                for call in list(r.calls.values()):
-                    if call.state == "running" and call.deadline is not None and now > call.deadline:
-                        self._interrupt(call)
-                        self._timeout(call)
-                    elif call.state == "cancelling" and now > call.cancel_deadline:
-                        log.warning("flame: %s did not stop within %g s of its cancel; "
-                                    "killing runner %s", call, CANCEL_GRACE, r.id)
-                        self._drop_runner(r, None)
-                        break
-            if self._holdings.releases:
-                self._holdings.send(self._runners)
-            self._shm.send_frees(self._send_free)
-            if self.timeout is not None:
-                for call in [c for c in self._waiting if now > c.deadline]:
-                    self._waiting.remove(call)
-                    self._timeout(call)
-            if not self._closed:
-                self._schedule()
-
-    def _after_messages(self) -> None:
-        """A batch of messages was handled: place the calls waiting for the slots it freed.
-        Once per batch, not per result: with many calls queued, a decision per result cost
-        more than the result itself."""
-        if self._freed:
-            with self._state():
-                self._freed = False
-                if self._waiting and not self._closed:
-                    self._schedule()
-
-    # ---- runners gone: what it means for their calls -------------------------------------
+    # ---- runners gone: where their calls go ------------------------------------------------
     def _boot_failed(self, r: Runner, error: BootError) -> None:
         log.warning("flame: %s", error)
         self._drop_runner(r, None, reschedule=False, boot_failed=True)
@@ -640,70 +446,29 @@ class Pool(Executor):
         if not any(x.state == "ready" for x in self._runners.values()):
             keep = sum(1 for x in self._runners.values() if x.state == "booting") * self.max_concurrency
             while len(self._waiting) > keep:
-                self._finish(self._waiting.popleft(), exc=error)
+                self._inflight.finish(self._waiting.popleft(), exc=error)
 
     def _drop_runner(self, r: Runner, error: Exception | None, reschedule: bool = True,
                      boot_failed: bool = False) -> None:
-        """Forget a runner, fail its calls with ``error`` (or run them elsewhere, those that
-        provably never started), and make sure its process is gone."""
+        """Forget a runner; its calls fail with ``error``, or run elsewhere (``Runner.die``
+        says which), at the front of the queue in their order."""
         if r.state == "dead":
             return
-        never_started = self._fleet.forget(r, boot_failed)
-        error = error or RunnerDied(f"runner {r.id} stopped", r.id)
-        if never_started and isinstance(error, RunnerDied) and not self._closed:
-            self._requeue(never_started)
-            log.info("flame: %d call(s) sent ahead to runner %s never started; queued again",
-                     len(never_started), r.id)
-        else:
-            for call in never_started:
-                self._finish(call, exc=error)
-        again = []
-        for call in list(r.calls.values()):
-            if not self._closed and call.run_again(error):
-                r.answered(call.id)
-                again.append(call)
-            else:
-                self._finish(call, exc=call.failure(error))
+        again, failed = self._fleet.forget(r, error or RunnerDied(f"runner {r.id} stopped", r.id),
+                                           not self._closed, boot_failed)
+        for call in reversed(again):
+            call.state, call.runner, call.ahead = "queued", None, False
+            self._waiting.appendleft(call)
         if again:
-            self._requeue(again)
-            log.info("flame: %d call(s) lost with runner %s run again (retries)", len(again), r.id)
+            log.info("flame: %d call(s) of runner %s queued again", len(again), r.id)
+        for call, exc in failed:
+            self._inflight.finish(call, exc=exc)
         for call in [c for c in self._waiting if c.strict and c.affinity == r.id]:
             self._waiting.remove(call)  # it needs values that were on that runner
-            self._finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
-                                              f"{call.name}() needed", r.id))
-        if self._requests:  # completions or inspections it will never answer
-            self._later.append(functools.partial(self._requests.fail, RunnerDied(
-                f"runner {r.id} is gone before it answered", r.id), r.id))
+            self._inflight.finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
+                                                       f"{call.name}() needed", r.id))
         if reschedule and not self._endpoint.stopped.is_set():
             self._schedule()
-
-    # ---- Remotes (remote.py calls these) -------------------------------------------------
-    def _remote_from(self, runner_id: str, ref: tuple, origin: Any) -> Remote:
-        """Wrap a runner's reference ``(id, bytes)`` as a Remote, and count it."""
-        return self._holdings.remote(self._runners.get(runner_id), runner_id, ref, origin)
-
-    def _on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Any:
-        """Submit ``fn(*args)`` on the runner that holds ``held``, and nowhere else (the caller
-        waits for the Outcome). ``arg_frames``: the arguments already pickled."""
-        if self._closed:
-            raise RemoteGone(f"{self.name} was shut down: the value from {held.origin} is gone")
-        call = self._packer.call(fn, args, {}, held.runner_id, True, held, arg_frames=arg_frames, outcome=True)
-        self._enqueue((call,))
-        return call.future
-
-    # ---- introspection: request and reply by id ------------------------------------------
-    def _ask(self, kind: str, fields: dict, runner_id: str | None, timeout: float) -> dict:
-        with self._lock:
-            r = self._fleet.ready(runner_id)
-            if r is None:
-                raise LookupError(f"{self.name} has no ready runner to ask")
-            request_id, request = self._requests.new(r.id)
-            self._endpoint.send(r.id, kind, {"id": request_id, **fields})
-        self._endpoint.nudge()  # someone must receive the reply
-        try:
-            return request.future.result(timeout)
-        finally:
-            self._requests.drop(request_id)
 
     # ---- the end --------------------------------------------------------------------------
     def _fail(self, where: str, exc: BaseException) -> None:
@@ -712,10 +477,10 @@ class Pool(Executor):
                            f"{type(exc).__name__}: {exc} (traceback in the log)")
         error.__cause__ = exc
         self._endpoint.stopped.set()
-        with self._state():
+        with self._state:
             self._closed = True
             while self._waiting:
-                self._finish(self._waiting.popleft(), exc=error)
+                self._inflight.finish(self._waiting.popleft(), exc=error)
             for r in list(self._runners.values()):
                 self._drop_runner(r, error, reschedule=False)
         self._endpoint.wake()
@@ -724,12 +489,8 @@ class Pool(Executor):
     def _end(self) -> None:
         """What shutdown and a failure both end with: shared memory unlinked, backend let go."""
         self._shm.close()
-        with self._lock:
+        with self._state.lock:
             held, self._backend_held = self._backend_held, False
         if held:
             self.backend.release()
         _live_pools.discard(self)
-
-
-def _heard(r: Runner, head: dict) -> None:
-    """HEARTBEAT: nothing to do but note it (``_on_message`` does for every kind)."""

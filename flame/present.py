@@ -30,6 +30,18 @@ def pool_html(pool: Any) -> str:
             f"<tbody>{body}</tbody></table></div>")
 
 
+def pool_text(pool: Any) -> str:
+    """The pool in one line: its runners by state, its calls running and waiting."""
+    import collections
+
+    runners = pool.runners
+    states = collections.Counter(r.state for r in runners)
+    desc = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no runners"
+    return (f"<flame.Pool {pool.name}: {desc}; {sum(r.active for r in runners)} running, "
+            f"{pool.waiting} waiting; max={pool.max} max_concurrency={pool.max_concurrency}"
+            f"{' (shut down)' if pool.closed else ''}>")
+
+
 def size(nbytes: int) -> str:
     """``1.5 MB``: a byte count for people."""
     value = float(nbytes)

@@ -116,7 +116,7 @@ class Remote:
         held = self._held
         if held.released:
             raise RemoteGone(f"the Remote {self._describe()} was released")
-        return held.pool._on_holder(held, fn, args, arg_frames).result(timeout)
+        return held.pool._holdings.on_holder(held, fn, args, arg_frames).result(timeout)
 
     def _op(self, op: str, args: tuple = (), kwargs: dict | None = None) -> "Remote":
         held = self._held
@@ -129,7 +129,7 @@ class Remote:
         else:  # an id, a path of names and an operation's name: plain pickle, no checks needed
             frames = [pickle.dumps(((held.oid, self._path, op, args, kwargs), {}), 5)]
         ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs), arg_frames=frames)
-        return held.pool._remote_from(held.runner_id, ref, (held, self._path, op))
+        return held.pool._holdings.remote(held.runner_id, ref, (held, self._path, op))
 
     def _plain(self, what: str, arg: Any = None) -> Any:
         return self._call(objects.plain, (self._held.oid, self._path, what, arg))

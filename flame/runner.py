@@ -242,25 +242,33 @@ class Runner:
         self.stop_deadline = time.monotonic() + grace
         self._send(Kind.SHUTDOWN)
 
-    def die(self) -> list[Call]:
-        """It is gone (or given up on): dead from now on. Returns the calls sent to it that
-        provably never started, taken off it, to run elsewhere; the others stay in ``calls``.
+    def die(self, error: BaseException, retry: bool) -> tuple[list[Call], list[tuple[Call, BaseException]]]:
+        """It is gone (or given up on), with ``error``: dead from now on. Returns what becomes
+        of the calls it had, which it lets go of: those that run again elsewhere, in the order
+        they were sent (none unless ``retry``: the pool is not shutting down), and the others,
+        each with the error it fails with.
 
-        A runner starts its calls in the order they were sent. A local one counts them in its
+        A call that provably never started runs again when the runner died (RunnerDied). A
+        runner starts its calls in the order they were sent. A local one counts them in its
         start count (node/starts.py) before it starts each: the calls past it provably never
         started. A runner without one (on another machine) gives no such proof: a reply still
         in ZeroMQ's hands when it was killed is lost, and the call sent after it may have run,
-        so none of its calls runs again. Only a call sent ahead kept its arguments (the others
-        let them go once sent)."""
+        so none of its calls runs again for that. Only a call sent ahead kept its arguments
+        (the others let them go once sent). Any other call runs again only if it has retries
+        left (``Call.run_again``)."""
         self.state = "dead"
         started = self._started_calls()
-        if started is None:
-            return []
-        never = [c for c in self.calls.values()
-                 if c.state == "running" and c.order >= started and c.arg_frames is not None]
-        for call in never:
-            del self.calls[call.id]
-        return never
+        again, failed = [], []
+        requeue = retry and isinstance(error, RunnerDied)
+        for call in sorted(self.calls.values(), key=lambda c: c.order):
+            never = (started is not None and call.state == "running" and call.order >= started
+                     and call.arg_frames is not None)
+            if (requeue and never) or (retry and not never and call.run_again(error)):
+                again.append(call)
+            else:
+                failed.append((call, error if never else call.failure(error)))
+        self.calls.clear()
+        return again, failed
 
     def _started_calls(self) -> int | None:
         """How many of the calls sent to it the runner had started, by its start count, or

@@ -93,7 +93,7 @@ def test_pool_drops_forged_messages_from_a_rogue_peer(make_pool, tmp_path):
     evil = str(tmp_path / "pwned")
     fut = pool.submit(lambda: __import__("time").sleep(0.5) or "genuine")
     forged = Wire(os.urandom(32), runner_id)
-    call_id = next(iter(pool._calls))
+    call_id = next(iter(pool._inflight.calls))
     for rogue in rogues:
         rogue.send_multipart(forged.encode("result", "parent", {"id": call_id},
                                            [pickle.dumps(_CreateFile(evil), protocol=5)]))
