@@ -54,6 +54,8 @@ _EXPORTS = {
     "CodeSyncError": "flame.codesync",
     "MapResults": "flame.mapping",
     "register_joblib": "flame.joblib_backend",
+    "report": "flame.node.report",
+    "Chart": "flame.chart",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -91,3 +93,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .runner import RunnerInfo
     from .mapping import MapResults
     from .joblib_backend import register_joblib
+    from .node.report import report
+    from .chart import Chart

@@ -18,12 +18,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import serialize
-from .call import make_sink
+from .call import make_sink, to_sink
 from .errors import FlameError, RunnerDied
 from .keys import new_key, read_private, write_private
 from .replies import Replies, Request
 from .listen import curve_client
-from .wire import HEARTBEAT, Kind, Wire, introduction, read_output
+from .wire import HEARTBEAT, Kind, Wire, introduction
 
 log = logging.getLogger("flame.attach")
 
@@ -168,7 +168,7 @@ class AppConnection:
         self._lock = threading.Lock()
         self._requests = Replies()
         self._handlers: dict[str, Callable[[str, Request, dict, list], None]] = {
-            Kind.STREAM: self._on_output, Kind.DISPLAY: self._on_output, Kind.REPLY: self._on_reply,
+            Kind.STREAM: self._on_output, Kind.DISPLAY: self._on_output, Kind.REPORT: self._on_output, Kind.REPLY: self._on_reply,
             Kind.RESULT: self._on_result, Kind.ERROR: self._on_error,
         }
         self._last_heard = time.monotonic()
@@ -205,6 +205,8 @@ class AppConnection:
     def _request(self, kind: str, fields: dict, frames: Any = (), sink: Any = None) -> Any:
         rid, req = self._requests.new(sink=sink)
         fields["id"] = rid
+        if getattr(sink, "reports", False):  # the cell shows what it reports (flame.report)
+            fields["rp"] = 1
         self._send(kind, fields, frames)
         try:
             while True:
@@ -347,10 +349,9 @@ class AppConnection:
 
     # ---- one handler per kind the app sends about a request ----------------------------
     def _on_output(self, rid: str, req: Request, head: dict, frames: list) -> None:
-        """STREAM or DISPLAY: to the sink of the cell that asked."""
+        """STREAM, DISPLAY or REPORT: to the sink of the cell that asked."""
         if req.sink is not None:
-            how, args = read_output(head["k"], head, frames)
-            getattr(req.sink, how)(*args)
+            to_sink(req.sink, head["k"], head, frames, rid)
 
     def _on_reply(self, rid: str, req: Request, head: dict, frames: list) -> None:
         self._requests.answer(rid, None, head["content"])

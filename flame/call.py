@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from . import serialize
 from .errors import RunnerDied, SerializationError
+from .wire import read_output
 
 
 class OutputSink(Protocol):
@@ -24,9 +26,18 @@ class OutputSink(Protocol):
     def display(self, data: dict) -> None:
         """A rich display message: {"data": {mime: value}, "metadata": {...}, "transient": {...}}."""
 
+    #: Optional: True if the sink shows what the call reports (``flame.report``) in
+    #: ``report(points, key, index)``: the points, the call's key, its index in its map.
+    #: A sink without it gets no reports, and its calls send none.
+    reports: bool
+
 
 class StdSink:
-    """The default sink: the ``sys.stdout``/``sys.stderr`` the caller had when it made the call."""
+    """The default sink: the ``sys.stdout``/``sys.stderr`` the caller had when it made the call.
+    Reports (``flame.report``) become lines on stderr with FLAME_PROGRESS=1 in the environment
+    when flame is imported (read once: a plain script's per-call path stays as it was)."""
+
+    reports = os.environ.get("FLAME_PROGRESS") == "1"
 
     def __init__(self) -> None:
         self.out = sys.stdout
@@ -44,6 +55,23 @@ class StdSink:
         text = data.get("data", {}).get("text/plain")
         if text is not None:
             self.stream("stdout", text + "\n")
+
+    def report(self, points: list, key: str, index: int | None) -> None:
+        for point in points:
+            label = point.get("series") or (key if index is None else index + point.get("item", 0))
+            values = " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=nan"
+                              for k, v in point.get("metrics", {}).items())
+            step = f" (step {point['step']:g})" if "step" in point else ""
+            self.stream("stderr", f"flame.report [{label}]: {values}{step}\n")
+
+
+def to_sink(sink: Any, kind: str, head: dict, frames: list, key: str, index: int | None = None) -> None:
+    """A call's output message (stream, display, report) to its sink, the cell that asked.
+    ``key`` tells the calls of one cell apart; ``index``: the call's place in its map."""
+    how, args = read_output(kind, head, frames)
+    if how == "report":
+        args = (*args, key, index)
+    getattr(sink, how)(*args)
 
 
 _sink_factory: Callable[[], OutputSink] = StdSink
@@ -72,7 +100,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "shm", "origin", "order", "retries", "tries", "__weakref__")
+                 "shm", "origin", "order", "retries", "tries", "index", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -110,6 +138,8 @@ class Call:
         self.retries = 0
         #: why each earlier run failed (a RunnerDied's message each), for ``attempts``
         self.tries: list[str] = []
+        #: its place in its map (of its chunk's first item), for the series of its reports
+        self.index: int | None = None
 
     def __repr__(self) -> str:
         return f"<Call {self.id} {self.name}() {self.state}>"

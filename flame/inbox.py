@@ -29,7 +29,7 @@ class Inbox:
         #: a runner freed slots while calls wait: place them once the batch of messages is handled
         self._freed = False
         self._next_beat = 0.0
-        # One handler per kind a runner sends (stream, display and reply are taken outside
+        # One handler per kind a runner sends (stream, display, report and reply are taken outside
         # the lock, in message()). Each runs under the lock; an answer's returns what
         # deliver() settles once the lock is released.
         self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
@@ -40,7 +40,7 @@ class Inbox:
     def message(self, peer: str, head: dict, frames: list) -> None:
         """One message from runner ``peer`` (on the thread that received it)."""
         kind = head["k"]
-        if kind == Kind.STREAM or kind == Kind.DISPLAY:  # to the cell that asked; no lock
+        if kind == Kind.STREAM or kind == Kind.DISPLAY or kind == Kind.REPORT:  # to the cell that asked; no lock
             output(self._calls.get(head.get("id", "")), peer, kind, head, frames)
             return
         if kind == Kind.REPLY:  # to an introspection request (Pool.complete, Pool.inspect)

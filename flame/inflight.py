@@ -16,12 +16,12 @@ from concurrent.futures import CancelledError, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import present, serialize
-from .call import Call, CallFuture, Pickled
+from .call import Call, CallFuture, Pickled, to_sink
 from .errors import CallTimeout, SerializationError
 from .functions import FunctionCache
 from .holdings import holder_of
 from .remote import _sending, remotes_in
-from .wire import INLINE_MAX, Kind, fast_digests, out_of_band_digest, read_output
+from .wire import INLINE_MAX, Kind, fast_digests, out_of_band_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -148,11 +148,10 @@ class Packer:
 
 
 def output(call: Call | None, peer: str, kind: str, head: dict, frames: list) -> None:
-    """A call's stream or display message, to its sink (the cell that asked)."""
+    """A call's stream, display or report message, to its sink (the cell that asked)."""
     if call is not None and call.runner is not None and call.runner.id == peer:
-        how, args = read_output(kind, head, frames)
         try:
-            getattr(call.sink, how)(*args)
+            to_sink(call.sink, kind, head, frames, call.id, call.index)
         except Exception:
             log.exception("flame: output sink of %s failed", call)
 

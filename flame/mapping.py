@@ -79,7 +79,7 @@ class MapResults(Iterator):
         printer.pretty(list(self))
 
 
-def start(queue: Callable[[Callable, list], list], fn: Callable, iterables: tuple,
+def start(queue: Callable[..., list], fn: Callable, iterables: tuple,
           timeout: float | None, chunksize: int) -> MapResults:
     """Queue the calls of one ``map`` through ``queue`` (the pool's: a function and a list of
     ``(args, kwargs)`` to futures), ``chunksize`` items a call, and return their results."""
@@ -87,8 +87,9 @@ def start(queue: Callable[[Callable, list], list], fn: Callable, iterables: tupl
     items = list(zip(*iterables))
     if chunksize > 1:
         from .node.chunk import run_chunk
-        futures = queue(run_chunk, [((fn, items[i:i + chunksize]), {}) for i in range(0, len(items), chunksize)])
+        futures = queue(run_chunk, [((fn, items[i:i + chunksize]), {}) for i in range(0, len(items), chunksize)],
+                        per_call=chunksize)
     else:
-        futures = queue(fn, [(xs, {}) for xs in items])
+        futures = queue(fn, [(xs, {}) for xs in items], per_call=1)
     from .progress import Tracker  # here: the progress line is only for batches
     return MapResults(futures, timeout, chunksize > 1, Tracker(title, futures))

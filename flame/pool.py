@@ -346,7 +346,7 @@ class Pool(Executor):
             self._fleet.stop(r)
 
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
-               strict: bool = False, origin: Any = "", outcome: bool = False) -> list[Any]:
+               strict: bool = False, origin: Any = "", outcome: bool = False, per_call: int = 0) -> list[Any]:
         """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in
         ``arguments`` (not holding the lock): all pickled first, then queued under one lock
         with one placement decision (one decision per call cost a third of the parent's time
@@ -354,7 +354,8 @@ class Pool(Executor):
         no runner starts booting for them before it pickles them: in a fresh process the
         first call imports what pickling needs (cloudpickle), which then overlaps the boot.
         The futures are taken before the calls are queued: a call lets go of its future once
-        done, which can be before this returns."""
+        done, which can be before this returns. ``per_call``: a map's items per call, which
+        numbers the calls by their first item (the series of their reports)."""
         booted = self._boot_ahead(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._packer.function(fn)
@@ -367,6 +368,9 @@ class Pool(Executor):
                         if not r.calls and r.state in ("booting", "ready") and not self._waiting:
                             self._drop_runner(r, None, reschedule=False)
             raise
+        if per_call:
+            for i, call in enumerate(calls):
+                call.index = i * per_call
         futures = [c.future for c in calls]
         if calls:
             self._enqueue(calls)

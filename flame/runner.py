@@ -167,6 +167,8 @@ class Runner:
         call.state, call.runner, call.order = "running", self, self.sent
         self.sent += 1
         fields = {"id": call.id, "fn": call.fn_hash, "name": call.name}
+        if getattr(call.sink, "reports", False):  # its caller shows what it reports: only then is anything sent
+            fields["rp"] = 1
         if call.shm is not None:
             fields["m"] = call.shm
             lend(call.shm[1], self.id)

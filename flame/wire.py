@@ -51,6 +51,7 @@ class Kind:
     ERROR = "error"        #: runner -> parent, app -> client: a call's exception and traceback
     STREAM = "stream"      #: runner -> parent, app -> client: a call's stdout/stderr text
     DISPLAY = "display"    #: runner -> parent, app -> client: a call's rich display message (JSON)
+    REPORT = "report"      #: runner -> parent, app -> client: numbers a call reported (flame.report; JSON)
     COMPLETE = "complete"  #: parent -> runner, client -> app: completion request (id, code, cursor)
     INSPECT = "inspect"    #: parent -> runner, client -> app: inspection request (id, code, cursor)
     REPLY = "reply"        #: runner -> parent, app -> client: the answer to a complete/inspect
@@ -464,15 +465,16 @@ def introduction() -> dict:
 def output_message(call_id: str, kind: str, data: Any) -> tuple[str, dict, tuple]:
     """``(kind, fields, frames)`` of a message carrying a call's output event.
 
-    ``kind`` is "stdout" or "stderr" with text, or "display" with a display payload (a dict).
+    ``kind`` is "stdout" or "stderr" with text, "display" with a display payload (a dict), or
+    "report" with a list of reports.
     """
-    if kind == "display":
-        return "display", {"id": call_id}, (json.dumps(data).encode(),)
+    if kind == "display" or kind == "report":
+        return kind, {"id": call_id}, (json.dumps(data).encode(),)
     return "stream", {"id": call_id, "n": kind}, (data.encode("utf-8", "replace"),)
 
 
 def read_output(kind: str, head: dict, frames: Sequence[Any]) -> tuple[str, tuple]:
     """Inverse of :func:`output_message`: the sink method to call and its arguments."""
-    if kind == "display":
-        return "display", (json.loads(bytes(frames[0])),)
+    if kind == "display" or kind == "report":
+        return kind, (json.loads(bytes(frames[0])),)
     return "stream", (head.get("n", "stdout"), bytes(frames[0]).decode("utf-8", "replace"))

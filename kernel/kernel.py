@@ -6,6 +6,7 @@ import asyncio
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.jsonutil import json_clean
 
+from .charts import Charts
 from .ipykernel_adapter import send_on_shell
 from .outputs import CellProgress, CellSink
 
@@ -33,6 +34,7 @@ class FlameKernel(IPythonKernel):
         import flame
 
         from .magics import FlameMagics
+        self.charts = Charts(self)
         flame.set_sink_factory(lambda: CellSink(self))
         flame.set_progress_factory(lambda: CellProgress(self))
         self.flame_magics = FlameMagics(self.shell)
@@ -62,6 +64,14 @@ class FlameKernel(IPythonKernel):
 
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, **kwargs):
+        parent = self.get_parent("shell")
+        try:
+            return await self._execute(code, silent, store_history, user_expressions, allow_stdin, **kwargs)
+        finally:  # the cell's live chart, if its calls reported, shows all they reported
+            self.charts.cell_done(parent)
+
+    async def _execute(self, code, silent, store_history=True, user_expressions=None,
+                       allow_stdin=False, **kwargs):
         app = self.app
         if app is None or code.lstrip().startswith(("%attach", "%detach")):
             return await super().do_execute(code, silent, store_history, user_expressions,

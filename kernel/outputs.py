@@ -15,6 +15,9 @@ class CellSink:
     the iopub thread), and so keeps remote output ordered with local output.
     """
 
+    #: what calls report (flame.report) is drawn in the cell's live chart
+    reports = True
+
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.parent = kernel.get_parent("shell")
@@ -40,6 +43,9 @@ class CellSink:
         content = {"data": data.get("data", {}), "metadata": data.get("metadata", {}),
                    "transient": data.get("transient", {})}
         self._send("update_display_data" if data.get("update") else "display_data", content)
+
+    def report(self, points: list, key: str, index: int | None) -> None:
+        self.kernel.charts.of(self.parent).add(key, index, points)
 
 
 class CellProgress:

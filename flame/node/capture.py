@@ -32,10 +32,10 @@ task_output: contextvars.ContextVar["CallOutput | None"] = contextvars.ContextVa
 class CallOutput:
     """Output of one call not yet sent: a list of ``(kind, payload)`` events."""
 
-    __slots__ = ("call_id", "events", "lock", "on_first", "send", "closed")
+    __slots__ = ("call_id", "events", "lock", "on_first", "send", "closed", "reports")
 
     def __init__(self, call_id: str, on_first: Callable[["CallOutput"], None],
-                 send: Callable[..., None]) -> None:
+                 send: Callable[..., None], reports: bool = False) -> None:
         self.call_id = call_id
         self.events: list[list[Any]] = []
         self.lock = threading.Lock()
@@ -45,6 +45,8 @@ class CallOutput:
         self.send = send
         #: the call has ended: late writes from threads it started go elsewhere
         self.closed = False
+        #: its caller shows what it reports (flame.report): else reports are not even kept
+        self.reports = reports
 
     def write(self, name: str, text: str) -> None:
         with self.lock:
@@ -64,6 +66,10 @@ class CallOutput:
         if first:
             self.on_first(self)
 
+    def report(self, point: dict) -> None:
+        """One ``flame.report``: sent with the others of the same flush, as one message."""
+        self.write("report", point)  # batched like text: consecutive reports are one event
+
     def drain(self) -> None:
         """Send every pending event as a message, in order.
 
@@ -75,7 +81,9 @@ class CallOutput:
         with self.lock:
             events, self.events = self.events, []
             for kind, payload in events:
-                self.send(*output_message(self.call_id, kind, "".join(payload) if kind != "display" else payload))
+                if kind == "stdout" or kind == "stderr":
+                    payload = "".join(payload)
+                self.send(*output_message(self.call_id, kind, payload))
 
 
 #: The capture routing this process's output, once one is installed.

@@ -73,10 +73,12 @@ class Calls:
         self._queued.add(call_id)
 
     # ---- executing ------------------------------------------------------------------------
-    def execute(self, call_id: str, name: str, work: Callable[[], Any], send: Send) -> None:
+    def execute(self, call_id: str, name: str, work: Callable[[], Any], send: Send,
+                reports: bool = False) -> None:
         """Run ``work()`` as call ``call_id`` in this thread; stream its output and send its reply.
 
-        ``name`` says what runs, for error messages: "f()", "the cell".
+        ``name`` says what runs, for error messages: "f()", "the cell". ``reports``: its caller
+        shows what it reports (``flame.report``).
         """
         with self._lock:
             self._queued.discard(call_id)
@@ -84,7 +86,7 @@ class Calls:
                 self._skip.discard(call_id)
                 return
             ident = threading.get_ident()
-            out = CallOutput(call_id, self._output_pending, send)
+            out = CallOutput(call_id, self._output_pending, send, reports)
             flight = self._running[call_id] = _InFlight(ident, out)
         self.capture.begin(ident, out)
         reply = None  # stays None only if the cancel landed before the outcome was packaged

@@ -302,7 +302,8 @@ class RunnerNode:
                                 "msg": f"runner {self.id} does not hold function {head['fn']}", "tb": ""})
             return
         self.calls.queued(call_id)
-        self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:], head.get("m"), index))
+        self.inbox.append((call_id, head.get("name", "?"), entry, frames[1 if nf else 0:], head.get("m"), index,
+                           "rp" in head))
 
     def _take_code(self, digest: str, data: Any) -> None:
         """Unpack archive ``digest`` (sent, or already in this host's cache), put it on
@@ -353,7 +354,7 @@ class RunnerNode:
         return entry
 
     def execute(self, call_id: str, name: str, entry: list, arg_frames: list, shared: list | None = None,
-                index: int = 0) -> None:
+                index: int = 0, reports: bool = False) -> None:
         if self.starts is not None:
             self.starts.started(index)  # before anything of the call runs (its arguments' unpickling too)
         taken = []
@@ -367,7 +368,7 @@ class RunnerNode:
                 taken.append(True)
             args, kwargs = serialize.loads(frames)
             return entry[1](*args, **kwargs)
-        self.calls.execute(call_id, f"{name}()", work, self.post)
+        self.calls.execute(call_id, f"{name}()", work, self.post, reports)
         if shared is not None and not taken:  # cancelled before it ran, or its memory unreadable
             self.shm.frees.append((PARENT, shared[1]))
 

@@ -197,7 +197,7 @@ class AppNode:
         self.running = (rid, ident)
         try:
             self.calls.execute(rid, "the cell" if kind == "run" else "the call", work,
-                               lambda k, f, b: self.send(ident, k, f, b))
+                               lambda k, f, b: self.send(ident, k, f, b), "rp" in head)
         finally:
             self.running = None
 
