@@ -501,3 +501,19 @@ def test_a_cell_cancelled_while_queued_never_runs(app, sigint_handled):
         assert conn.run("'ran_queued' in globals()")["data"]["text/plain"] == "False"
     finally:
         conn.close()
+
+
+def test_attached_cells_report_into_a_live_chart(app, kernel):
+    proc, path = app
+    km, kc = kernel
+    execute(kc, f"%attach {path}")
+    cell, (reply, msgs) = execute(kc, "import flame, time\nfor i in range(4):\n"
+                                      "    flame.report(stock=inventory.items['apples'] + i, step=i)\n"
+                                      "    time.sleep(0.3)\n")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    charts = [m["content"]["data"]["application/vnd.vegalite.v5+json"] for m in
+              of_type(msgs, "display_data", cell) + of_type(msgs, "update_display_data", cell)
+              if "application/vnd.vegalite.v5+json" in m["content"]["data"]]
+    assert len(charts) >= 2, "drawn while the cell ran, then complete"
+    values = charts[-1]["data"]["values"]
+    assert [(v["x"], v["value"]) for v in values] == [(i, 3 + i) for i in range(4)]
