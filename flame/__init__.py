@@ -56,6 +56,8 @@ _EXPORTS = {
     "register_joblib": "flame.joblib_backend",
     "report": "flame.node.report",
     "Chart": "flame.chart",
+    "view": "flame.view",
+    "PoolView": "flame.view",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -95,3 +97,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .joblib_backend import register_joblib
     from .node.report import report
     from .chart import Chart
+    from .view import PoolView, view

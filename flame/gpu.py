@@ -96,3 +96,47 @@ def gpus() -> list[GPU]:
     if allowed is None:
         return found
     return [g for g in found if g.id in allowed or g.uuid in allowed]
+
+
+class Usage:
+    """Utilisation and memory in use of some GPUs (ids as in CUDA_VISIBLE_DEVICES), through
+    NVML, kept initialised between samples: a runner samples its GPUs with each heartbeat.
+    Without NVML (or if it fails once) it says nothing: ``nvidia-smi`` each second would cost
+    a process per sample."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self._handles: list = []
+        self._nvml: object | None = None
+        if not ids:
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            for gid in ids:
+                if gid.isdigit():
+                    h = pynvml.nvmlDeviceGetHandleByIndex(int(gid))
+                else:
+                    h = pynvml.nvmlDeviceGetHandleByUUID(gid)
+                self._handles.append((gid, h))
+            self._nvml = pynvml
+        except Exception as exc:
+            log.debug("flame: no GPU usage through NVML: %s", exc)
+            self._handles = []
+
+    def sample(self) -> list[dict]:
+        """``[{"id", "util" (%), "memory_used", "memory_total" (bytes)}]``, or [] without NVML."""
+        nvml = self._nvml
+        if nvml is None:
+            return []
+        try:
+            found = []
+            for gid, h in self._handles:
+                util = nvml.nvmlDeviceGetUtilizationRates(h)
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                found.append({"id": gid, "util": int(util.gpu), "memory_used": int(mem.used),
+                              "memory_total": int(mem.total)})
+            return found
+        except Exception as exc:
+            log.debug("flame: GPU usage sampling failed, stopping: %s", exc)
+            self._nvml = None
+            return []

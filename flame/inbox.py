@@ -34,7 +34,7 @@ class Inbox:
         # deliver() settles once the lock is released.
         self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
             Kind.RESULT: self._on_answer, Kind.ERROR: self._on_answer, Kind.HELLO: self._on_hello,
-            Kind.HEARTBEAT: _heard, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
+            Kind.HEARTBEAT: _on_heartbeat, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
         }
 
     def message(self, peer: str, head: dict, frames: list) -> None:
@@ -67,6 +67,7 @@ class Inbox:
         if call is None:
             return None
         cancelled = call.state == "cancelling" and bool(head.get("cancelled"))
+        r.tally(head["k"] == Kind.RESULT)
         self._pool._inflight.retire(call)
         if r.state == "ready" and self._pool._waiting:
             self._freed = True  # placed once per batch of messages: after_messages
@@ -113,5 +114,6 @@ class Inbox:
                 pool._schedule()
 
 
-def _heard(r: Runner, head: dict) -> None:
-    """HEARTBEAT: nothing to do but note it (``message`` does for every kind)."""
+def _on_heartbeat(r: Runner, head: dict) -> None:
+    """HEARTBEAT: it is alive (``message`` notes that for every kind), and its load."""
+    r.sampled(head)

@@ -45,6 +45,8 @@ class InFlight:
         self._timeout = timeout
         #: call id -> Call, from submit until it is answered, failed or cancelled
         self.calls: dict[str, Call] = {}
+        #: calls ended so far (answered, failed, cancelled): a pool view's calls/s
+        self.ended = 0
 
     def __bool__(self) -> bool:
         return bool(self.calls)
@@ -56,6 +58,7 @@ class InFlight:
     def retire(self, call: Call) -> None:
         """``call`` is over here: its slot on its runner is free, its shared memory ours again."""
         call.state = "done"
+        self.ended += 1
         if call.shm is not None:  # the pool will not send it again; its runners free it when done
             self._shm.release(call.shm[1], "pool")
             call.shm = None

@@ -1,20 +1,15 @@
 """The pool: its options, its API, and the state it owns: the queue of waiting calls and
 what placement decides for it.
 
-Like FLAME's Pool, it decides and the others do: ``placement.decide`` says which call
-starts where and what boots or stops; each ``Runner`` (``runner.py``) owns its runner's
-life, the messages it is sent, its code-sync diff and which of its calls run again when it
-dies; the ``Fleet`` (``fleet.py``) the runners by id, and ``Watch`` the threads that call the
-backend; ``InFlight`` (``inflight.py``) the calls by id and how each ends, ``Packer`` pickles
-them outside the lock and ``deliver`` settles them after it; the ``Inbox`` (``inbox.py``)
-handles each message kind a runner sends and the I/O thread's tick; ``Holdings`` the values
-runners keep for Remotes; ``shm.Side`` the shared memory; ``CodeSync`` the local code sent;
-``Endpoint`` the socket and its I/O thread.
-
-Threads: callers (submit, wait), the endpoint's I/O thread (receives when no caller does,
-ticks), the watch thread, a short-lived helper per boot and per terminate. State is guarded
-by one lock (``state.State``), and nothing slow or foreign runs under it: transitions queue
-those as effects, run once the lock is released.
+Like FLAME's Pool, it decides and the others do: ``placement.decide`` says which call starts
+where and what boots or stops; each ``Runner`` owns its runner's life, the messages it is
+sent, its code-sync diff and which of its calls run again when it dies; the ``Fleet`` the
+runners by id (and ``Watch`` the threads that call the backend); ``InFlight`` the calls by id
+and how each ends (``Packer`` pickles them before the lock, ``deliver`` settles them after);
+the ``Inbox`` each message kind a runner sends, and the tick; ``Holdings`` the values kept for
+Remotes; ``shm.Side`` the shared memory; ``CodeSync`` the local code sent; ``Endpoint`` the
+socket. One lock (``state.State``) guards it all, and nothing slow or foreign runs under it:
+transitions queue those as effects, run once it is released.
 """
 from __future__ import annotations
 
@@ -216,12 +211,7 @@ class Pool(Executor):
 
     def cast(self, fn: Callable, /, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a runner without waiting; a failure is logged, not raised."""
-        future = self.submit(fn, *args, **kwargs)
-
-        def report(f: CallFuture) -> None:
-            if not f.cancelled() and f.exception() is not None:
-                log.error("flame: cast of %s() failed: %r", f.call.name, f.exception())
-        future.add_done_callback(report)
+        self.submit(fn, *args, **kwargs).add_done_callback(_log_failure)
 
     async def acall(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Like :meth:`call` for asyncio: awaiting it runs the call; cancelling the task stops it."""
@@ -306,10 +296,7 @@ class Pool(Executor):
         self._fleet.watch.join(time.monotonic() + TERMINATE_WAIT)
         self._end()
 
-    def __enter__(self) -> "Pool":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # Executor's __enter__ returns the pool
         self.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
 
     def __repr__(self) -> str:
@@ -317,6 +304,11 @@ class Pool(Executor):
 
     def _repr_html_(self) -> str:
         return present.pool_html(self)
+
+    def view(self) -> Any:
+        """A live view of this pool (``flame.PoolView``): its runners' table, updated until it shuts down."""
+        from .view import PoolView
+        return PoolView([self])
 
     # ---- the queue and placement (caller holds the lock unless a method says otherwise) ----
     def _limits_now(self) -> placement.Limits:
@@ -498,3 +490,9 @@ class Pool(Executor):
         if held:
             self.backend.release()
         _live_pools.discard(self)
+
+
+def _log_failure(f: CallFuture) -> None:
+    """A cast's future is done: log its failure (nobody waits for it)."""
+    if not f.cancelled() and f.exception() is not None:
+        log.error("flame: cast of %s() failed: %r", f.call.name, f.exception())

@@ -47,6 +47,14 @@ class RunnerInfo:
     objects: int = 0
     #: their size in bytes, best effort (``nbytes`` where known, else ``sys.getsizeof``)
     object_bytes: int = 0
+    #: calls it answered with a result, and with an error
+    calls_done: int = 0
+    failures: int = 0
+    #: its CPU use (%, of one core) and resident memory (bytes) at its last heartbeat (None: not yet)
+    cpu: float | None = None
+    rss: int | None = None
+    #: its GPUs' use at its last heartbeat: ``{"id", "util" (%), "memory_used", "memory_total"}`` each
+    gpu_use: tuple = ()
 
     @property
     def runner_id(self) -> str:
@@ -76,6 +84,9 @@ class Runner:
         self.objects: dict[int, int] = {}
         self.last_active = time.monotonic()
         self.last_heard = time.monotonic()
+        #: (CPU %, RSS, GPUs' use) from its last heartbeat
+        self.load: tuple = (None, None, ())
+        self.calls_done = self.failures = 0
         self.fns: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: the local code's archive the runner has (code sync), and where it keeps archives:
         #: (host, cache directory), from its hello
@@ -108,6 +119,17 @@ class Runner:
 
     def heard(self) -> None:
         self.last_heard = time.monotonic()
+
+    def sampled(self, head: dict) -> None:
+        """Its heartbeat's load: CPU, memory, GPUs' use (a runner of an older flame sends none)."""
+        self.load = (head.get("cpu"), head.get("rss"), tuple(head.get("gpu") or ()))
+
+    def tally(self, ok: bool) -> None:
+        """It answered a call, with a result (``ok``) or an error."""
+        if ok:
+            self.calls_done += 1
+        else:
+            self.failures += 1
 
     def hello(self, head: dict, pool_name: str, fast: bool, code: CodeSync | None) -> bool:
         """Its hello: booting -> ready, and welcome it. False if it was not booting."""
@@ -348,4 +370,5 @@ class Runner:
         return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.calls),
                           datetime.datetime.fromtimestamp(self.started), tuple(self.gpus), self.python, idle,
                           {"gpu_info": list(self.gpu_info)} if self.gpu_info else {},
-                          len(self.objects), sum(self.objects.values()))
+                          len(self.objects), sum(self.objects.values()), self.calls_done, self.failures,
+                          *self.load)

@@ -77,13 +77,13 @@ class FlameMagics(Magics):
 
     @line_magic
     def flame(self, line: str) -> None:
-        """List every flame pool in this kernel, with its runners."""
+        """%flame: every flame pool in this kernel as a live table of its runners (state, load,
+        calls, Remotes, GPUs), updated about once a second while its pools are open."""
         import flame
-        pools = flame.pools()
-        if not pools:
+        if not flame.pools():
             display(HTML("<i>no flame pools in this kernel</i>"))
             return
-        display(HTML("".join(p._repr_html_() for p in pools)))
+        display(flame.view())
 
     @cell_magic
     def remote(self, line: str, cell: str) -> "RemoteValue | None":

@@ -50,6 +50,7 @@ from .. import serialize, shm
 from ..keys import read_key
 from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wire, fast_digests, introduction, pending, recv_ready,
                     send_parts)
+from . import stats
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .starts import StartCount
@@ -117,6 +118,8 @@ class RunnerNode:
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.gpus = stats.visible_gpus()
+        self.load = stats.Load(self.gpus)  # sampled with each heartbeat
         self.introspection: Any = None  # introspect.Answerer, made at the first request (imports jedi's way)
         self.handlers: dict[str, Callable[[dict, list], None]] = {
             Kind.CALL: self._on_call, Kind.CALLS: self._on_calls, Kind.CANCEL: self._on_cancel,
@@ -153,8 +156,7 @@ class RunnerNode:
     # ---- main thread --------------------------------------------------------------------
     def main_loop(self) -> None:
         hello = introduction()
-        gpus = _visible_gpus()
-        hello.update(gpus=gpus, gpu_info=_gpu_info(gpus), blake3=fast_digests())
+        hello.update(gpus=self.gpus, gpu_info=stats.gpu_info(self.gpus), blake3=fast_digests())
         if self.boot:
             from .boot import cache_root
             hello["cache"] = cache_root()
@@ -416,7 +418,7 @@ class RunnerNode:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
-                    self.post("heartbeat")
+                    self.post(Kind.HEARTBEAT, self.load.sample())
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)
@@ -427,22 +429,6 @@ def _give_way(wanting: list) -> None:
     until = time.monotonic() + RECV_SLICE
     while wanting and time.monotonic() < until:
         time.sleep(0.0002)
-
-
-def _visible_gpus() -> list[str]:
-    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return [g for g in value.split(",") if g.strip()] if value.strip() else []
-
-
-def _gpu_info(ids: list[str]) -> list[dict]:
-    """Name and memory of each GPU this runner was given (only when it has GPUs)."""
-    if not ids:
-        return []
-    from ..gpu import describe  # subprocess and NVML: only on GPU runners
-    try:
-        return describe(ids)
-    except Exception:
-        return []
 
 
 def main() -> None:
