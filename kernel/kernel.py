@@ -21,6 +21,8 @@ class FlameKernel(IPythonKernel):
 
     #: The app this notebook is attached to (a flame.AppConnection), or None: cells run here.
     app = None
+    #: The pool whose runner this notebook's cells run on (``%attach POOL``), or None.
+    attached_pool = None
 
     @property
     def banner(self) -> str:  # type: ignore[override]
@@ -42,6 +44,11 @@ class FlameKernel(IPythonKernel):
 
     # ---- attach ----------------------------------------------------------------------
     def where(self) -> str:
+        pool = self.attached_pool
+        if pool is not None:
+            runner = self.flame_magics.pinned(pool)
+            on = f"runner {runner}" if runner else "a runner (booted or chosen at the next cell)"
+            return f"attached to {pool.name}: cells run on {on}; %detach to run cells here again"
         app = self.app
         if app is None:
             return "not attached: cells run in this kernel"
@@ -49,13 +56,26 @@ class FlameKernel(IPythonKernel):
         return f"attached to pid {app.pid} on {app.host} ({argv}); %detach to run cells here again"
 
     def attach(self, target: str) -> str:
-        from flame import connect
-        if self.app is not None:
+        """``%attach POOL`` (a flame.Pool of this notebook, by name) or ``%attach APP`` (a served
+        app's connection file or name)."""
+        from flame import Pool, connect
+        pool = self.shell.user_ns.get(target) if target.isidentifier() else None
+        if self.app is not None or self.attached_pool is not None:
             self.detach()
-        self.app = connect(target)
+        if isinstance(pool, Pool):
+            if pool.closed:
+                raise ValueError(f"{target} is shut down")
+            self.attached_pool = pool
+        else:
+            self.app = connect(target)
         return self.where()
 
     def detach(self) -> str:
+        pool, self.attached_pool = self.attached_pool, None
+        if pool is not None:
+            runner = self.flame_magics.unpin(pool)
+            back = f"; runner {runner} goes back to {pool.name}" if runner else ""
+            return f"detached from {pool.name}{back}; cells run in this kernel again"
         app, self.app = self.app, None
         if app is not None:
             app.close()
@@ -73,7 +93,10 @@ class FlameKernel(IPythonKernel):
     async def _execute(self, code, silent, store_history=True, user_expressions=None,
                        allow_stdin=False, **kwargs):
         app = self.app
-        if app is None or code.lstrip().startswith(("%attach", "%detach")):
+        local = code.lstrip().startswith(("%attach", "%detach", "%flame"))
+        if self.attached_pool is not None and not local:  # the cell runs on the pool's runner
+            code = "%%flame_attached\n" + code
+        if app is None or local:
             return await super().do_execute(code, silent, store_history, user_expressions,
                                             allow_stdin, **kwargs)
         from flame import AppGone
@@ -121,7 +144,8 @@ class FlameKernel(IPythonKernel):
                 # Peek first: a full deserialize records the signature against replays, and
                 # a message passed on is deserialized again further down.
                 kind = self.session.deserialize(frames, content=False, copy=False)["header"]["msg_type"]
-                if kind in ("complete_request", "inspect_request") and self.app is None:
+                if kind in ("complete_request", "inspect_request") and self.app is None \
+                        and self.attached_pool is None:
                     code = self.session.unpack(frames[4].bytes).get("code", "")
                     if not code.lstrip().startswith("%%remote"):
                         kind = None  # a local completion: the usual route
