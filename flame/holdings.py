@@ -34,6 +34,25 @@ class Holdings:
             r.hold(oid, nbytes)
         return Remote(_Held(self._pool, runner_id, oid, origin, nbytes))
 
+    def spawned(self, fn: Callable, futures: list) -> list[Remote]:
+        """The Remotes of values being made by ``futures`` (calls of ``objects.spawn``), once all
+        are made. If one fails or the wait is interrupted, the others are cancelled, and a value
+        made all the same is released as soon as it is."""
+        name = f"spawn({getattr(fn, '__qualname__', None) or type(fn).__name__})"
+        try:
+            refs = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+                f.add_done_callback(lambda f: self._let_go(f, name))
+            raise
+        return [self.remote(f.runner_id, ref, name) for f, ref in zip(futures, refs)]
+
+    def _let_go(self, future: Any, name: str) -> None:
+        """A spawn nobody waits for any more: release what it made (dropping its Remote does)."""
+        if not future.cancelled() and future.exception() is None:
+            self.remote(future.runner_id, future.result(), name)
+
     def on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Outcome:
         """Queue ``fn(*args)`` on the runner that holds ``held``, and nowhere else; the caller
         waits for the Outcome. ``arg_frames``: the arguments already pickled."""

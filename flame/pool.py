@@ -37,6 +37,7 @@ from .inbox import Inbox
 from .inflight import InFlight, Packer
 from .keys import new_key
 from .mapping import MapResults
+from .node import objects
 from .placement import PREFETCH
 from .remote import Remote
 from .runner import Runner, RunnerInfo
@@ -188,11 +189,14 @@ class Pool(Executor):
         Placed like a call: on the runner of a Remote among the arguments, else anywhere,
         booting a runner if needed. What ``fn`` raises is raised here, and no Remote is made.
         """
-        from .node import objects
-        name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        future = self._submit(objects.spawn, (fn, args, kwargs), {})
-        ref = future.result()
-        return self._holdings.remote(future.runner_id, ref, f"spawn({name})")
+        return self._holdings.spawned(fn, self._queue(objects.spawn, [((fn, args, kwargs), {})]))[0]
+
+    def spawn_map(self, fn: Callable, *iterables: Iterable) -> list[Remote]:
+        """``spawn(fn, *xs)`` for each ``xs`` in ``zip(*iterables)``, at once across runners as
+        ``map`` places calls (e.g. a model per runner); their Remotes, in order. If one raises
+        or the wait is interrupted, the others are stopped and their values released."""
+        items = [((fn, xs, {}), {}) for xs in zip(*iterables)]
+        return self._holdings.spawned(fn, self._queue(objects.spawn, items, per_call=1))
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> MapResults:
@@ -340,14 +344,12 @@ class Pool(Executor):
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
                strict: bool = False, origin: Any = "", outcome: bool = False, per_call: int = 0) -> list[Any]:
         """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in
-        ``arguments`` (not holding the lock): all pickled first, then queued under one lock
-        with one placement decision (one decision per call cost a third of the parent's time
-        per tiny task, and the lock it held starved the thread taking results). A pool with
-        no runner starts booting for them before it pickles them: in a fresh process the
-        first call imports what pickling needs (cloudpickle), which then overlaps the boot.
-        The futures are taken before the calls are queued: a call lets go of its future once
-        done, which can be before this returns. ``per_call``: a map's items per call, which
-        numbers the calls by their first item (the series of their reports)."""
+        ``arguments`` (not holding the lock): all pickled, then queued under one lock with one
+        placement decision (one per call cost a third of the parent's time per tiny task). A
+        pool with no runner boots for them before it pickles them: in a fresh process the
+        first call imports what pickling needs, which then overlaps the boot. The futures are
+        taken before the calls are queued: a call lets go of its future once done, maybe
+        before this returns. ``per_call``: items per call of a map (numbers its calls)."""
         booted = self._boot_ahead(len(arguments)) if not self._runners and arguments else []
         try:
             entry = self._packer.function(fn)

@@ -246,3 +246,32 @@ def test_runner_id_names_the_runner_on_futures_remotes_and_snapshots(make_pool):
     assert future.runner_id == future.runner == pool.runners[0].runner_id == pool.runners[0].id
     assert value.runner_id == value.runner == future.runner_id
     assert pool.submit_to(value.runner_id, os.getpid).result() == future.result()
+
+
+class Model:
+    def __init__(self, scale, pause=0.3):
+        import os
+        import time
+        time.sleep(pause)  # long enough that the spawns overlap: each takes a runner of its own
+        self.scale, self.pid = scale, os.getpid()
+
+    def apply(self, x):
+        return x * self.scale
+
+
+def test_spawn_map_makes_one_value_per_runner_at_once(make_pool):
+    pool = make_pool(max=3)
+    models = pool.spawn_map(Model, [1, 2, 3])
+    assert [m.apply(10).get() for m in models] == [10, 20, 30], "in input order"
+    assert len({m.runner_id for m in models}) == 3 and len({m.pid.get() for m in models}) == 3
+    # (the results of apply() were values on the runners too, released once dropped)
+    assert wait_for(lambda: sorted(r.objects for r in pool.runners) == [1, 1, 1], timeout=5)
+    del models
+    assert wait_for(lambda: sum(r.objects for r in pool.runners) == 0, timeout=5)
+
+
+def test_spawn_map_that_fails_releases_what_the_others_made(make_pool):
+    pool = make_pool(max=3)
+    with pytest.raises(TypeError):
+        pool.spawn_map(Model, [1, 2, 3], [0.2, "not a number", 0.2])
+    assert wait_for(lambda: sum(r.objects for r in pool.runners) == 0, timeout=5), pool.runners
