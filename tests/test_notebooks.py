@@ -10,9 +10,26 @@ from nbclient import NotebookClient
 
 from conftest import ROOT
 
-# slurm.ipynb runs against the test cluster in its own test below.
+# slurm.ipynb runs against the test cluster, sweep and batch with their checks, in their own tests below.
 NOTEBOOKS = sorted(p for p in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))
-                   if not p.endswith("slurm.ipynb"))
+                   if not p.endswith(("slurm.ipynb", "sweep.ipynb", "batch.ipynb")))
+VEGALITE = "application/vnd.vegalite.v5+json"
+
+
+def run(name, timeout=300):
+    """``notebooks/name`` executed through nbclient; its code cells' outputs, cell by cell."""
+    path = os.path.join(ROOT, "notebooks", name)
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="flamebook", timeout=timeout,
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    outputs = [c.outputs for c in nb.cells if c.cell_type == "code"]
+    errors = [o for outs in outputs for o in outs if o.get("output_type") == "error"]
+    assert not errors, errors
+    return outputs
+
+
+def texts(outs):
+    return "".join(o.get("text", "") for o in outs if o.get("output_type") == "stream")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
@@ -81,3 +98,28 @@ def test_remote_notebook_keeps_values_on_runners():
     assert "<table" in results[0]["text/html"] and "customer" in results[0]["text/plain"]
     assert "([0, 3, 6, 9, 12], 5)" in [r["text/plain"] for r in results]
     assert any("<th>objects</th>" in r.get("text/html", "") for r in results)
+
+
+def test_sweep_notebook_draws_every_variant_and_keeps_the_best_on_its_runner():
+    outputs = run("sweep.ipynb")
+    spawn = next(outs for outs in outputs if any(VEGALITE in o.get("data", {}) for o in outs))
+    charts = [o for o in spawn if VEGALITE in o.get("data", {})]
+    assert len(charts) == 1, "one chart, updated in place (nbclient applies the updates)"
+    values = charts[0]["data"][VEGALITE]["data"]["values"]
+    assert {v["series"] for v in values} == {"cautious", "steady", "bold", "reckless"}
+    assert len(values) == 4 * 40 * 2, "every epoch of every variant, loss and accuracy"
+    text = texts(spawn)
+    assert "best: " in text and "kept on runner sweep-" in text
+    shown = "".join(texts(outs) for outs in outputs)
+    predicted = eval(shown.split("predicted:")[1].split("\n")[0])
+    actual = eval(shown.split("actual:")[1].split("\n")[0])
+    assert len(predicted) == 10 and sum(p == a for p, a in zip(predicted, actual)) >= 8
+
+
+def test_batch_notebook_shows_each_image_with_its_result():
+    outputs = run("batch.ipynb")
+    batch = next(outs for outs in outputs if "of 24 right" in texts(outs))
+    figures = [o for o in batch if "<figure" in o.get("data", {}).get("text/html", "")]
+    assert len(figures) == 24 and all("data:image/png;base64," in o["data"]["text/html"] for o in figures)
+    right = int(texts(batch).split(" of 24 right")[0].split()[-1])
+    assert right == sum("✓" in o["data"]["text/html"] for o in figures) and right >= 18

@@ -185,3 +185,17 @@ def test_a_script_prints_reports_with_flame_progress(tmp_path):
     env.pop("FLAME_PROGRESS")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "flame.report" not in done.stderr, done.stderr
+
+
+def test_stop_button_stops_every_variant_of_a_spawn_map(kernel):
+    km, kc = kernel
+    execute(kc, "class Slow:\n    def __init__(self, lr):\n        for step in range(200):\n"
+                "            flame.report(loss=lr / (step + 1))\n            time.sleep(0.1)\n")
+    cell = kc.execute("models = pool.spawn_map(Slow, [0.1, 0.2])")
+    time.sleep(2.0)
+    km.interrupt_kernel()
+    reply, msgs = collect(kc, cell, timeout=20)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert {v["series"] for _, c in charts(msgs, cell) for v in points(c)} == {"0", "1"}
+    cell, (reply, msgs) = execute(kc, "[(r.active, r.objects) for r in pool.runners]")
+    assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] == "[(0, 0), (0, 0)]"
