@@ -185,3 +185,58 @@ def _wait_finished(cell, timeout=60):
     while time.monotonic() - t0 < timeout and not _finished(cell):
         time.sleep(0.05)
     assert _finished(cell), cell.locator(".jp-OutputArea").inner_text()
+
+
+CHART = ".jp-OutputArea-output .vega-embed"
+
+
+def _chart_picture(cell):
+    """What the cell's Vega chart shows now (its canvas's pixels, or its SVG), or None if none is drawn."""
+    return cell.evaluate("(c) => { const e = c.querySelector('" + CHART + "');"
+                         " if (!e) return null; const cv = e.querySelector('canvas');"
+                         " if (cv) return cv.toDataURL(); const s = e.querySelector('svg');"
+                         " return s ? s.outerHTML : null; }")
+
+
+def test_lab_draws_the_sweep_chart_live(lab):
+    url, token = lab
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"{url}/lab/tree/sweep.ipynb?reset&token={token}")
+        page.wait_for_function(
+            "() => { const k = document.querySelector('" + ACTIVE + " .jp-KernelName'),"
+            " s = document.querySelector('" + ACTIVE + " .jp-Notebook-ExecutionIndicator');"
+            " return k && k.innerText.includes('flamebook') && s && s.getAttribute('data-status') === 'idle'; }",
+            timeout=90000)
+        cells = page.locator(f"{ACTIVE} .jp-Cell")
+        cells.first.click()
+        spawn_cell = None
+        for i in range(cells.count()):  # run the cells in order, up to the sweep itself
+            cell = cells.nth(i)
+            source = cell.locator(".jp-InputArea").inner_text()
+            page.keyboard.press("Shift+Enter")
+            if "spawn_map" in source:
+                spawn_cell = cell
+                break
+            if "jp-CodeCell" in (cell.get_attribute("class") or ""):
+                _wait_finished(cell)
+        assert spawn_cell is not None
+        pictures, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 90 and not _finished(spawn_cell):
+            picture = _chart_picture(spawn_cell)
+            if picture and (not pictures or picture != pictures[-1]):
+                pictures.append(picture)
+                if len(pictures) == 2:
+                    page.screenshot(path=os.path.join(ARTIFACTS, "lab-sweep-running.png"))
+            time.sleep(0.2)
+        assert _finished(spawn_cell), spawn_cell.locator(".jp-OutputArea").inner_text()
+        assert len(pictures) >= 2, "the chart was drawn, and it changed while the variants trained"
+        final = _chart_picture(spawn_cell)
+        assert final and final != pictures[0]
+        assert "best: " in spawn_cell.locator(".jp-OutputArea").inner_text()
+        spawn_cell.scroll_into_view_if_needed()
+        spawn_cell.screenshot(path=os.path.join(ARTIFACTS, "lab-sweep.png"))
+        _wait_finished(_run_new_cell(page, "pool.shutdown()"))
+        browser.close()
