@@ -64,7 +64,8 @@ class Chart:
 
     def spec(self) -> dict:
         """The chart as a Vega-Lite v5 spec, its data inline."""
-        values = [{"series": label, "metric": metric, "x": x, "value": v if math.isfinite(v) else None}
+        values = [{"series": label, "metric": metric, "x": x,
+                   "value": v if v is not None and math.isfinite(v) else None}
                   for label, metrics in self.series.items()
                   for metric, line in metrics.items() for x, v in line]
         layer = {"mark": {"type": "line", "point": len(values) < 200, "tooltip": True},
@@ -90,7 +91,7 @@ class Chart:
         """The last value of each metric of each series, for text views."""
         lines = [f"{self.title or 'flame.report'}: {len(self.series)} series, {self.points} points"]
         for label, metrics in self.series.items():
-            last = ", ".join(f"{m}={line[-1][1]:.4g}" for m, line in metrics.items() if line)
+            last = ", ".join(f"{m}={_number(line[-1][1])}" for m, line in metrics.items() if line)
             lines.append(f"  {label}: {last}")
         return "\n".join(lines)
 
@@ -107,3 +108,7 @@ class Chart:
             except Exception:  # not installed, or it could not draw this one
                 pass
         return data
+
+
+def _number(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4g}"

@@ -199,3 +199,18 @@ def test_stop_button_stops_every_variant_of_a_spawn_map(kernel):
     assert {v["series"] for _, c in charts(msgs, cell) for v in points(c)} == {"0", "1"}
     cell, (reply, msgs) = execute(kc, "[(r.active, r.objects) for r in pool.runners]")
     assert of_type(msgs, "execute_result", cell)[0]["content"]["data"]["text/plain"] == "[(0, 0), (0, 0)]"
+
+
+def test_a_chart_stays_light_past_a_few_thousand_points():
+    from flame.chart import MAX_POINTS, Chart
+    chart = Chart()
+    chart.add("c1", 0, [{"metrics": {"loss": 1.0 / (i + 1)}} for i in range(10 * MAX_POINTS)])
+    line = chart.series["0"]["loss"]
+    assert MAX_POINTS <= len(line) <= 2 * MAX_POINTS + 1, len(line)
+    assert line[0][0] < line[1][0] and line[-1][0] == 10 * MAX_POINTS, "spread over the run, the last kept"
+    spec = chart.spec()
+    assert "facet" not in spec and spec["encoding"]["y"]["title"] == "loss", "one metric: one panel"
+    chart.add("c2", None, [{"metrics": {"loss": float("nan")}}, {"metrics": {"loss": None}}])
+    assert [v["value"] for v in chart.spec()["data"]["values"][-2:]] == [None, None], \
+        "NaN (sent as null) is drawn as a gap, not broken JSON"
+    assert "call 1: loss=nan" in chart.text()
