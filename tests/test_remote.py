@@ -248,7 +248,7 @@ def test_runner_id_names_the_runner_on_futures_remotes_and_snapshots(make_pool):
     assert pool.submit_to(value.runner_id, os.getpid).result() == future.result()
 
 
-class Model:
+class Scaled:
     def __init__(self, scale, pause=0.3):
         import os
         import time
@@ -261,7 +261,7 @@ class Model:
 
 def test_spawn_map_makes_one_value_per_runner_at_once(make_pool):
     pool = make_pool(max=3)
-    models = pool.spawn_map(Model, [1, 2, 3])
+    models = pool.spawn_map(Scaled, [1, 2, 3])
     assert [m.apply(10).get() for m in models] == [10, 20, 30], "in input order"
     assert len({m.runner_id for m in models}) == 3 and len({m.pid.get() for m in models}) == 3
     # (the results of apply() were values on the runners too, released once dropped)
@@ -273,5 +273,5 @@ def test_spawn_map_makes_one_value_per_runner_at_once(make_pool):
 def test_spawn_map_that_fails_releases_what_the_others_made(make_pool):
     pool = make_pool(max=3)
     with pytest.raises(TypeError):
-        pool.spawn_map(Model, [1, 2, 3], [0.2, "not a number", 0.2])
+        pool.spawn_map(Scaled, [1, 2, 3], [0.2, "not a number", 0.2])
     assert wait_for(lambda: sum(r.objects for r in pool.runners) == 0, timeout=5), pool.runners
