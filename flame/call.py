@@ -100,7 +100,7 @@ class Call:
 
     __slots__ = ("id", "fn", "name", "fn_hash", "fn_payload", "arg_frames", "arg_digest", "future",
                  "sink", "deadline", "runner", "state", "cancel_deadline", "pool", "affinity", "ahead", "strict",
-                 "shm", "origin", "order", "retries", "tries", "index", "__weakref__")
+                 "shm", "origin", "order", "retries", "tries", "index", "uses", "__weakref__")
 
     def __init__(self, pool: Any, fn: Any, name: str, fn_hash: str, fn_payload: bytes,
                  arg_frames: list, arg_digest: bytes | None, deadline: float | None,
@@ -140,6 +140,8 @@ class Call:
         self.tries: list[str] = []
         #: its place in its map (of its chunk's first item), for the series of its reports
         self.index: int | None = None
+        #: the values on other runners it receives copies of, kept alive until it ends
+        self.uses: list | None = None
 
     def __repr__(self) -> str:
         return f"<Call {self.id} {self.name}() {self.state}>"

@@ -110,6 +110,10 @@ class Fleet:
         for r in self.runners.values():
             r.heartbeat()
 
+    def send_free(self, runner_id: str, offset: int) -> None:
+        """Tell runner ``runner_id`` we no longer read the region of its arena at ``offset``."""
+        self._pool._endpoint.send(runner_id, wire.Kind.FREE, {"at": offset})
+
     def ready(self, runner_id: str | None) -> Runner | None:
         """Runner ``runner_id`` if it is ready, else any ready one, else None."""
         r = self.runners.get(runner_id) if runner_id is not None else None

@@ -7,10 +7,14 @@ garbage collector runs, the pool's own locked sections included: so it only appe
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import RunnerDied
+from .node import objects
 from .remote import Remote, RemoteGone, _Held
+
+log = logging.getLogger("flame.pool")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .call import Outcome
@@ -53,6 +57,30 @@ class Holdings:
         if not future.cancelled() and future.exception() is None:
             self.remote(future.runner_id, future.result(), name)
 
+    def copy(self, held: _Held, path: tuple, target: str, pool: Any, uses: list) -> tuple:
+        """How ``held``'s value (at ``path``) travels in the arguments of a call of ``pool`` that
+        runs on ``target`` (""; anywhere): pickling's ``__reduce__``. From its runner to the
+        call's directly, where both are this pool's and on one host (the call fetches it there,
+        ``node/peers.py``); else through this process, said in the log."""
+        if held.released:
+            raise RemoteGone(f"the Remote {held.origin} on runner {held.runner_id} was released")
+        runners = self._pool._fleet.runners
+        holder, to = runners.get(held.runner_id), runners.get(target)
+        origin = held.origin + "".join("." + p for p in path)
+        if pool is self._pool and holder is not None and holder.peer_address and to is not None \
+                and to.host == holder.host:
+            uses.append(held)
+            from .node import peers
+            return peers.fetch, (holder.peer_address, held.runner_id, held.oid, path, origin)
+        why = ("it is another pool's" if pool is not self._pool else
+               f"runner {held.runner_id} is gone" if holder is None else
+               "the call's runner is not chosen yet" if to is None else
+               f"runners {held.runner_id} and {target} are on different hosts"
+               if to.host != holder.host else f"runner {held.runner_id} serves no copies")
+        log.info("flame: the value from %s travels from runner %s through this process (%s)",
+                 origin, held.runner_id, why)
+        return objects.value, (Remote(held, path).get(),)
+
     def on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Outcome:
         """Queue ``fn(*args)`` on the runner that holds ``held``, and nowhere else; the caller
         waits for the Outcome. ``arg_frames``: the arguments already pickled."""
@@ -81,18 +109,20 @@ class Holdings:
                 r.release(ids)
 
 
-def holder_of(found: list[Remote]) -> str:
-    """The one runner the Remotes among a call's arguments live on."""
-    runners = {r._held.runner_id for r in found}
-    if len(runners) > 1:
-        raise ValueError(
-            f"the arguments hold Remotes on {len(runners)} runners ({', '.join(sorted(runners))}); a call "
-            "runs where its Remotes live. Copy all but one here with .get() (it then travels with "
-            "the call), or spawn them on the same runner")
+def runner_for(found: list[Remote], pool: Any) -> str | None:
+    """The runner a call whose arguments hold the Remotes ``found`` runs on: the one of
+    ``pool``'s runners holding the most bytes of them (ties: the first argument's); None when
+    none is ``pool``'s (they all travel as copies)."""
+    held: dict[str, int] = {}
     for r in found:
-        if r._held.released:
+        h = r._held
+        if h.released:
             raise RemoteGone(f"the Remote {r._describe()} was released")
-    return runners.pop()
+        if h.pool is pool:
+            held[h.runner_id] = held.get(h.runner_id, 0) + h.nbytes
+    if not held:
+        return None
+    return max(held, key=held.__getitem__)  # max keeps the first of equals: the first argument's
 
 
 def lost(runner_id: str, origin: Any) -> RunnerDied:

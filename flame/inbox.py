@@ -35,6 +35,7 @@ class Inbox:
         self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
             Kind.RESULT: self._on_answer, Kind.ERROR: self._on_answer, Kind.HELLO: self._on_hello,
             Kind.HEARTBEAT: _on_heartbeat, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
+            Kind.PEER: _on_peer,
         }
 
     def message(self, peer: str, head: dict, frames: list) -> None:
@@ -108,10 +109,15 @@ class Inbox:
             for r in pool._inflight.overdue(list(self._runners.values()), now):
                 pool._drop_runner(r, None)
             pool._holdings.send(self._runners)
-            self._shm.send_frees(pool._send_free)
+            self._shm.send_frees(pool._fleet.send_free)
             pool._expire_waiting(now)
             if not pool._closed:
                 pool._schedule()
+
+
+def _on_peer(r: Runner, head: dict) -> None:
+    """PEER: it now serves copies of its values to its peers, there."""
+    r.serves(head.get("address"))
 
 
 def _on_heartbeat(r: Runner, head: dict) -> None:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import present, serialize
 from .call import Call, CallFuture, Pickled, to_sink
-from .errors import CallTimeout, SerializationError
+from .errors import CallTimeout, RunnerDied, SerializationError
 from .functions import FunctionCache
-from .holdings import holder_of
+from .holdings import runner_for
 from .remote import _sending, remotes_in
 from .wire import INLINE_MAX, Kind, fast_digests, out_of_band_digest
 
@@ -47,6 +47,8 @@ class InFlight:
         self.calls: dict[str, Call] = {}
         #: calls ended so far (answered, failed, cancelled): a pool view's calls/s
         self.ended = 0
+        #: calls receiving copies of values from other runners (``Call.uses``)
+        self.copying: set[Call] = set()
 
     def __bool__(self) -> bool:
         return bool(self.calls)
@@ -54,11 +56,16 @@ class InFlight:
     def add(self, calls: Iterable[Call]) -> None:
         for call in calls:
             self.calls[call.id] = call
+            if call.uses:
+                self.copying.add(call)
 
     def retire(self, call: Call) -> None:
         """``call`` is over here: its slot on its runner is free, its shared memory ours again."""
         call.state = "done"
         self.ended += 1
+        if call.uses is not None:
+            self.copying.discard(call)
+            call.uses = None  # the values it copied may go now
         if call.shm is not None:  # the pool will not send it again; its runners free it when done
             self._shm.release(call.shm[1], "pool")
             call.shm = None
@@ -85,6 +92,23 @@ class InFlight:
         else:  # still on its runner until it answers the interrupt
             self._state.later(functools.partial(settle, call.future, None, CallTimeout(
                 f"{call.name}() passed its timeout of {self._timeout:g} s; its remote work was stopped")))
+
+    def copies_lost(self, runner_id: str) -> list[tuple[Call, RunnerDied]]:
+        """The calls not yet ended that were to receive a copy of a value held on runner
+        ``runner_id``, which is gone, each with the error it fails with."""
+        lost = []
+        for call in self.copying:
+            held = next((h for h in call.uses or () if h.runner_id == runner_id), None)
+            if held is not None:
+                lost.append((call, RunnerDied(f"runner {runner_id} is gone, and with it the value from "
+                                              f"{held.origin} that {call.name}() was to receive a copy of",
+                                              runner_id)))
+        return lost
+
+    def abandon(self, call: Call, exc: BaseException) -> None:
+        """Fail a running ``call`` with ``exc`` now, and stop its remote work."""
+        self.interrupt(call)
+        self._state.later(functools.partial(settle, call.future, None, exc))
 
     def overdue(self, runners: Iterable[Runner], now: float) -> list[Runner]:
         """Interrupt the calls past their deadline; return the runners with a cancelled call
@@ -126,16 +150,21 @@ class Packer:
         fn_payload, fn_hash = entry or self.function(fn)
         if pool._code is not None:
             pool._code.refresh()  # cheap unless a module was imported or reloaded
+        uses: list = []
         if arg_frames is None:
             found = remotes_in(args, kwargs) if (args or kwargs) and not strict else None
-            if found or strict:  # the call runs where its Remotes live, and they arrive as the real objects
-                if found:
-                    affinity, strict, origin = holder_of(found), True, found[0]._held
-                _sending.runner = affinity
+            if found or strict:  # the call runs where most of its Remotes' bytes live; they arrive
+                if found:        # as the real objects there, the others as copies
+                    affinity = affinity or runner_for(found, pool)
+                    mine = [r._held for r in found if r._held.runner_id == affinity and r._held.pool is pool]
+                    strict, origin = bool(mine), (mine[0] if mine else origin)
+                before = (getattr(_sending, "runner", None), getattr(_sending, "pool", None),
+                          getattr(_sending, "uses", None))  # a copy relayed here pickles a call too
+                _sending.runner, _sending.pool, _sending.uses = affinity or "", pool, uses
                 try:
                     arg_frames = serialize.dumps_args(fn, args, kwargs)
                 finally:
-                    _sending.runner = None
+                    _sending.runner, _sending.pool, _sending.uses = before
             else:
                 arg_frames = serialize.dumps_args(fn, args, kwargs)
         arg_frames, shared = pool._shm.put(arg_frames, "pool")  # copied outside the lock
@@ -147,6 +176,8 @@ class Packer:
         call.strict, call.shm, call.retries = strict, shared, pool.retries
         if strict:
             call.origin = origin
+        if uses:
+            call.uses = uses
         return call
 
 

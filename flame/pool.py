@@ -272,13 +272,9 @@ class Pool(Executor):
             first = not self._closed
             self._closed = True
             pending = list(self._inflight.calls.values())
-        if cancel_futures:
-            for call in pending:
-                call.future.cancel()
-        elif wait:
-            for call in pending:
-                with contextlib.suppress(CancelledError, Exception):
-                    call.future.exception()
+        for call in pending if cancel_futures or wait else ():
+            with contextlib.suppress(CancelledError, Exception):
+                call.future.cancel() if cancel_futures else call.future.exception()
         if not first and self._endpoint.stopped.is_set():
             return
         with self._state:
@@ -382,7 +378,7 @@ class Pool(Executor):
     def _enqueue(self, calls: Sequence[Call]) -> None:
         """Register ``calls`` and start what can start; all of them, or none (PoolClosed,
         RunnerDied for a call whose values' runner is gone). Not holding the lock."""
-        self._shm.send_frees(self._send_free)  # regions of runners' memory we let go of
+        self._shm.send_frees(self._fleet.send_free)  # regions of runners' memory we let go of
         registered = False
         self._state.acquire()  # not `with`: this is the per-call path
         try:
@@ -414,9 +410,6 @@ class Pool(Executor):
             raise
         finally:
             self._state.release()
-
-    def _send_free(self, runner_id: str, offset: int) -> None:
-        self._endpoint.send(runner_id, Kind.FREE, {"at": offset})
 
     def _cancel(self, call: Call) -> None:
         """Stop a call (not holding the lock): drop it from the queue, or interrupt it on its runner."""
@@ -465,6 +458,12 @@ class Pool(Executor):
             self._waiting.remove(call)  # it needs values that were on that runner
             self._inflight.finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
                                                        f"{call.name}() needed", r.id))
+        for call, error in self._inflight.copies_lost(r.id):  # a copy of a value it held was due
+            if call.state == "queued":
+                self._waiting.remove(call)
+                self._inflight.finish(call, exc=error)
+            elif call.state == "running":
+                self._inflight.abandon(call, error)
         if reschedule and not self._endpoint.stopped.is_set():
             self._schedule()
 

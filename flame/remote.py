@@ -21,8 +21,9 @@ from typing import Any, Iterator
 from .errors import FlameError, SerializationError
 from .node import objects
 
-#: While flame pickles a call's arguments for a runner: that runner's id (Remotes on it
-#: travel as references the runner resolves to the real objects).
+#: While flame pickles a call's arguments: ``runner``, the id of the runner it goes to ("": not
+#: known yet; Remotes on it travel as references the runner resolves to the real objects, the
+#: others as copies), ``pool`` its pool, ``uses`` the values on other runners it copies.
 _sending = threading.local()
 
 #: Items fetched per round trip when iterating over a Remote.
@@ -101,8 +102,11 @@ class Remote:
 
     def __reduce__(self) -> Any:
         held = self._held
-        if getattr(_sending, "runner", None) == held.runner_id:
+        target = getattr(_sending, "runner", None)
+        if target == held.runner_id and _sending.pool is held.pool:
             return objects.lookup, (held.oid, self._path)
+        if target is not None:  # an argument of a call that runs elsewhere: a copy travels
+            return held.pool._holdings.copy(held, self._path, target, _sending.pool, _sending.uses)
         raise SerializationError(
             f"a Remote ({self._describe()}) cannot be pickled: it stays on its runner. Pass it to a "
             f"call of its pool (it arrives there as the real object), or use .get() to copy the value here")
@@ -121,12 +125,8 @@ class Remote:
     def _op(self, op: str, args: tuple = (), kwargs: dict | None = None) -> "Remote":
         held = self._held
         frames = None
-        if args or kwargs:  # Remotes among the arguments must live where this one does
-            for other in remotes_in(args, kwargs or {}):
-                if other._held.runner_id != held.runner_id:
-                    raise ValueError(f"{other._describe()} lives on another runner than {self._describe()}; "
-                                     "copy it here with .get() first, or spawn both on one runner")
-        else:  # an id, a path of names and an operation's name: plain pickle, no checks needed
+        if not (args or kwargs):  # an id, a path of names and an operation's name: plain pickle
+            # (Remotes among the arguments are pickled as calls' are: those held elsewhere as copies)
             frames = [pickle.dumps(((held.oid, self._path, op, args, kwargs), {}), 5)]
         ref = self._call(objects.apply, (held.oid, self._path, op, args, kwargs), arg_frames=frames)
         return held.pool._holdings.remote(held.runner_id, ref, (held, self._path, op))

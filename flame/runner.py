@@ -84,6 +84,8 @@ class Runner:
         self.objects: dict[int, int] = {}
         self.last_active = time.monotonic()
         self.last_heard = time.monotonic()
+        #: where it serves copies of its values to the pool's other runners (Kind.PEER), if it does
+        self.peer_address: str | None = None
         #: (CPU %, RSS, GPUs' use) from its last heartbeat
         self.load: tuple = (None, None, ())
         self.calls_done = self.failures = 0
@@ -119,6 +121,11 @@ class Runner:
 
     def heard(self) -> None:
         self.last_heard = time.monotonic()
+
+    def serves(self, address: Any) -> None:
+        """It serves copies of its values at ``address`` (a Unix socket in its private directory)."""
+        if isinstance(address, str) and address.startswith("ipc://"):
+            self.peer_address = address
 
     def sampled(self, head: dict) -> None:
         """Its heartbeat's load: CPU, memory, GPUs' use (a runner of an older flame sends none)."""

@@ -59,6 +59,9 @@ class Kind:
     CODE_MISSING = "code-missing"  #: runner -> parent: the archive named is not in my cache
     RELEASE = "release"    #: parent -> runner: drop these held values (Remotes gone)
     FREE = "free"          #: either way: a region of your shared-memory arena I no longer read
+    PEER = "peer"          #: runner -> parent: where I serve copies of my values to the pool's runners
+    FETCH = "fetch"        #: runner -> runner: a copy of this value you hold, please (id, oid, path)
+    VALUE = "value"        #: runner -> runner: the copy asked for (pickled), or why not ("error")
 
     #: app -> client, unsigned, once: your key is wrong (the whole frame, not a signed message)
     REFUSED = b'{"k":"refused"}'

@@ -78,6 +78,9 @@ class RunnerNode:
         key = read_key(env)
         self.wire = Wire(key, self.id, cut=bool(env.get("FLAME_CURVE_SERVER")))
         self.ctx = zmq.Context()
+        from . import objects, peers  # light: what they import is imported already
+        peers.setup(key, self.id, self.ctx, self.post)
+        objects.on_first_keep = self._serve_peers
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -289,6 +292,12 @@ class RunnerNode:
         request_id = head["id"]
         self.introspection.ask(head["k"], interactive.NAMESPACE, head,
                                lambda content: self.post(Kind.REPLY, {"id": request_id, "content": content}))
+
+    def _serve_peers(self) -> None:
+        """This runner holds its first value: serve copies of its values to its peers."""
+        from . import peers
+        peers.serving()
+        cleanup.append(peers.close)
 
     def _on_welcome(self, head: dict, frames: list) -> None:
         if head.get("blake3") and fast_digests():

@@ -16,6 +16,8 @@ from .aio import is_awaitable
 #: id -> value, for this runner's pool
 TABLE: dict[int, Any] = {}
 _ids = itertools.count(1)
+#: called once, when this runner first holds a value: it then serves copies to its peers
+on_first_keep: Any = None
 
 #: Operations that give a new value (kept here, a Remote there).
 _BINARY = {name: getattr(operator, name) for name in (
@@ -43,8 +45,12 @@ def size_of(value: Any) -> int:
 
 def keep(value: Any) -> tuple[int, int]:
     """Hold ``value`` here; the reference ``(id, bytes)`` the parent wraps as a Remote."""
+    global on_first_keep
     if is_awaitable(value):
         return _keep_when_done(value)  # type: ignore[return-value]  # awaited by the node
+    if on_first_keep is not None:
+        hook, on_first_keep = on_first_keep, None
+        hook()
     oid = next(_ids)
     TABLE[oid] = value
     return oid, size_of(value)
@@ -63,6 +69,11 @@ def lookup(oid: int, path: tuple = ()) -> Any:
     for name in path:
         value = getattr(value, name)
     return value
+
+
+def value(v: Any) -> Any:
+    """``v`` itself: how a value relayed through the parent arrives in a call's arguments."""
+    return v
 
 
 def spawn(fn: Any, args: tuple, kwargs: dict) -> tuple[int, int]:

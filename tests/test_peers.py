@@ -1,0 +1,143 @@
+"""Runners address each other: a call whose Remotes live on several runners runs, the values
+travelling runner to runner, not through this process."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import time
+
+import numpy as np
+import pytest
+
+import flame
+
+
+def pid_and(*values):
+    return os.getpid(), [type(v).__name__ for v in values]
+
+
+def served():
+    """How many copies this runner has sent to its peers."""
+    from flame.node import peers
+    return peers._Node.server.sent if peers._Node.server is not None else 0
+
+
+def two_runners(pool):
+    """Two Remotes on two different runners of ``pool`` (a big array and a small list)."""
+    big, small = pool.spawn_map(_slow_value, ["array", "list"], [200_000, 3])
+    assert big.runner_id != small.runner_id
+    return big, small
+
+
+def _slow_value(kind, n):
+    time.sleep(0.3)  # overlapping spawns: one runner each
+    return np.arange(n, dtype=np.float64) if kind == "array" else list(range(n))
+
+
+def test_a_call_with_remotes_on_two_runners_runs_where_most_bytes_are(make_pool, caplog):
+    pool = make_pool(max=2)
+    big, small = two_runners(pool)
+    with caplog.at_level(logging.INFO, logger="flame"):
+        pid, kinds = pool.call(pid_and, small, big)
+    holder_of_big = pool.call(lambda b: os.getpid(), big)
+    assert pid == holder_of_big, "placed on the runner holding the most bytes"
+    assert kinds == ["list", "ndarray"], "both arrive as the real objects"
+    assert pool.call(lambda s, b: float(b.sum()) + sum(s), small, big) == float(np.arange(200_000).sum()) + 3
+    assert not [r for r in caplog.records if "through this process" in r.getMessage()], \
+        "the copy went runner to runner"
+    assert pool.submit_to(small.runner_id, served).result() >= 2, "the small list's runner sent the copies"
+    assert pool.submit_to(big.runner_id, served).result() == 0
+
+
+def test_ties_go_to_the_first_arguments_runner_and_submit_to_names_one(make_pool):
+    pool = make_pool(max=3)
+    a, b = pool.spawn_map(_slow_value, ["list", "list"], [3, 3])
+    first = pool.call(lambda x, y: os.getpid(), a, b)
+    assert first == pool.call(lambda x: os.getpid(), a)
+    assert pool.call(lambda x, y: os.getpid(), b, a) == pool.call(lambda x: os.getpid(), b)
+    list(pool.map(time.sleep, [0.5] * 3))  # a third runner, holding nothing
+    elsewhere = next(r.id for r in pool.runners if r.id not in (a.runner_id, b.runner_id))
+    future = pool.submit_to(elsewhere, lambda x, y: (os.getpid(), x + y), a, b)
+    assert future.runner_id == elsewhere and future.result()[1] == [0, 1, 2, 0, 1, 2]
+
+
+def test_copies_are_values(make_pool):
+    pool = make_pool(max=2)
+    a, b = pool.spawn_map(_slow_value, ["list", "list"], [3, 2])
+
+    def mutate(x, y):
+        y.append("changed here")
+        return len(y)
+    # Placed with a (the longer list: more bytes); b arrives as a copy, which it changes.
+    assert pool.call(mutate, a, b) == 3
+    assert b.get() == [0, 1], "the holder's value is not changed by a copy's mutation"
+
+
+def test_a_remote_method_takes_a_remote_from_another_runner(make_pool):
+    pool = make_pool(max=2)
+    big, small = two_runners(pool)
+    total = big.sum()  # a Remote on big's runner
+    assert float((big[:3] * 2).sum().get()) == 6.0
+    assert small.__add__(flame_list := [9]).get() == [0, 1, 2, 9] and flame_list == [9]
+    assert float(big.__getitem__(small).sum().get()) == 3.0, "small's value, copied to big's runner"
+    del total
+
+
+def test_a_remote_of_another_pool_is_relayed_through_this_process_and_says_so(make_pool, caplog):
+    one, two = make_pool(max=1), make_pool(max=1)
+    value = one.spawn(list, range(4))
+    with caplog.at_level(logging.INFO, logger="flame"):
+        assert two.call(lambda v: (os.getpid(), sum(v)), value)[1] == 6
+    assert any("through this process" in r.getMessage() for r in caplog.records)
+
+
+class SlowToCopy:
+    def __reduce__(self):
+        time.sleep(30)  # the holder is killed while it pickles the copy
+        return (SlowToCopy, ())
+
+
+def test_a_holder_dying_mid_transfer_fails_the_call_with_runner_died(make_pool):
+    pool = make_pool(max=2)
+    slow, other = pool.spawn_map(_slow_value_or_slow_copy, [True, False])
+    holder_pid = pool.call(lambda s: os.getpid(), other)  # other is bigger: the call runs there
+    slow_pid = pool.submit_to(slow.runner_id, os.getpid).result()
+    future = pool.submit(lambda a, b: "never", other, slow)
+    time.sleep(1.0)
+    os.kill(slow_pid, signal.SIGKILL)
+    with pytest.raises(flame.RunnerDied, match=slow.runner_id):
+        future.result(timeout=20)
+    assert pool.call(lambda o: os.getpid(), other) == holder_pid, "the calling runner lives on"
+
+
+def _slow_value_or_slow_copy(slow):
+    time.sleep(0.3)
+    return SlowToCopy() if slow else list(range(10_000))
+
+
+def test_the_peer_socket_is_private_and_refuses_strangers(make_pool):
+    import zmq
+    from flame.wire import Kind, Wire
+    pool = make_pool(max=1)
+    value = pool.spawn(list, range(3))
+    server = pool.call(lambda v: (lambda s: (s.dir, s.address))(__import__("flame.node.peers").node.peers._Node.server), value)
+    where, address = server
+    st = os.stat(where)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"stranger")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        wrong = Wire(os.urandom(32), "stranger")
+        sock.send_multipart(wrong.encode(Kind.FETCH, value.runner_id, {"id": 1, "oid": 1, "path": []}))
+        assert not sock.poll(1500), "a request signed with another key gets no answer"
+        sock.send_multipart([b"not even the wire format"])
+        assert not sock.poll(500)
+    finally:
+        sock.close()
+        ctx.term()
+    assert value.get() == [0, 1, 2], "the holder lives on"
