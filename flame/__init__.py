@@ -19,8 +19,8 @@ _EXPORTS = {
     "Remote": "flame.remote",
     "RemoteGone": "flame.remote",
     "inspect_remote": "flame.remote",
-    "pools": "flame.pool",
-    "shutdown_all": "flame.pool",
+    "pools": "flame.registry",
+    "shutdown_all": "flame.registry",
     "CallFuture": "flame.call",
     "Backend": "flame.backends.base",
     "RunnerSpec": "flame.backends.base",
@@ -57,6 +57,7 @@ _EXPORTS = {
     "report": "flame.node.report",
     "Chart": "flame.chart",
     "view": "flame.view",
+    "ref": "flame.remote",
     "PoolView": "flame.view",
 }
 
@@ -85,7 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (BootError, CallTimeout, FlameError, PoolClosed, RemoteError, RunnerDied,
                          SerializationError)
     from .pool import Pool, pools, shutdown_all
-    from .remote import Remote, RemoteGone, inspect_remote
+    from .remote import Remote, RemoteGone, inspect_remote, ref
     from .codesync import CodeSyncError
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus

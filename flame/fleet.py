@@ -159,13 +159,19 @@ class Fleet:
             pool._state.later(functools.partial(self.requests.fail, RunnerDied(
                 f"runner {r.id} is gone before it answered", r.id), r.id))
         fates = r.die(error, retry)
+        # Every runner of every pool of this process may hold handles to its values, or values
+        # its handles keep: each is told, once the lock is released.
+        pool._state.later(functools.partial(_tell_gone, r.id))
         if r.handle is not None:
             pool._state.later(functools.partial(self.watch.reap, r))
         return fates
 
     def reaped(self, r: Runner) -> None:
-        """On the terminate helper: ``r``'s process is gone; a GPU set may be free again."""
+        """On the terminate helper: ``r``'s process is gone; a GPU set may be free again, and
+        the directory of its peer listener (on this machine) goes, if it did not remove it."""
         pool = self._pool
+        if r.peer_address and not pool.backend.remote:
+            _remove_peer_dir(r.peer_address)
         if self.capacity is not None and not pool._endpoint.stopped.is_set():
             capacity = pool.backend.capacity()
             with pool._state:
@@ -194,3 +200,27 @@ class Fleet:
 
     def __repr__(self) -> str:
         return f"<Fleet of {self._pool.name}: {len(self.runners)} runners>"
+
+
+def _tell_gone(runner_id: str) -> None:
+    """Runner ``runner_id`` is gone: tell the runners of this process's pools that serve or
+    hold handles (``Kind.PEER_GONE``)."""
+    from .registry import pools
+    for pool in pools():
+        for r in list(pool._fleet.runners.values()):
+            r.peer_gone(runner_id)
+
+
+def _remove_peer_dir(address: str) -> None:
+    """Remove a killed local runner's peer listener directory: ours, not a symlink, and named
+    as node/peers.py names them."""
+    import shutil
+    import stat
+    where = os.path.dirname(address.removeprefix("ipc://"))
+    try:
+        st = os.lstat(where)
+    except OSError:
+        return
+    if (os.path.basename(where).startswith("flame-peer-") and stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()):
+        shutil.rmtree(where, ignore_errors=True)

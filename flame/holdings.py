@@ -67,19 +67,42 @@ class Holdings:
         runners = self._pool._fleet.runners
         holder, to = runners.get(held.runner_id), runners.get(target)
         origin = held.origin + "".join("." + p for p in path)
-        if pool is self._pool and holder is not None and holder.peer_address and to is not None \
-                and to.host == holder.host:
+        to = to if to is not None else (pool._fleet.runners.get(target) if pool is not self._pool else None)
+        if holder is not None and holder.peer_address and to is not None and to.host == holder.host:
             uses.append(held)
             from .node import peers
-            return peers.fetch, (holder.peer_address, held.runner_id, held.oid, path, origin)
-        why = ("it is another pool's" if pool is not self._pool else
-               f"runner {held.runner_id} is gone" if holder is None else
+            return peers.fetch, (holder.peer_address, held.runner_id, held.oid, path, origin, self.peer_key,
+                                 holder.pid)
+        why = (f"runner {held.runner_id} is gone" if holder is None else
                "the call's runner is not chosen yet" if to is None else
                f"runners {held.runner_id} and {target} are on different hosts"
                if to.host != holder.host else f"runner {held.runner_id} serves no copies")
         log.info("flame: the value from %s travels from runner %s through this process (%s)",
                  origin, held.runner_id, why)
         return objects.value, (Remote(held, path).get(),)
+
+    @property
+    def peer_key(self) -> bytes:
+        """The key of this pool's runners' peer channel (``node/peers.py``)."""
+        from .node.peers import peer_key
+        return peer_key(self._pool._key)
+
+    def handle(self, held: _Held, path: tuple, target: str, uses: list) -> tuple:
+        """How ``flame.ref`` of ``held``'s value travels to a call on runner ``target`` (of any
+        pool of this process): its holder's address and peer key, for the call's runner to
+        ask it directly. The call keeps the value alive until the handle is pinned there."""
+        if held.released:
+            raise RemoteGone(f"the Remote {held.origin} on runner {held.runner_id} was released")
+        holder = self._pool._fleet.runners.get(held.runner_id)
+        if holder is None:
+            raise lost(held.runner_id, held)
+        if not holder.peer_address:
+            raise RemoteGone(f"runner {held.runner_id} serves no handles")
+        uses.append(held)
+        from .node import peers
+        return peers.handle, (holder.peer_address, held.runner_id, held.oid, path,
+                              held.origin + "".join("." + p for p in path), held.nbytes, self.peer_key,
+                              holder.pid)
 
     def on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Outcome:
         """Queue ``fn(*args)`` on the runner that holds ``held``, and nowhere else; the caller
@@ -109,13 +132,15 @@ class Holdings:
                 r.release(ids)
 
 
-def runner_for(found: list[Remote], pool: Any) -> str | None:
+def runner_for(found: list, pool: Any) -> str | None:
     """The runner a call whose arguments hold the Remotes ``found`` runs on: the one of
     ``pool``'s runners holding the most bytes of them (ties: the first argument's); None when
     none is ``pool``'s (they all travel as copies)."""
     held: dict[str, int] = {}
     for r in found:
         h = r._held
+        if not isinstance(r, Remote):  # a handle (flame.ref): it does not pull the call
+            continue
         if h.released:
             raise RemoteGone(f"the Remote {r._describe()} was released")
         if h.pool is pool:

@@ -20,7 +20,7 @@ from .call import Call, CallFuture, Pickled, to_sink
 from .errors import CallTimeout, RunnerDied, SerializationError
 from .functions import FunctionCache
 from .holdings import runner_for
-from .remote import _sending, remotes_in
+from .remote import Remote, _sending, remotes_in
 from .wire import INLINE_MAX, Kind, fast_digests, out_of_band_digest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,7 +156,8 @@ class Packer:
             if found or strict:  # the call runs where most of its Remotes' bytes live; they arrive
                 if found:        # as the real objects there, the others as copies
                     affinity = affinity or runner_for(found, pool)
-                    mine = [r._held for r in found if r._held.runner_id == affinity and r._held.pool is pool]
+                    mine = [r._held for r in found if isinstance(r, Remote) and r._held.runner_id == affinity
+                            and r._held.pool is pool]
                     strict, origin = bool(mine), (mine[0] if mine else origin)
                 before = (getattr(_sending, "runner", None), getattr(_sending, "pool", None),
                           getattr(_sending, "uses", None))  # a copy relayed here pickles a call too
@@ -200,7 +201,7 @@ def deliver(call: Call, cancelled: bool, peer: str, head: dict, frames: list, sh
                 settle(call.future, exc=SerializationError(
                     f"the result of {call.name}() arrived but its shared memory cannot be read: {exc}"))
                 return
-        settle(call.future, Pickled(frames, call.name))
+        settle(call.future, Pickled(frames, call.name, call.pool))
     elif cancelled:
         settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
     else:

@@ -169,6 +169,7 @@ def decide(waiting: Sequence[Any], runners: Sequence[Any], limits: Limits, now: 
             if keep <= limits.min:
                 break
             if (r.state == "ready" and load[r.id] == 0 and not getattr(r, "objects", None)
+                    and not getattr(r, "held", 0)  # values other runners' handles keep
                     and now - r.last_active > limits.idle_after):  # values held for Remotes keep it
                 decision.stops.append(r)
                 keep -= 1

@@ -13,7 +13,6 @@ transitions queue those as effects, run once it is released.
 """
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import itertools
@@ -21,11 +20,10 @@ import functools
 import logging
 import re
 import time
-import weakref
 from concurrent.futures import CancelledError, Executor
 from typing import Any, Callable, Iterable, Sequence
 
-from . import holdings, mapping, options, placement, present, shm
+from . import holdings, mapping, options, placement, present, registry, shm
 from .backends.base import Backend
 from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
@@ -50,21 +48,6 @@ log = logging.getLogger("flame.pool")
 TERMINATE_WAIT = 20.0
 
 _pool_ids = itertools.count(1)
-_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
-
-
-def pools() -> list["Pool"]:
-    """Every pool of this process that is not shut down, by name."""
-    return sorted(_live_pools, key=lambda p: p.name)
-
-
-def shutdown_all() -> None:
-    """Shut every pool of this process down now, without waiting for calls to finish."""
-    for pool in list(_live_pools):
-        pool.shutdown(wait=False)
-
-
-atexit.register(shutdown_all)
 
 
 class Pool(Executor):
@@ -150,7 +133,7 @@ class Pool(Executor):
         self._backend_held = True
         self._endpoint.start()
         self._fleet.watch.start(self._endpoint.stopped, functools.partial(self._fail, "watch"))
-        _live_pools.add(self)
+        registry.add(self)
         with self._state:
             self._schedule()
         log.info("flame: %s listening on %s with %r", self.name, self.address, backend)
@@ -490,7 +473,7 @@ class Pool(Executor):
             held, self._backend_held = self._backend_held, False
         if held:
             self.backend.release()
-        _live_pools.discard(self)
+        registry.discard(self)
 
 
 def _log_failure(f: CallFuture) -> None:

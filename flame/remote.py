@@ -26,6 +26,10 @@ from .node import objects
 #: others as copies), ``pool`` its pool, ``uses`` the values on other runners it copies.
 _sending = threading.local()
 
+#: While flame unpickles a call's result: ``pool``, the pool it came from (a handle that a
+#: runner returns arrives as a Remote of that pool).
+_receiving = threading.local()
+
 #: Items fetched per round trip when iterating over a Remote.
 ITER_CHUNK = 100
 
@@ -107,6 +111,9 @@ class Remote:
             return objects.lookup, (held.oid, self._path)
         if target is not None:  # an argument of a call that runs elsewhere: a copy travels
             return held.pool._holdings.copy(held, self._path, target, _sending.pool, _sending.uses)
+        token = getattr(held.pool, "token", None)
+        if token is not None:  # a handle on a runner, in what it sends its pool
+            return token(held, self._path)
         raise SerializationError(
             f"a Remote ({self._describe()}) cannot be pickled: it stays on its runner. Pass it to a "
             f"call of its pool (it arrives there as the real object), or use .get() to copy the value here")
@@ -209,17 +216,62 @@ for _op in ("neg", "pos", "abs", "invert"):
     setattr(Remote, f"__{_op}__", lambda self, _o=_op: self._op(_o))
 
 
-def remotes_in(args: tuple, kwargs: dict) -> list[Remote]:
-    """The Remotes among a call's arguments, at the top level or inside a list, tuple or dict."""
+def remotes_in(args: tuple, kwargs: dict) -> list[Remote | Ref]:
+    """The Remotes (and handles, ``flame.ref``) among a call's arguments, at the top level or
+    inside a list, tuple or dict."""
     found = []
     for value in (*args, *kwargs.values()):
-        if isinstance(value, Remote):
+        if isinstance(value, (Remote, Ref)):
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            found.extend(v for v in value if isinstance(v, Remote))
+            found.extend(v for v in value if isinstance(v, (Remote, Ref)))
         elif isinstance(value, dict):
-            found.extend(v for v in (*value.keys(), *value.values()) if isinstance(v, Remote))
+            found.extend(v for v in (*value.keys(), *value.values()) if isinstance(v, (Remote, Ref)))
     return found
+
+
+class Ref:
+    """A handle to a Remote's value, to pass to a call instead of the value (``flame.ref``)."""
+
+    __slots__ = ("remote",)
+
+    def __init__(self, remote: Remote) -> None:
+        if not isinstance(remote, Remote):
+            raise TypeError(f"flame.ref takes a flame.Remote, got {type(remote).__name__}")
+        self.remote = remote
+
+    @property
+    def _held(self) -> _Held:
+        return self.remote._held
+
+    def _describe(self) -> str:
+        return f"flame.ref({self.remote._describe()})"
+
+    def __repr__(self) -> str:
+        return f"<{self._describe()}>"
+
+    def __reduce__(self) -> Any:
+        held, path = self.remote._held, self.remote._path
+        if getattr(_sending, "runner", None) is None:
+            raise SerializationError(f"{self._describe()} travels only in the arguments of a call")
+        return held.pool._holdings.handle(held, path, _sending.runner, _sending.uses)
+
+
+def ref(remote: Remote) -> Ref:
+    """Pass ``remote`` to a call as a handle, not as its value: inside the call it is a
+    ``flame.Remote`` whose operations run on the runner holding the value, sent from the
+    calling runner directly. A handle can be kept there, returned (it arrives as a Remote),
+    and used from many runners at once; the value lives while any handle to it does."""
+    return Ref(remote)
+
+
+def _received(holder: str, oid: int, path: tuple, origin: str, nbytes: int) -> Remote:
+    """A handle a runner sent in a result, arriving as a Remote of the pool that asked (its
+    runner pinned the value for that pool before sending it)."""
+    pool = getattr(_receiving, "pool", None)
+    if pool is None:
+        raise SerializationError(f"a handle to the value from {origin} arrives only in a call's result")
+    return Remote(pool._holdings.remote(holder, (oid, nbytes), origin)._held, tuple(path))
 
 
 def inspect_remote(remote: Remote, detail_level: int = 0) -> dict:

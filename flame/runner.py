@@ -88,6 +88,8 @@ class Runner:
         self.peer_address: str | None = None
         #: (CPU %, RSS, GPUs' use) from its last heartbeat
         self.load: tuple = (None, None, ())
+        #: values it said it holds at its last heartbeat (other runners' handles keep some)
+        self.held = 0
         self.calls_done = self.failures = 0
         self.fns: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: the local code's archive the runner has (code sync), and where it keeps archives:
@@ -128,8 +130,15 @@ class Runner:
             self.peer_address = address
 
     def sampled(self, head: dict) -> None:
-        """Its heartbeat's load: CPU, memory, GPUs' use (a runner of an older flame sends none)."""
+        """Its heartbeat's load: CPU, memory, GPUs' use (a runner of an older flame sends none),
+        and how many values it holds (for this pool's Remotes, or for other runners' handles)."""
         self.load = (head.get("cpu"), head.get("rss"), tuple(head.get("gpu") or ()))
+        self.held = head.get("held", 0)
+
+    def peer_gone(self, runner_id: str) -> None:
+        """Runner ``runner_id`` of its pool is gone: the handles it had, and asking it, too."""
+        if self.state == "ready":
+            self._send(Kind.PEER_GONE, {"id": runner_id})
 
     def tally(self, ok: bool) -> None:
         """It answered a call, with a result (``ok``) or an error."""
@@ -373,9 +382,9 @@ class Runner:
     def info(self) -> RunnerInfo:
         import datetime
         idle = (time.monotonic() - self.last_active
-                if self.state == "ready" and not self.calls and not self.objects else None)
+                if self.state == "ready" and not self.calls and not self.objects and not self.held else None)
         return RunnerInfo(self.id, self.state, self.pid, self.host or "localhost", len(self.calls),
                           datetime.datetime.fromtimestamp(self.started), tuple(self.gpus), self.python, idle,
                           {"gpu_info": list(self.gpu_info)} if self.gpu_info else {},
-                          len(self.objects), sum(self.objects.values()), self.calls_done, self.failures,
+                          max(len(self.objects), self.held), sum(self.objects.values()), self.calls_done, self.failures,
                           *self.load)

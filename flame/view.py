@@ -34,7 +34,7 @@ class PoolView:
     pool of this process, including pools made while the view is shown)."""
 
     def __init__(self, pools: list[Pool] | None = None, every: float = EVERY) -> None:
-        from .pool import pools as live
+        from .registry import pools as live
         self._all = pools is None
         self._pools: list[Pool] = list(live() if pools is None else pools)
         self.every = every
@@ -43,7 +43,7 @@ class PoolView:
     # ---- what it shows ---------------------------------------------------------------------
     def _current(self) -> list[Pool]:
         if self._all:
-            from .pool import pools as live
+            from .registry import pools as live
             for pool in live():
                 if pool not in self._pools:
                     self._pools.append(pool)

@@ -62,6 +62,7 @@ class Kind:
     PEER = "peer"          #: runner -> parent: where I serve copies of my values to the pool's runners
     FETCH = "fetch"        #: runner -> runner: a copy of this value you hold, please (id, oid, path)
     VALUE = "value"        #: runner -> runner: the copy asked for (pickled), or why not ("error")
+    PEER_GONE = "peer-gone"  #: parent -> runner: runner "id" is gone (its handles and pins with it)
 
     #: app -> client, unsigned, once: your key is wrong (the whole frame, not a signed message)
     REFUSED = b'{"k":"refused"}'

@@ -71,6 +71,16 @@ def pytest_sessionfinish(session, exitstatus):
                 pass
         session.exitstatus = 1
         sys.stderr.write(f"\nrunner processes outlived the test suite: {[p.pid for p in left]}\n")
+    import glob
+    import tempfile
+    # A runner's peer listener directory goes with it, also when it is killed (its pool removes it).
+    peers = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "flame-peer-*"))
+             if os.stat(d).st_uid == os.geteuid()]
+    if peers:
+        for d in peers:
+            shutil.rmtree(d, ignore_errors=True)
+        session.exitstatus = 1
+        sys.stderr.write(f"\npeer listener directories outlived the test suite: {peers}\n")
 
 
 @pytest.fixture

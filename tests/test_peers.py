@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import flame
+from conftest import wait_for
 
 
 def pid_and(*values):
@@ -141,3 +142,110 @@ def test_the_peer_socket_is_private_and_refuses_strangers(make_pool):
         sock.close()
         ctx.term()
     assert value.get() == [0, 1, 2], "the holder lives on"
+
+
+class Encoder:
+    """A stand-in for a model on a GPU runner."""
+
+    def __init__(self):
+        self.calls = 0
+        self.pid = os.getpid()
+
+    def encode(self, batch):
+        self.calls += 1
+        return [x * 2 for x in batch]
+
+
+def embed(model, chunk):
+    """On a CPU runner: each call goes straight to the model's runner."""
+    assert isinstance(model, flame.Remote)
+    return os.getpid(), model.encode(chunk).get(), model.pid.get()
+
+
+def test_a_handle_is_used_from_many_runners_straight_to_its_holder(make_pool, caplog):
+    gpu_pool, cpu_pool = make_pool(max=1), make_pool(max=3)
+    model = gpu_pool.spawn(Encoder)
+    with caplog.at_level(logging.INFO, logger="flame"):
+        out = list(cpu_pool.map(embed, [flame.ref(model)] * 6, [[i] for i in range(6)]))
+    assert [o[1] for o in out] == [[2 * i] for i in range(6)]
+    assert {o[2] for o in out} == {model.pid.get()}, "every operation ran on the model's runner"
+    assert len({o[0] for o in out}) >= 2, "from several runners"
+    assert model.calls.get() == 6
+    assert not [r for r in caplog.records if "through this process" in r.getMessage()]
+    assert gpu_pool.call(served) >= 6 * 3, "the model's runner answered each operation itself"
+
+
+def keep(handle):
+    import builtins
+    builtins.flame_test_kept = handle
+    return handle.__class__.__name__
+
+
+def use_kept():
+    import builtins
+    return builtins.flame_test_kept.get()
+
+
+def drop_kept():
+    import builtins
+    import gc
+    del builtins.flame_test_kept
+    gc.collect()
+
+
+def test_a_handle_kept_on_a_runner_keeps_its_value_until_it_is_dropped(make_pool):
+    holders, users = make_pool(max=1, idle_shutdown_after=1), make_pool(max=1)
+    value = holders.spawn(list, range(5))
+    holder = value.runner_id
+    assert users.call(keep, flame.ref(value)) == "Remote"
+    del value  # the notebook lets go; the handle on the other runner still keeps it
+    time.sleep(3.0)
+    assert [r.id for r in holders.runners] == [holder], "not stopped for being idle"
+    assert holders.runners[0].objects == 1, "one value, whatever the handles"
+    assert users.call(use_kept) == [0, 1, 2, 3, 4]
+    users.call(drop_kept)
+    assert wait_for(lambda: not holders.runners or holders.runners[0].objects == 0, timeout=10)
+
+
+def test_a_handle_returned_to_the_notebook_is_a_working_remote(make_pool):
+    pool = make_pool(max=2)
+    value = pool.spawn(list, range(3))
+    back = pool.call(lambda h: h, flame.ref(value))
+    assert isinstance(back, flame.Remote) and back.runner_id == value.runner_id
+    assert back.get() == [0, 1, 2]
+    made = pool.call(lambda h: h + [7], flame.ref(value))  # made on the holder, through the handle
+    assert made.get() == [0, 1, 2, 7] and made.runner_id == value.runner_id
+    del value, back, made
+    assert wait_for(lambda: all(r.objects == 0 for r in pool.runners), timeout=10)
+
+
+def test_a_runner_that_dies_lets_go_of_what_its_handles_kept(make_pool):
+    holders, users = make_pool(max=1), make_pool(max=1)
+    value = holders.spawn(list, range(3))
+    users.call(keep, flame.ref(value))
+    del value
+    user_pid = users.call(os.getpid)
+    os.kill(user_pid, signal.SIGKILL)
+    assert wait_for(lambda: holders.runners[0].objects == 0, timeout=15)
+
+
+def test_a_handle_whose_holder_died_raises_runner_died(make_pool):
+    holders, users = make_pool(max=1), make_pool(max=1)
+    value = holders.spawn(Encoder)
+    users.call(keep, flame.ref(value))
+    holder, holder_pid = value.runner_id, value.pid.get()
+    os.kill(holder_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(flame.RunnerDied, match=holder):
+        users.call(use_kept)
+    assert time.monotonic() - t0 < 20, "no hang"
+    assert users.call(lambda: 1) == 1
+
+
+def test_an_error_through_a_handle_is_the_holders_exception(make_pool):
+    holders, users = make_pool(max=1), make_pool(max=1)
+    value = holders.spawn(Encoder)
+    with pytest.raises(TypeError):
+        users.call(lambda h: len(h), flame.ref(value))
+    with pytest.raises(AttributeError):
+        users.call(lambda h: h.missing.get(), flame.ref(value))

@@ -81,6 +81,7 @@ class RunnerNode:
         from . import objects, peers  # light: what they import is imported already
         peers.setup(key, self.id, self.ctx, self.post)
         objects.on_first_keep = self._serve_peers
+        self.objects = objects
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -129,6 +130,7 @@ class RunnerNode:
             Kind.SHUTDOWN: self._on_shutdown, Kind.CODE: self._on_code, Kind.FREE: self._on_free,
             Kind.RELEASE: self._on_release, Kind.COMPLETE: self._on_introspect,
             Kind.INSPECT: self._on_introspect, Kind.WELCOME: self._on_welcome,
+            Kind.PEER_GONE: self._on_peer_gone,
         }
 
     # ---- sending, from any thread --------------------------------------------------
@@ -293,6 +295,11 @@ class RunnerNode:
         self.introspection.ask(head["k"], interactive.NAMESPACE, head,
                                lambda content: self.post(Kind.REPLY, {"id": request_id, "content": content}))
 
+    def _on_peer_gone(self, head: dict, frames: list) -> None:
+        """A runner of our pool is gone: the values it kept here go, and asking it fails."""
+        from . import peers
+        peers.gone(head["id"])
+
     def _serve_peers(self) -> None:
         """This runner holds its first value: serve copies of its values to its peers."""
         from . import peers
@@ -427,7 +434,7 @@ class RunnerNode:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
-                    self.post(Kind.HEARTBEAT, self.load.sample())
+                    self.post(Kind.HEARTBEAT, {**self.load.sample(), "held": len(self.objects.TABLE)})
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)

@@ -6,9 +6,11 @@ below, which travel by reference, so an operation on a Remote costs what a call 
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 import sys
+import threading
 from typing import Any
 
 from .aio import is_awaitable
@@ -18,6 +20,11 @@ TABLE: dict[int, Any] = {}
 _ids = itertools.count(1)
 #: called once, when this runner first holds a value: it then serves copies to its peers
 on_first_keep: Any = None
+#: id -> who keeps the value, and how many times: "parent" (its pool's Remotes) or the id of a
+#: runner holding handles to it (``flame.ref``). The value goes when nobody keeps it.
+OWNERS: dict[int, collections.Counter] = {}
+#: the keeper of values made on this thread now: a peer's id while its request runs here
+current = threading.local()
 
 #: Operations that give a new value (kept here, a Remote there).
 _BINARY = {name: getattr(operator, name) for name in (
@@ -53,6 +60,7 @@ def keep(value: Any) -> tuple[int, int]:
         hook()
     oid = next(_ids)
     TABLE[oid] = value
+    OWNERS[oid] = collections.Counter((getattr(current, "owner", "parent"),))
     return oid, size_of(value)
 
 
@@ -134,10 +142,35 @@ def fetch(oid: int, path: tuple = ()) -> Any:
     return lookup(oid, path)
 
 
-def release(ids: list[int]) -> None:
-    """Drop values the parent no longer refers to."""
+def release(ids: list[int], owner: str = "parent") -> None:
+    """``owner`` no longer refers to the values ``ids`` (once each): those nobody keeps go."""
     for oid in ids:
+        keepers = OWNERS.get(oid)
+        if keepers is not None:
+            keepers[owner] -= 1
+            if keepers[owner] <= 0:
+                del keepers[owner]
+            if keepers:
+                continue
+            OWNERS.pop(oid, None)
         TABLE.pop(oid, None)
+
+
+def pin(oid: int, owner: str) -> None:
+    """``owner`` keeps value ``oid`` too (a handle to it arrived there)."""
+    if oid not in TABLE:
+        raise LookupError(f"this runner holds no object {oid}: it was released")
+    OWNERS.setdefault(oid, collections.Counter())[owner] += 1
+
+
+def drop_owner(owner: str) -> None:
+    """``owner`` is gone: it keeps nothing any more."""
+    for oid in [oid for oid, keepers in OWNERS.items() if owner in keepers]:
+        keepers = OWNERS[oid]
+        del keepers[owner]
+        if not keepers:
+            OWNERS.pop(oid, None)
+            TABLE.pop(oid, None)
 
 
 def held() -> tuple[int, int]:
