@@ -68,7 +68,10 @@ class Holdings:
         holder, to = runners.get(held.runner_id), runners.get(target)
         origin = held.origin + "".join("." + p for p in path)
         to = to if to is not None else (pool._fleet.runners.get(target) if pool is not self._pool else None)
-        if holder is not None and holder.peer_address and to is not None and to.host == holder.host:
+        # Runners on this machine reach each other wherever the call lands (its runner may not be
+        # chosen yet: a call whose only Remotes are another pool's is placed like any other).
+        local = not pool.backend.remote and not self._pool.backend.remote
+        if holder is not None and holder.peer_address and (local or (to is not None and to.host == holder.host)):
             uses.append(held)
             from .node import peers
             return peers.fetch, (holder.peer_address, held.runner_id, held.oid, path, origin, self.peer_key,

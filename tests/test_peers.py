@@ -86,11 +86,21 @@ def test_a_remote_method_takes_a_remote_from_another_runner(make_pool):
     del total
 
 
-def test_a_remote_of_another_pool_is_relayed_through_this_process_and_says_so(make_pool, caplog):
+def test_a_remote_of_another_pool_travels_the_same_way(make_pool, caplog):
     one, two = make_pool(max=1), make_pool(max=1)
     value = one.spawn(list, range(4))
     with caplog.at_level(logging.INFO, logger="flame"):
         assert two.call(lambda v: (os.getpid(), sum(v)), value)[1] == 6
+    assert not [r for r in caplog.records if "through this process" in r.getMessage()]
+    assert one.call(served) == 1, "the holder sent the copy itself"
+
+
+def test_runners_on_another_machine_get_copies_relayed_and_the_log_says_so(sshd, make_pool, caplog):
+    from test_ssh import backend
+    remote, local = make_pool(backend=backend(sshd), max=1), make_pool(max=1)
+    value = remote.spawn(list, range(4))
+    with caplog.at_level(logging.INFO, logger="flame"):
+        assert local.call(sum, value) == 6
     assert any("through this process" in r.getMessage() for r in caplog.records)
 
 
