@@ -259,3 +259,14 @@ def test_an_error_through_a_handle_is_the_holders_exception(make_pool):
         users.call(lambda h: len(h), flame.ref(value))
     with pytest.raises(AttributeError):
         users.call(lambda h: h.missing.get(), flame.ref(value))
+
+
+def test_a_pool_that_shuts_down_lets_go_of_what_its_runners_handles_kept(make_pool):
+    holders, users = make_pool(max=1), make_pool(max=1)
+    value = holders.spawn(list, range(3))
+    users.call(keep, flame.ref(value))
+    del value
+    time.sleep(1.5)
+    assert holders.runners[0].objects == 1
+    users.shutdown()
+    assert wait_for(lambda: holders.runners[0].objects == 0, timeout=15)
