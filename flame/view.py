@@ -57,41 +57,39 @@ class PoolView:
             self._rates[id(pool)] = (now, ended, 0.0)
             return 0.0
         then, before, rate = seen
-        if now - then >= 0.5 * self.every:  # html() and text() of one update share one rate
+        if now - then >= 0.5 * self.every:  # a rate over at least half an update's interval
             rate = (ended - before) / (now - then)
             self._rates[id(pool)] = (now, ended, rate)
         return rate
 
-    def rows(self, pool: Pool) -> list[list[str]]:
-        """One row of text cells per runner of ``pool``."""
-        return [_row(r) for r in pool.runners]
+    def tables(self) -> list[tuple[Pool, str, list[list[str]]]]:
+        """Each pool shown: its summary line, and a row of text cells per runner."""
+        return [(pool, _summary(pool, self._rate(pool)), [_row(r) for r in pool.runners])
+                for pool in self._current()]
 
-    def html(self) -> str:
-        pools = self._current()
-        if not pools:
+    def html(self, tables: list | None = None) -> str:
+        tables = self.tables() if tables is None else tables
+        if not tables:
             return "<i>no flame pools in this process</i>"
+        head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
         parts = []
-        for pool in pools:
-            head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                           for row in self.rows(pool))
+        for pool, summary, rows in tables:
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
             body = body or f'<tr><td colspan="{len(_COLUMNS)}"><i>no runners</i></td></tr>'
-            parts.append(f"<div><b>{html.escape(pool.name)}</b> — {html.escape(_summary(pool, self._rate(pool)))}"
+            parts.append(f"<div><b>{html.escape(pool.name)}</b> — {html.escape(summary)}"
                          f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
         return "".join(parts)
 
-    def text(self) -> str:
-        pools = self._current()
-        if not pools:
+    def text(self, tables: list | None = None) -> str:
+        tables = self.tables() if tables is None else tables
+        if not tables:
             return "no flame pools in this process"
-        lines = []
-        for pool in pools:
-            lines.append(f"{pool.name}: {_summary(pool, self._rate(pool))}")
-            lines.extend("  " + " | ".join(row) for row in self.rows(pool))
-        return "\n".join(lines)
+        return "\n".join(f"{pool.name}: {summary}" + "".join("\n  " + " | ".join(row) for row in rows)
+                         for pool, summary, rows in tables)
 
     def bundle(self) -> dict:
-        return {"text/html": self.html(), "text/plain": self.text()}
+        tables = self.tables()  # one look at the pools for both forms
+        return {"text/html": self.html(tables), "text/plain": self.text(tables)}
 
     def _repr_html_(self) -> str:
         return self.html()

@@ -66,6 +66,19 @@ def lab(tmp_path_factory):
 ACTIVE = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 
 
+def _open(p, url, token, notebook, height):
+    """Chromium showing ``notebook`` in the lab, once its flamebook kernel is idle."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.goto(f"{url}/lab/tree/{notebook}?reset&token={token}")
+    page.wait_for_function(
+        "() => { const k = document.querySelector('" + ACTIVE + " .jp-KernelName'),"
+        " s = document.querySelector('" + ACTIVE + " .jp-Notebook-ExecutionIndicator');"
+        " return k && k.innerText.includes('flamebook') && s && s.getAttribute('data-status') === 'idle'; }",
+        timeout=90000)
+    return browser, page
+
+
 def _run_new_cell(page, code):
     """Insert a cell below the active one, type ``code`` and run it; return the cell's locator."""
     page.keyboard.press("Escape")
@@ -88,14 +101,7 @@ def test_lab_streams_remote_output_and_stops_remote_work(lab):
     url, token = lab
     os.makedirs(ARTIFACTS, exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{url}/lab/tree/quickstart.ipynb?reset&token={token}")
-        page.wait_for_function(
-            "() => { const k = document.querySelector('" + ACTIVE + " .jp-KernelName'),"
-            " s = document.querySelector('" + ACTIVE + " .jp-Notebook-ExecutionIndicator');"
-            " return k && k.innerText.includes('flamebook') && s && s.getAttribute('data-status') === 'idle'; }",
-            timeout=90000)
+        browser, page = _open(p, url, token, "quickstart.ipynb", height=900)
         # Run the notebook's first code cell: it makes `pool`.
         page.locator(f"{ACTIVE} .jp-CodeCell").first.locator(".cm-content").click()
         page.keyboard.press("Shift+Enter")
@@ -202,14 +208,7 @@ def test_lab_draws_the_sweep_chart_live(lab):
     url, token = lab
     os.makedirs(ARTIFACTS, exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(f"{url}/lab/tree/sweep.ipynb?reset&token={token}")
-        page.wait_for_function(
-            "() => { const k = document.querySelector('" + ACTIVE + " .jp-KernelName'),"
-            " s = document.querySelector('" + ACTIVE + " .jp-Notebook-ExecutionIndicator');"
-            " return k && k.innerText.includes('flamebook') && s && s.getAttribute('data-status') === 'idle'; }",
-            timeout=90000)
+        browser, page = _open(p, url, token, "sweep.ipynb", height=1000)
         cells = page.locator(f"{ACTIVE} .jp-Cell")
         cells.first.click()
         spawn_cell = None

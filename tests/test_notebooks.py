@@ -12,7 +12,7 @@ from conftest import ROOT
 
 # slurm.ipynb runs against the test cluster, sweep and batch with their checks, in their own tests below.
 NOTEBOOKS = sorted(p for p in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))
-                   if not p.endswith(("slurm.ipynb", "sweep.ipynb", "batch.ipynb")))
+                   if not p.endswith(("slurm.ipynb", "sweep.ipynb", "batch.ipynb", "mesh.ipynb")))
 VEGALITE = "application/vnd.vegalite.v5+json"
 
 
@@ -123,3 +123,16 @@ def test_batch_notebook_shows_each_image_with_its_result():
     assert len(figures) == 24 and all("data:image/png;base64," in o["data"]["text/html"] for o in figures)
     right = int(texts(batch).split(" of 24 right")[0].split()[-1])
     assert right == sum("✓" in o["data"]["text/html"] for o in figures) and right >= 18
+
+
+def test_mesh_notebook_merges_across_runners_and_serves_a_model_to_another_pool():
+    outputs = run("mesh.ipynb")
+    text = "".join(texts(outs) for outs in outputs)
+    orders = text.split("orders on ")[1].split("\n")[0]
+    customers = text.split("customers on ")[1].split("\n")[0]
+    assert orders != customers, "two runners"
+    assert "rows: 100" in text, "merged on id: 100 customers with orders"
+    assert "encoded: [[1, 2], [3], [4, 1], [2], [3], [2, 1]]" in text
+    assert "the model answered 6 calls" in text
+    views = [o for outs in outputs for o in outs if "GPU use" in o.get("data", {}).get("text/html", "")]
+    assert views, "the pool view"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .. import serialize
 from ..errors import RunnerDied
-from ..wire import Kind, Wire
+from ..wire import Kind, Wire, fast_digests
 from .terminator import alive
 
 log = logging.getLogger("flame.node")
@@ -120,6 +120,8 @@ class Server:
             if got is None or got[0].get("k") != Kind.FETCH:
                 continue  # dropped (unsigned, replayed, not for us), quietly: Wire logs it
             head, frames = got
+            if head.get("b3") and fast_digests():  # large answers digested with BLAKE3, as with the parent
+                self.wire.fast_peers.add(peer)
             fields: dict = {"id": head.get("id")}
             try:
                 out = serialize.dumps(self._answer(peer, head, frames))
@@ -195,7 +197,8 @@ class Client:
                 wire = self.wires[key] = Wire(key, self.me)
             sock = self._sock(address)
             request = next(self._ids)
-            sock.send_multipart(wire.encode(Kind.FETCH, holder, {"id": request, **fields}, frames), copy=False)
+            fields = {"id": request, "b3": 1, **fields} if fast_digests() else {"id": request, **fields}
+            sock.send_multipart(wire.encode(Kind.FETCH, holder, fields, frames), copy=False)
             deadline = time.monotonic() + TIMEOUT
             while True:
                 if sock.poll(100):  # in slices: a cancel (KeyboardInterrupt) lands between them
