@@ -50,7 +50,6 @@ from .. import serialize, shm
 from ..keys import read_key
 from ..wire import (FLUSH_INTERVAL, FN_CACHE_SIZE, HEARTBEAT, Kind, WakePipe, Wire, fast_digests, introduction, pending, recv_ready,
                     send_parts)
-from . import stats
 from .capture import Capture
 from .execute import Calls, cancelled_reply
 from .starts import StartCount
@@ -78,10 +77,10 @@ class RunnerNode:
         key = read_key(env)
         self.wire = Wire(key, self.id, cut=bool(env.get("FLAME_CURVE_SERVER")))
         self.ctx = zmq.Context()
-        from . import objects, peers  # light: what they import is imported already
-        peers.setup(key, self.id, self.ctx, self.post)
-        objects.on_first_keep = self._serve_peers
-        self.objects = objects
+        # Peers (node/peers.py) are set up from here when first needed, not at boot: most
+        # runners never hold a value or a handle.
+        self.peer_key = key
+        sys.modules[__package__].this_runner = self
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -122,8 +121,9 @@ class RunnerNode:
         self.received = 0  # calls received so far
         self._main_ident = threading.main_thread().ident
         self.work_queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.gpus = stats.visible_gpus()
-        self.load = stats.Load(self.gpus)  # sampled with each heartbeat
+        value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self.gpus = [g for g in value.split(",") if g.strip()] if value.strip() else []
+        self.load: Any = None  # stats.Load, made at the first heartbeat (off the boot's path)
         self.introspection: Any = None  # introspect.Answerer, made at the first request (imports jedi's way)
         self.handlers: dict[str, Callable[[dict, list], None]] = {
             Kind.CALL: self._on_call, Kind.CALLS: self._on_calls, Kind.CANCEL: self._on_cancel,
@@ -161,7 +161,10 @@ class RunnerNode:
     # ---- main thread --------------------------------------------------------------------
     def main_loop(self) -> None:
         hello = introduction()
-        hello.update(gpus=self.gpus, gpu_info=stats.gpu_info(self.gpus), blake3=fast_digests())
+        if self.gpus:
+            from .stats import gpu_info  # subprocess and NVML: only on GPU runners
+            hello["gpu_info"] = gpu_info(self.gpus)
+        hello.update(gpus=self.gpus, blake3=fast_digests())
         if self.boot:
             from .boot import cache_root
             hello["cache"] = cache_root()
@@ -300,12 +303,6 @@ class RunnerNode:
         from . import peers
         peers.gone(head["id"])
 
-    def _serve_peers(self) -> None:
-        """This runner holds its first value: serve copies of its values to its peers."""
-        from . import peers
-        peers.serving()
-        cleanup.append(peers.close)
-
     def _on_welcome(self, head: dict, frames: list) -> None:
         if head.get("blake3") and fast_digests():
             self.wire.fast_peers.add(PARENT)
@@ -434,7 +431,11 @@ class RunnerNode:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat
-                    self.post(Kind.HEARTBEAT, {**self.load.sample(), "held": len(self.objects.TABLE)})
+                    if self.load is None:
+                        from .stats import Load
+                        self.load = Load(self.gpus)
+                    objects = sys.modules.get("flame.node.objects")  # imported by the first spawn
+                    self.post(Kind.HEARTBEAT, {**self.load.sample(), "held": len(objects.TABLE) if objects else 0})
         except BaseException as exc:  # noqa: BLE001
             log.exception("flame runner %s: its watch thread failed", self.id)
             exit_now(f"its watch thread failed: {type(exc).__name__}: {exc}", self.id, EXIT_BROKEN)

@@ -18,8 +18,8 @@ from .aio import is_awaitable
 #: id -> value, for this runner's pool
 TABLE: dict[int, Any] = {}
 _ids = itertools.count(1)
-#: called once, when this runner first holds a value: it then serves copies to its peers
-on_first_keep: Any = None
+#: whether this runner serves its values to its peers yet (from its first value on)
+_serving = False
 #: id -> who keeps the value, and how many times: "parent" (its pool's Remotes) or the id of a
 #: runner holding handles to it (``flame.ref``). The value goes when nobody keeps it.
 OWNERS: dict[int, collections.Counter] = {}
@@ -52,12 +52,13 @@ def size_of(value: Any) -> int:
 
 def keep(value: Any) -> tuple[int, int]:
     """Hold ``value`` here; the reference ``(id, bytes)`` the parent wraps as a Remote."""
-    global on_first_keep
+    global _serving
     if is_awaitable(value):
         return _keep_when_done(value)  # type: ignore[return-value]  # awaited by the node
-    if on_first_keep is not None:
-        hook, on_first_keep = on_first_keep, None
-        hook()
+    if not _serving:
+        _serving = True
+        from . import peers
+        peers.serving()
     oid = next(_ids)
     TABLE[oid] = value
     OWNERS[oid] = collections.Counter((getattr(current, "owner", "parent"),))

@@ -49,7 +49,7 @@ def peer_key(pool_key: bytes) -> bytes:
 
 
 class _Node:
-    """What this runner told us at start (``setup``)."""
+    """This runner's key, id, context and parent channel (``configure``)."""
     key: bytes | None = None  # its pool's peer key
     me = ""
     ctx: Any = None
@@ -61,18 +61,28 @@ class _Node:
     lock = threading.Lock()
 
 
-def setup(key: bytes, me: str, ctx: Any, post: Callable[..., None]) -> None:
-    _Node.key, _Node.me, _Node.ctx, _Node.post = peer_key(key), me, ctx, post
+def configure() -> bool:
+    """Take this runner's settings from its node (``flame.node.this_runner``), once; False
+    outside a runner (a served app holds no values for peers)."""
+    if _Node.key is None:
+        import sys
+        node = getattr(sys.modules.get("flame.node"), "this_runner", None)
+        if node is None:
+            return False
+        _Node.key, _Node.me, _Node.ctx, _Node.post = peer_key(node.peer_key), node.id, node.ctx, node.post
+    return True
 
 
 def serving() -> None:
     """This runner holds a value: serve it to its peers from now on (once)."""
-    if _Node.server is not None or _Node.key is None:
+    if _Node.server is not None or not configure():
         return
     with _Node.lock:
         if _Node.server is None:
             _Node.server = Server(_Node.ctx, _Node.key, _Node.me)
             _Node.post(Kind.PEER, {"address": _Node.server.address})
+            from .terminator import cleanup
+            cleanup.append(close)
 
 
 def gone(runner_id: str) -> None:
@@ -224,6 +234,8 @@ class Client:
 
 def _client() -> Client:
     if _Node.client is None:
+        if not configure():
+            raise RuntimeError("runner-to-runner requests are made only on a pool's runners")
         with _Node.lock:
             if _Node.client is None:
                 _Node.client = Client(_Node.ctx, _Node.me)
@@ -242,6 +254,8 @@ def handle(address: str, holder: str, oid: int, path: tuple, origin: str, nbytes
     """A handle (``flame.ref``) arriving here: a Remote whose operations run on ``holder``,
     sent from here; the value stays there while this Remote (or one made from it) lives."""
     from . import objects
+    if not configure():
+        raise RuntimeError("a handle (flame.ref) is used only on a pool's runners")
     side = _handles()
     side.peers[holder] = (address, key, pid)
     side.ask(holder, objects.pin, (oid, _Node.me), origin)

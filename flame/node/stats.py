@@ -7,12 +7,6 @@ import time
 from typing import Any
 
 
-def visible_gpus() -> list[str]:
-    """The GPU ids this runner was given (CUDA_VISIBLE_DEVICES), in order."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return [g for g in value.split(",") if g.strip()] if value.strip() else []
-
-
 def gpu_info(ids: list[str]) -> list[dict]:
     """Name and memory of each GPU this runner was given (only when it has GPUs)."""
     if not ids:
