@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import RunnerDied
+from .errors import FlameError, RunnerDied
 from .node import objects
 from .remote import Remote, RemoteGone, _Held
 
@@ -90,7 +90,7 @@ class Holdings:
         from .node.peers import peer_key
         return peer_key(self._pool._key)
 
-    def handle(self, held: _Held, path: tuple, target: str, uses: list) -> tuple:
+    def handle(self, held: _Held, path: tuple, target: str, uses: list, pool: Any) -> tuple:
         """How ``flame.ref`` of ``held``'s value travels to a call on runner ``target`` (of any
         pool of this process): its holder's address and peer key, for the call's runner to
         ask it directly. The call keeps the value alive until the handle is pinned there."""
@@ -101,6 +101,14 @@ class Holdings:
             raise lost(held.runner_id, held)
         if not holder.peer_address:
             raise RemoteGone(f"runner {held.runner_id} serves no handles")
+        to = pool._fleet.runners.get(target) if target else None
+        if (pool.backend.remote or self._pool.backend.remote) and (to is None or to.host != holder.host):
+            # Listeners are Unix sockets: a runner on another machine could not connect, and its
+            # call would wait for an answer that never comes. Said now instead.
+            raise FlameError(f"flame.ref of {held.origin}: runner {held.runner_id} is on another machine "
+                             "than the call's runner may be; handles reach only runners on the same "
+                             "machine for now. Pass the Remote itself (the call runs on its runner, or "
+                             "its value travels as a copy), or .get() it")
         uses.append(held)
         from .node import peers
         return peers.handle, (holder.peer_address, held.runner_id, held.oid, path,

@@ -254,7 +254,7 @@ class Ref:
         held, path = self.remote._held, self.remote._path
         if getattr(_sending, "runner", None) is None:
             raise SerializationError(f"{self._describe()} travels only in the arguments of a call")
-        return held.pool._holdings.handle(held, path, _sending.runner, _sending.uses)
+        return held.pool._holdings.handle(held, path, _sending.runner, _sending.uses, _sending.pool)
 
 
 def ref(remote: Remote) -> Ref:

@@ -270,3 +270,14 @@ def test_a_pool_that_shuts_down_lets_go_of_what_its_runners_handles_kept(make_po
     assert holders.runners[0].objects == 1
     users.shutdown()
     assert wait_for(lambda: holders.runners[0].objects == 0, timeout=15)
+
+
+def test_a_handle_to_another_machine_is_refused_at_once(sshd, make_pool):
+    from test_ssh import backend
+    remote, local = make_pool(backend=backend(sshd), max=1), make_pool(max=1)
+    value = remote.spawn(list, range(4))
+    t0 = time.monotonic()
+    with pytest.raises(flame.FlameError, match="same machine"):
+        local.call(len, flame.ref(value))
+    assert time.monotonic() - t0 < 10
+    assert local.call(sum, value) == 6, "the Remote itself still travels (relayed)"
