@@ -331,12 +331,11 @@ class Pickled:
     thread that receives messages for the whole pool must not wait on it.
     """
 
-    __slots__ = ("frames", "name", "value", "error", "lock", "pool")
+    __slots__ = ("frames", "name", "value", "error", "lock")
 
-    def __init__(self, frames: list, name: str, pool: Any = None) -> None:
+    def __init__(self, frames: list, name: str) -> None:
         self.frames: list | None = frames
         self.name = name
-        self.pool = pool  # handles returned by its runner (flame.ref) arrive as this pool's Remotes
         self.value: Any = None
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -344,15 +343,11 @@ class Pickled:
     def load(self) -> Any:
         with self.lock:
             if self.frames is not None:
-                from .remote import _receiving
-                _receiving.pool = self.pool
                 try:
                     self.value = serialize.loads(self.frames)
                 except Exception as exc:
                     self.error = SerializationError(f"the result of {self.name}() arrived but cannot be "
                                                     f"unpickled here: {type(exc).__name__}: {exc}")
-                finally:
-                    _receiving.pool = None
                 self.frames = None
         if self.error is not None:
             raise self.error

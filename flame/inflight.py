@@ -201,7 +201,7 @@ def deliver(call: Call, cancelled: bool, peer: str, head: dict, frames: list, sh
                 settle(call.future, exc=SerializationError(
                     f"the result of {call.name}() arrived but its shared memory cannot be read: {exc}"))
                 return
-        settle(call.future, Pickled(frames, call.name, call.pool))
+        settle(call.future, Pickled(frames, call.name))
     elif cancelled:
         settle(call.future, exc=CancelledError(f"{call.name}() was cancelled"))
     else:

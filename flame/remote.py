@@ -26,10 +26,6 @@ from .node import objects
 #: others as copies), ``pool`` its pool, ``uses`` the values on other runners it copies.
 _sending = threading.local()
 
-#: While flame unpickles a call's result: ``pool``, the pool it came from (a handle that a
-#: runner returns arrives as a Remote of that pool).
-_receiving = threading.local()
-
 #: Items fetched per round trip when iterating over a Remote.
 ITER_CHUNK = 100
 
@@ -220,13 +216,14 @@ def remotes_in(args: tuple, kwargs: dict) -> list[Remote | Ref]:
     """The Remotes (and handles, ``flame.ref``) among a call's arguments, at the top level or
     inside a list, tuple or dict."""
     found = []
+    kinds = _HANDLES  # a type lookup per item: a map's chunk scans every item of it
     for value in (*args, *kwargs.values()):
-        if isinstance(value, (Remote, Ref)):
+        if type(value) in kinds:
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            found.extend(v for v in value if isinstance(v, (Remote, Ref)))
+            found.extend(v for v in value if type(v) in kinds)
         elif isinstance(value, dict):
-            found.extend(v for v in (*value.keys(), *value.values()) if isinstance(v, (Remote, Ref)))
+            found.extend(v for v in (*value.keys(), *value.values()) if type(v) in kinds)
     return found
 
 
@@ -265,12 +262,17 @@ def ref(remote: Remote) -> Ref:
     return Ref(remote)
 
 
+_HANDLES = frozenset((Remote, Ref))
+
+
 def _received(holder: str, oid: int, path: tuple, origin: str, nbytes: int) -> Remote:
-    """A handle a runner sent in a result, arriving as a Remote of the pool that asked (its
-    runner pinned the value for that pool before sending it)."""
-    pool = getattr(_receiving, "pool", None)
+    """A handle a runner sent in a result, arriving as a Remote of the pool of its holder (which
+    pinned the value for that pool before it was sent)."""
+    from .registry import pools
+    pool = next((p for p in pools() if holder in p._fleet.runners), None)
     if pool is None:
-        raise SerializationError(f"a handle to the value from {origin} arrives only in a call's result")
+        raise SerializationError(f"a handle to the value from {origin}: runner {holder} is no runner "
+                                 "of a pool of this process")
     return Remote(pool._holdings.remote(holder, (oid, nbytes), origin)._held, tuple(path))
 
 
