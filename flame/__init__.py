@@ -52,6 +52,7 @@ _EXPORTS = {
     "SerializationError": "flame.errors",
     "PoolClosed": "flame.errors",
     "CodeSyncError": "flame.codesync",
+    "DepsError": "flame.deps",
     "MapResults": "flame.mapping",
     "register_joblib": "flame.joblib_backend",
     "report": "flame.node.report",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool, pools, shutdown_all
     from .remote import Remote, RemoteGone, inspect_remote, ref
     from .codesync import CodeSyncError
+    from .deps import DepsError
     from .attach import AppConnection, AppGone, AttachError, Serving, connect, serve, serve_script
     from .gpu import GPU, gpus
     from .call import gather

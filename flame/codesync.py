@@ -337,8 +337,12 @@ class CodeSync:
     that send and receive, and counts under this object's own lock.
     """
 
-    def __init__(self, local: LocalCode | None) -> None:
+    def __init__(self, local: LocalCode | None, deps: Any = None, ask: bool = False) -> None:
         self.local = local
+        #: the pool's dependency travel (``deps.Deps``), None with ``deps=False``
+        self.deps = deps
+        #: the backend answers the bootstrap on the runner's stdin (SSH)
+        self.ask = ask
         #: the local code's archive as of the last refresh (None: there is none)
         self.now: Archive | None = local.current() if local is not None else None  # errors at the door
         self._lock = threading.Lock()
@@ -364,11 +368,34 @@ class CodeSync:
         import sys
         flame, code = flame_archive(), self.now
         checks = {a.digest: a.check for a in (flame, code) if a is not None}
-        return {"flame": flame.digest, "code": code.digest if code else None, "checks": checks,
-                "versions": _versions(), "python": "%d.%d" % sys.version_info[:2]}
+        settings = {"flame": flame.digest, "code": code.digest if code else None, "checks": checks,
+                    "versions": _versions(), "python": "%d.%d" % sys.version_info[:2], "ask": self.ask}
+        if self.deps is not None:
+            settings["dists"] = self.deps.boot_entries()
+        return settings
 
-    def serve(self, digest: str, runner_id: str) -> bytes | None:
-        """The archive a booting runner asks for by name, if it is flame's or a recent one of ours."""
+    def boot_answer(self, host: str, request: dict, runner_id: str) -> tuple[dict, list[bytes]]:
+        """The answer to a booting runner's request on its stdin channel (``boot.ask``, SSH):
+        the code archives it lacks, and the distributions (``deps.Deps.answer``)."""
+        need = list(request.get("need", ()))
+        items, datas = [], []
+        for digest in need:
+            data = None if digest.startswith("d-") else self.serve(digest, runner_id)
+            if data is not None:
+                items.append({"h": digest, "c": hashlib.sha256(data).hexdigest(), "size": len(data)})
+                datas.append(data)
+        head: dict = {"send": [], "install": [], "error": None}
+        if self.deps is not None:
+            head, more = self.deps.answer(host, {**request, "need": [d for d in need if d.startswith("d-")]})
+            datas += more
+        head["send"] = items + head["send"]
+        return head, datas
+
+    def serve(self, digest: str, runner_id: str, host: str = "") -> bytes | None:
+        """The archive a booting runner asks for by name, if it is flame's or a recent one of
+        ours; or the answer to a runner's import hook (``mod:``, ``part:``: ``deps.Deps.serve``)."""
+        if digest.startswith(("mod:", "part:")):
+            return self.deps.serve(digest, host, runner_id) if self.deps is not None else None
         flame = flame_archive()
         data = flame.data if digest == flame.digest else self.local.get(digest) if self.local else None
         if data is not None:
@@ -400,6 +427,10 @@ class CodeSync:
         """The host with ``cache`` lost archive ``digest`` (its cache was cleaned)."""
         with self._lock:
             self._hosts.get(cache, set()).discard(digest)
+
+    def count(self, n: int) -> None:
+        """Add ``n`` bytes sent (installed packages are counted here too: ``deps.py``)."""
+        self._count(n)
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -440,5 +471,5 @@ def missing_module_hint(name: str | None, host: str, python: str) -> str:
         return ""
     where = f"{host}" + (f" ({python})" if python else "")
     return (f"; {top} is installed here ({dist} {version}) but not on the runner's host {where}. "
-            f"Installed packages are not sent: install it there, for example "
+            f"The pool has deps=False, so installed packages are not sent: install it there, for example "
             f"`{python or 'python'} -m pip install '{dist}=={version}'`")

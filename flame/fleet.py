@@ -99,11 +99,13 @@ class Fleet:
 
     def serve_code(self, peer: str, digest: str) -> bytes | None:
         """On the receiving thread: the archive a booting runner of this pool asks for."""
+        runner_id, _, channel = peer.rpartition("/")
         with self._pool._state.lock:
-            r = self.runners.get(peer.removesuffix("/boot"))
-            if r is None or r.state != "booting":
+            r = self.runners.get(runner_id)
+            # the bootstrap's fetch while it boots; the import hook's (deps) while it runs too
+            if r is None or r.state not in (("booting", "ready") if channel == "deps" else ("booting",)):
                 return None
-        return self._pool._code.serve(digest, r.id)
+        return self._pool._code.serve(digest, r.id, str(r.host))
 
     # ---- ready -------------------------------------------------------------------------
     def heartbeat(self) -> None:

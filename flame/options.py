@@ -8,7 +8,7 @@ from typing import Any, Sequence
 def check_pool(backend: Any, min: int, max: int, max_concurrency: int, idle_shutdown_after: float | None,
                boot_timeout: float, timeout: float | None, parent_timeout: float,
                code_sync: bool | Sequence[str] | None, code_exclude: Sequence[str], code_limit: int,
-               retries: int) -> tuple[Any, bool | Sequence[str]]:
+               deps: bool | None, deps_limit: int, retries: int) -> tuple[Any, bool | Sequence[str]]:
     """``Pool(...)``'s options checked; returns the backend (``LocalBackend()`` if None) and
     ``code_sync`` as the backend takes it."""
     from .backends.base import Backend
@@ -27,6 +27,12 @@ def check_pool(backend: Any, min: int, max: int, max_concurrency: int, idle_shut
     number("timeout", timeout, minimum=0, optional=True, positive=True)
     number("parent_timeout", parent_timeout, minimum=0, positive=True)
     number("code_limit", code_limit, minimum=1, integer=True)
+    number("deps_limit", deps_limit, minimum=1, integer=True)
+    if deps is not None and not isinstance(deps, bool):
+        raise TypeError(f"deps must be True, False or None, got {deps!r}")
+    if deps and not backend.remote:
+        raise ValueError(f"deps is for runners on other machines; {backend!r} runners use this "
+                         "process's installed packages")
     number("retries", retries, minimum=0, integer=True)
     patterns("code_exclude", code_exclude)
     return backend, _code_sync(code_sync, backend)

@@ -27,6 +27,7 @@ from . import holdings, mapping, options, placement, present, registry, shm
 from .backends.base import Backend
 from .call import Call, CallFuture
 from .codesync import CODE_LIMIT, CodeSync, LocalCode
+from .deps import DEPS_LIMIT, Deps
 from .endpoint import Endpoint
 from .errors import BootError, PoolClosed, RunnerDied
 from .fleet import STOP_GRACE, Fleet
@@ -66,7 +67,8 @@ class Pool(Executor):
                  boot_timeout: float = 30.0, timeout: float | None = None,
                  parent_timeout: float = 5.0, name: str | None = None,
                  code_sync: bool | Sequence[str] | None = None, code_exclude: Sequence[str] = (),
-                 code_limit: int = CODE_LIMIT, retries: int = 0) -> None:
+                 code_limit: int = CODE_LIMIT, deps: bool | None = None, deps_limit: int = DEPS_LIMIT,
+                 retries: int = 0) -> None:
         """
         Args:
             backend: how runners are started. Defaults to ``LocalBackend()``.
@@ -87,13 +89,19 @@ class Pool(Executor):
                 .git, virtualenvs and caches. Defaults to none.
             code_limit: most bytes of local code code sync sends; past it, CodeSyncError names
                 the largest files. Defaults to 100 MB.
+            deps: send runners on other machines this process's versions of the installed
+                packages they import (and of pyzmq, cloudpickle and psutil, so a host needs only
+                Python), where the host lacks them or has other versions; False uses the host's
+                own. Defaults to True for backends on other machines, False for LocalBackend.
+            deps_limit: most bytes (unpacked) of installed packages sent to one host; past it,
+                DepsError names the largest. Defaults to 2 GB.
             retries: times a call whose runner died before it returned (killed, lost, out of
                 memory, preempted) runs again on another runner; such a call may run more than
                 once, so it must be idempotent. Defaults to 0.
         """
         backend, code_sync = options.check_pool(
             backend, min, max, max_concurrency, idle_shutdown_after, boot_timeout, timeout,
-            parent_timeout, code_sync, code_exclude, code_limit, retries)
+            parent_timeout, code_sync, code_exclude, code_limit, deps, deps_limit, retries)
         self.backend = backend
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
@@ -109,7 +117,10 @@ class Pool(Executor):
         # Code sync's state is its own (codesync.CodeSync): what runners elsewhere boot from,
         # which hosts have which archive, the bytes sent. Local code found errs at the door.
         self._code = CodeSync(None if code_sync is False else LocalCode(
-            None if code_sync is True else list(code_sync), code_exclude, code_limit)) if backend.remote else None
+            None if code_sync is True else list(code_sync), code_exclude, code_limit),
+            ask=backend.asks) if backend.remote else None
+        if self._code is not None and deps is not False:  # installed packages travel too (deps.py)
+            self._code.deps = Deps(deps_limit, backend.install, self._code.count)
         self._shm = shm.Side(bool(getattr(backend, "shared_memory", False)) and shm.available(),
                              shm.pool_owner(self._id_prefix))
         self._state = State(self.name)  # the lock, and the effects queued under it
@@ -227,7 +238,8 @@ class Pool(Executor):
 
     @property
     def code_bytes_sent(self) -> int:
-        """Bytes of code archives this pool has sent to runners, flame's own included."""
+        """Bytes of code archives this pool has sent to runners, flame's own and the installed
+        packages that travelled (``deps``) included."""
         return self._code.bytes_sent if self._code is not None else 0
 
     @property

@@ -107,8 +107,8 @@ def local_source(tb: str, fn: Any) -> str:
 
 def explain_missing_module(exc: BaseException, runner: Any) -> None:
     """Add to a runner's ModuleNotFoundError, in place, that the module is installed here (its
-    version) but not on the runner's host, and how to install it there: installed packages are
-    never sent by code sync."""
+    version) but not on the runner's host, and how to install it there (with ``deps=False``,
+    installed packages are not sent; with deps on, the module is not one of theirs here)."""
     from .codesync import missing_module_hint
     from .errors import RemoteError
     name = getattr(exc, "name", None)

@@ -56,6 +56,14 @@ def set_progress_factory(factory: Callable[[], Progress | None] | None) -> None:
     _factory = factory or _default
 
 
+def make() -> Progress | None:
+    """A progress line from the factory (None: none is shown), for what is not a batch of calls."""
+    try:
+        return _factory()
+    except Exception:
+        return None
+
+
 def describe(title: str, pending: Iterable[Any], total: int, done: int, failed: int, elapsed: float) -> str:
     """``map(work): 12/40 done, 1 failed, on pool-1-...-r1, r2 · 3.2 s``."""
     working = sorted({f.runner_id for f in pending if not f.done() and getattr(f, "runner_id", None)})

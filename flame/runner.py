@@ -114,7 +114,7 @@ class Runner:
         if code is not None:  # it boots from archives it fetches from the pool (node/boot.py)
             env["FLAME_BOOT"] = json.dumps(code.boot_settings())
             self.code = code.code_digest()
-        return RunnerSpec(self.id, address, env, concurrency)
+        return RunnerSpec(self.id, address, env, concurrency, boot=code)
 
     def booted(self, handle: RunnerHandle) -> bool:
         """The backend started its process; False if the pool gave up on it meanwhile."""
@@ -160,6 +160,8 @@ class Runner:
             self.cache = (self.host, head["cache"])
             if code is not None:
                 code.host_has(self.cache, self.code)
+        if head.get("facts") and code is not None and code.deps is not None:
+            code.deps.facts(str(self.host), head["facts"])
         self.last_active = time.monotonic()
         self._send(Kind.WELCOME, {**introduction(), "pool": pool_name, "blake3": fast})
         return True

@@ -178,3 +178,23 @@ def test_a_job_cancelled_mid_call_is_retried_on_a_new_job(slurm, tmp_path, make_
     second = fut.result(timeout=90)
     assert second != first and marks.read_text().split() == [first, second]
     assert fut.attempts == 2
+
+
+def test_a_node_with_only_python_gets_flames_needs_from_the_shared_cache(slurm, tmp_path, make_pool):
+    """Deps (issue #25): the home directory, and so the code cache, is shared with the nodes."""
+    import numpy as np
+    from conftest import CODE_CACHE
+    venv = tmp_path / "bare"
+    subprocess.run([f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", "-m", "venv",
+                    "--without-pip", str(venv)], check=True)
+    pool = make_pool(backend=backend(tmp_path, python=str(venv / "bin" / "python")), max=1, boot_timeout=60)
+
+    def where():
+        import sys
+        import cloudpickle
+        import psutil
+        import zmq
+        return sys.executable, [m.__file__ for m in (zmq, cloudpickle, psutil, np)], int(np.arange(4).sum())
+    python, files, total = pool.call(where)
+    assert python == str(venv / "bin" / "python") and total == 6
+    assert all(f.startswith(CODE_CACHE + "/") for f in files), files

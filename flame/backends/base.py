@@ -12,7 +12,7 @@ import functools
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 
 @dataclass
@@ -29,6 +29,10 @@ class RunnerSpec:
     env: dict[str, str] = field(repr=False)
     #: Calls the runner may run at once.
     concurrency: int = 1
+    #: The pool's code sync (``codesync.CodeSync``) for a runner that boots from archives
+    #: (FLAME_BOOT): SSH answers its bootstrap's request with ``boot_answer``, Slurm puts
+    #: flame's needs in the shared cache first (``deps.stage``). None for local runners.
+    boot: Any = field(default=None, repr=False)
 
 
 class RunnerHandle(abc.ABC):
@@ -58,6 +62,11 @@ class Backend(abc.ABC):
     remote: bool = False
     #: Runners share this machine's memory: large buffers travel through shared memory (shm.py).
     shared_memory: bool = False
+    #: The backend answers a booting runner's request for archives on its stdin (SSH: the
+    #: host may lack pyzmq, so the bootstrap cannot use ZeroMQ).
+    asks: bool = False
+    #: Hosts pip-install compiled distributions that do not fit them (``install=True``).
+    install: bool = False
 
     @abc.abstractmethod
     def boot(self, spec: RunnerSpec) -> RunnerHandle:

@@ -118,16 +118,16 @@ def _slurm(argv: list[str], check: bool = True, input: str | None = None,
 
 
 class SlurmBackend(Backend):
-    """One Slurm job per runner. Compute nodes need a Python of this one's minor version with
-    pyzmq, cloudpickle and psutil: flame itself, and the local code, come over the pool's
-    connection (code sync)."""
+    """One Slurm job per runner. Compute nodes need a Python of this one's minor version:
+    flame's dependencies wait in the shared home's code cache, and flame itself, the local
+    code and the installed packages calls import come over the pool's connection."""
 
     remote = True
 
     def __init__(self, partition: str | None = None, gpus_per_runner: int = 0, cpus_per_runner: int = 1,
                  time: str | None = None, account: str | None = None, sbatch_args: Sequence[str] = (),
                  python: str = "python3", connect_host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
-                 work_dir: str | None = None) -> None:
+                 work_dir: str | None = None, shared_cache: bool = True) -> None:
         """
         Args:
             partition: partition to submit to. Defaults to the cluster's default.
@@ -142,6 +142,10 @@ class SlurmBackend(Backend):
             env: extra environment variables for every runner. Defaults to none.
             work_dir: shared directory for job logs and key files (created 0700).
                 Defaults to ~/.flamebook/slurm.
+            shared_cache: compute nodes see this machine's home directory, so flame's own
+                dependencies (pyzmq, cloudpickle, psutil) are put in its code cache before a job
+                starts, and a node needs only Python; False: nodes must have them installed.
+                Defaults to True.
         """
         for name, value, low in (("gpus_per_runner", gpus_per_runner, 0), ("cpus_per_runner", cpus_per_runner, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -156,6 +160,7 @@ class SlurmBackend(Backend):
         self.bind_host = connect_host
         self.env = dict(env or {})
         self.work_dir = work_dir or os.path.join(os.path.expanduser("~"), ".flamebook", "slurm")
+        self.shared_cache = bool(shared_cache)
         self._tracker = _JobTracker()
 
     def __repr__(self) -> str:
@@ -186,6 +191,13 @@ class SlurmBackend(Backend):
         key_path = os.path.join(self.work_dir, f"{spec.runner_id}.key")
         log_path = os.path.join(self.work_dir, f"{spec.runner_id}.log")
         settings = {**self.env, **spec.env}
+        if spec.boot is not None and spec.boot.deps is not None and self.shared_cache:
+            # Compute nodes share this home: flame's needs wait for them in its cache, since
+            # a node without pyzmq could not fetch them.
+            from ..node.boot import cache_root
+            root = settings.get("FLAME_CODE_CACHE") or cache_root()
+            spec.boot.deps.stage(root)
+            settings["FLAME_CODE_CACHE"] = root
         write_private(key_path, settings.pop("FLAME_KEY"), replace=False)  # ids are unique: never taken
         settings["FLAME_KEY_FILE"] = key_path
         env = {**os.environ, **settings}

@@ -10,6 +10,10 @@ Runners connect back to the parent through a reverse tunnel on the same connecti
 reachable. The FLAME_* settings, the key among them, travel as one line on the
 session's stdin, never on the remote command line; stdin stays open, and its EOF
 (connection lost, parent gone) makes the runner exit at once.
+
+The session also carries what a booting runner lacks (``flame/node/boot.py``'s ``ask``): a
+host with nothing but Python asks for pyzmq and the rest on its stdout, and gets them on
+its stdin, before it can speak ZeroMQ.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import shlex
 import threading
 from typing import Any, Mapping, Sequence
 
+from ..node.boot import ASK
 from .base import Backend, RunnerHandle, RunnerSpec, node_command
 
 log = logging.getLogger("flame.backends.ssh")
@@ -53,6 +58,8 @@ class SSHHandle(RunnerHandle):
         self.pid = pid
         self.code: int | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.boot: Any = None  # the pool's code sync, which answers the bootstrap's request
+        self.runner_id = ""
 
     def exit_status(self) -> int | None:
         return self.code
@@ -64,15 +71,18 @@ class SSHHandle(RunnerHandle):
 class SSHBackend(Backend):
     """Runners on SSH hosts, spread across them; a host that is down is skipped for the next.
 
-    A host needs a Python of this one's minor version with pyzmq, cloudpickle and psutil:
-    flame itself, and the local code, come over the connection (code sync).
+    A host needs a Python of this one's minor version: flame itself, its dependencies, the
+    local code and the installed packages calls import come over the connection (code sync,
+    deps).
     """
 
     remote = True
+    asks = True
 
     def __init__(self, hosts: Sequence[str], python: str = "python3", key: str | None = None,
                  known_hosts: str | None | tuple = (), connect_timeout: float = 10.0,
-                 env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 install: bool = False) -> None:
         """
         Args:
             hosts: where runners may start, as "user@host:port" (user and port optional).
@@ -83,6 +93,9 @@ class SSHBackend(Backend):
             connect_timeout: seconds to reach a host before trying the next. Defaults to 10.
             env: extra environment variables for every runner. Defaults to none.
             cwd: working directory of runners on the hosts. Defaults to the login directory.
+            install: a host that compiled code of this process's packages does not fit (another
+                OS, architecture or C library) pip-installs the same versions into an
+                environment in its code cache, instead of failing to boot. Defaults to False.
         """
         if isinstance(hosts, str) or not hosts:
             raise ValueError("hosts must be a non-empty list of 'user@host:port' strings")
@@ -93,6 +106,9 @@ class SSHBackend(Backend):
         self.connect_timeout = connect_timeout
         self.env = dict(env or {})
         self.cwd = cwd
+        if not isinstance(install, bool):
+            raise TypeError(f"install must be True or False, got {install!r}")
+        self.install = install
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -177,8 +193,8 @@ class SSHBackend(Backend):
         cd = f"cd {shlex.quote(self.cwd)} && " if self.cwd else ""
         # `echo $$; exec` tells us the runner's pid before Python starts, for terminate().
         command = f"{cd}echo $$; exec {shlex.join(node_command(self.python, spec))} --stdin"
-        process = await conn.create_process(command, encoding="utf-8", errors="replace")
-        process.stdin.write(json.dumps(settings) + "\n")
+        process = await conn.create_process(command, encoding=None)
+        process.stdin.write(json.dumps(settings).encode() + b"\n")
         line = await asyncio.wait_for(process.stdout.readline(), self.connect_timeout)
         try:
             pid = int(line.strip())
@@ -186,17 +202,23 @@ class SSHBackend(Backend):
             process.close()
             raise RuntimeError(f"unexpected output from {h.spec}: {line!r}") from None
         handle = SSHHandle(h, process, pid)
+        handle.boot, handle.runner_id = spec.boot, spec.runner_id
         asyncio.ensure_future(self._follow(handle))
         return handle
 
     async def _follow(self, handle: SSHHandle) -> None:
-        """Collect the runner's output for error messages, and its exit status."""
+        """Collect the runner's output for error messages, and its exit status; answer its
+        bootstrap's request for archives (only the first line can be one: later lines are the
+        runner's output)."""
         process = handle.process
 
-        async def pump(stream: Any) -> None:
+        async def pump(stream: Any, first: bool) -> None:
             async for line in stream:
-                handle.tail.append(line.rstrip("\n"))
-        await asyncio.gather(pump(process.stdout), pump(process.stderr), return_exceptions=True)
+                if first and line.startswith(ASK) and handle.boot is not None:
+                    await self._answer(handle, line[len(ASK):])
+                first = False
+                handle.tail.append(line.decode("utf-8", "replace").rstrip("\n"))
+        await asyncio.gather(pump(process.stdout, True), pump(process.stderr, False), return_exceptions=True)
         await process.wait_closed()
         if process.exit_signal:
             import signal
@@ -207,6 +229,30 @@ class SSHBackend(Backend):
         else:
             handle.tail.append(f"(SSH connection to {handle.ssh_host.spec} lost)")
             handle.code = 255
+
+    async def _answer(self, handle: SSHHandle, request: bytes) -> None:
+        """Send a booting runner the archives it asked for, on its stdin; a progress line
+        for a big answer. Packing runs off the loop that carries every connection."""
+        from ..deps import SHOW_OVER, Transfer
+        loop = asyncio.get_running_loop()
+        try:
+            head, datas = await loop.run_in_executor(
+                None, handle.boot.boot_answer, handle.host, json.loads(request), handle.runner_id)
+        except Exception as exc:
+            log.warning("flame: cannot answer runner %s's request: %s", handle.runner_id, exc)
+            head, datas = {"error": f"the parent could not answer: {type(exc).__name__}: {exc}"}, []
+        stdin = handle.process.stdin
+        stdin.write(json.dumps(head).encode() + b"\n")
+        total = sum(len(d) for d in datas)
+        shown = Transfer(f"{len(datas)} archive(s) to runner {handle.runner_id}", total) if total > SHOW_OVER else None
+        done = 0
+        for data in datas:
+            for at in range(0, len(data), 1 << 20):
+                stdin.write(data[at:at + (1 << 20)])
+                await stdin.drain()
+                done += min(1 << 20, len(data) - at)
+                if shown is not None:
+                    shown.update(done)
 
     def terminate(self, handle: RunnerHandle) -> None:
         assert isinstance(handle, SSHHandle)

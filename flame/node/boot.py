@@ -1,16 +1,23 @@
-"""The bootstrap of a runner on another machine: flame's runner side, and the local code,
-come over the pool's own connection (after Mitogen), so a host needs only a Python of the
-parent's minor version with pyzmq, cloudpickle and psutil.
+"""The bootstrap of a runner on another machine: flame's runner side, its own dependencies
+and the local code come over the pool's own connection (after Mitogen), so a host needs
+only a Python of the parent's minor version.
 
 The parent sends this file's source on the command line (``python -c``, compressed; it
 holds no secret), the settings as usual (SSH: a line on stdin; Slurm: the environment and
 a 0600 key file). FLAME_BOOT names the archives the runner needs, flame's own and the
-pool's local code, by the SHA-256 of their files, with the SHA-256 of each archive. Each
-one the host's cache lacks is fetched from the parent over ZeroMQ, checked against that
-SHA-256 before a byte is written, unpacked into ``$XDG_CACHE_HOME/flamebook/code/<name>``
-(0700) and put first on ``sys.path``; then ``flame.node`` starts as if run with ``-m``. A
-request carries an HMAC of the pool's key, so only the pool's runners are served; the
-answer needs none: the settings came over a trusted channel, and the answer's hash is checked.
+pool's local code, by the SHA-256 of their files, with the SHA-256 of each archive, and
+(unless the pool has ``deps=False``) the parent's versions of pyzmq, cloudpickle and psutil
+(``flame/deps.py``); those the host has at another version, or not at all, are needed too.
+Each one the host's cache lacks is fetched from the parent, checked against its SHA-256
+before a byte is written, unpacked into ``$XDG_CACHE_HOME/flamebook/code/<name>`` (0700)
+and put first on ``sys.path``; then ``flame.node`` starts as if run with ``-m``.
+
+How they are fetched: over SSH, on the session's own stdin (:func:`ask`: a request line on
+stdout, saying what the host is, and the archives in answer), stdlib only, since pyzmq may
+be what is missing; on Slurm they are already in the cache the home directory shares; else
+over ZeroMQ (:func:`_fetch`), where a request carries an HMAC of the pool's key, so only the
+pool's runners are served, and the answer needs none: the settings came over a trusted
+channel, and the answer's hash is checked.
 
 Runs before flame is importable, maybe under the wrong Python: stdlib only, syntax any
 Python 3 parses, so that a wrong version or a missing package is *said*, not crashed on.
@@ -27,6 +34,30 @@ BOOT = b"FLboot"
 EXIT_UNFIT = 5
 #: What a runner imports that is not in the standard library: module -> distribution.
 NEEDS = (("zmq", "pyzmq"), ("cloudpickle", "cloudpickle"), ("psutil", "psutil"))
+#: First bytes of the bootstrap's request line on stdout (SSH: see :func:`ask`).
+ASK = b"FLboot "
+
+
+def host_facts():
+    """What this host is, for the parent's check of compiled code against it (``flame/deps.py``):
+    its Python, OS, architecture and C library. FLAME_HOST_MACHINE replaces the architecture
+    (tests simulate a host that compiled code does not fit)."""
+    import platform
+    import sysconfig
+    libc, version = platform.libc_ver()
+    return {"python": "%d.%d" % sys.version_info[:2], "system": platform.system().lower(),
+            "machine": os.environ.get("FLAME_HOST_MACHINE") or platform.machine(),
+            "libc": ("%s %s" % (libc, version)) if libc else "", "abiflags": getattr(sys, "abiflags", ""),
+            "platform": sysconfig.get_platform()}
+
+
+def host_version(dist):
+    """The version of distribution ``dist`` this host's Python has, or None."""
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except Exception:
+        return None
 
 
 def cache_root():
@@ -156,6 +187,8 @@ def _check(boot):
     if here != boot["python"]:
         _unfit("the runner's Python is %s, but the parent runs Python %s: runners need the same "
                "minor version (pass python=... to the backend)" % (python, boot["python"]))
+    if boot.get("dists") is not None:
+        return  # what it lacks comes from the parent
     missing = []
     for module, dist in NEEDS:
         try:
@@ -165,8 +198,88 @@ def _check(boot):
     if missing:
         pins = " ".join("'%s==%s'" % (d, boot["versions"][d]) if boot["versions"].get(d) else d
                         for d in missing)
-        _unfit("the runner's Python %s lacks %s; install it there: %s -m pip install %s"
-               % (python, ", ".join(missing), sys.executable, pins))
+        _unfit("the runner's Python %s lacks %s; install it there (or leave deps on, as it is unless "
+               "deps=False): %s -m pip install %s" % (python, ", ".join(missing), sys.executable, pins))
+
+
+def _read_exact(fd, n):
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise SystemExit("flame: the parent's answer ended early")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_line(fd):
+    chunks = []
+    while True:
+        ch = os.read(fd, 1)
+        if not ch:
+            raise SystemExit("flame: no answer from the parent on stdin")
+        if ch == b"\n":
+            return b"".join(chunks)
+        chunks.append(ch)
+
+
+def ask(need, root):
+    """SSH: ask the parent for archives ``need`` on the session itself, stdlib only: one line
+    on stdout (what it needs, and what this host is), and on stdin a line (what comes, or why
+    this host cannot run a runner) and the archives. The session is the SSH connection the
+    settings came on: nobody else can write to it. Returns the directories to put on
+    ``sys.path`` besides the archives (an environment pip installed into)."""
+    line = json.dumps({"need": need, "facts": host_facts()})
+    os.write(1, ASK + line.encode() + b"\n")
+    head = json.loads(_read_line(0).decode())
+    if head.get("error"):
+        _unfit(head["error"])
+    for item in head["send"]:
+        install(root, item["h"], _read_exact(0, item["size"]), item["c"])
+    if head.get("install"):
+        pip = [os.path.join(root, item["h"]) for item in head["send"] if item.get("pip")]
+        try:
+            return [pip_install(root, head["install"], pip)]
+        except RuntimeError as exc:
+            _unfit(str(exc))
+    return []
+
+
+def pip_install(root, requirements, pythonpath):
+    """``pip install`` the exact ``requirements`` (compiled code the parent's cannot stand in
+    for) into an environment of the cache named by them, made once per host; returns its path.
+    RuntimeError says why not."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+    name = "env-" + hashlib.sha256(json.dumps([sorted(requirements), host_facts()]).encode()).hexdigest()[:32]
+    path = os.path.join(root, name)
+    why = untrusted(path)
+    if why is not None:
+        raise RuntimeError("code cache entry: %s: refusing to run code from it" % why)
+    if os.path.isdir(path):
+        return path
+    tmp = tempfile.mkdtemp(prefix=".pip-", dir=root)
+    # pip sees none of the FLAME_* settings (the key among them) and writes to our stderr:
+    # stdout is the channel to the parent.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    sys.stderr.write("flame: pip install %s on this host\n" % " ".join(requirements))
+    sys.stderr.flush()
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
+                           "--disable-pip-version-check", "--target", tmp] + list(requirements),
+                          env=env, stdin=subprocess.DEVNULL, stdout=2, stderr=2)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("pip could not install %s on this host (its output is in the "
+                           "runner's stderr)" % " ".join(requirements))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another runner got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _read_key(settings):
@@ -239,9 +352,11 @@ def main():
     settings = dict(os.environ)
     boot = json.loads(settings["FLAME_BOOT"])
     _check(boot)
+    # flame's own needs the host lacks, or has at another version: the parent's go first.
+    dists = [d["h"] for d in boot.get("dists") or () if host_version(d["n"]) != d["v"]]
     try:
         root = trusted_root()
-        wanted = [d for d in (boot["flame"], boot.get("code")) if d]
+        wanted = [d for d in (boot["flame"], boot.get("code")) if d] + dists
         for d in wanted:
             why = untrusted(os.path.join(root, d))
             if why is not None:
@@ -249,9 +364,28 @@ def main():
     except PermissionError as exc:
         _unfit(str(exc))
     missing = [d for d in wanted if not os.path.isdir(os.path.join(root, d))]
-    if missing:
+    extra = []
+    if missing and boot.get("ask") and settings.get("FLAME_WATCH_STDIN"):
+        extra = ask(missing, root)
+    elif missing:
+        if [d for d in missing if d in dists]:
+            _unfit("this host lacks %s and there is no way to send them here (no stdin channel, "
+                   "and they are not in the cache %s)" % (", ".join(n for _, n in NEEDS), root))
+        sys.path[:0] = [os.path.join(root, d) for d in dists]  # pyzmq, to fetch the rest with
         _fetch(settings, missing, boot["checks"], root, start + float(settings.get("FLAME_FAILSAFE", "60")))
-    sys.path[:0] = [os.path.join(root, d) for d in reversed(wanted)]  # the local code first
+    # The local code first, then flame, then what the parent sent of flame's needs.
+    for d in reversed([os.path.join(root, d) for d in wanted] + extra):
+        if d in sys.path:
+            sys.path.remove(d)
+        sys.path.insert(0, d)
+    if boot.get("dists") is not None:
+        try:
+            for module, _ in NEEDS:
+                __import__(module)
+        except ImportError as exc:
+            _unfit("the runner cannot import %s here: %s (pass install=True to the backend to "
+                   "have this host pip-install it)" % (module, exc))
+        os.environ["FLAME_DEPS"] = "1"  # the runner's import hook asks the parent (importer.py)
     if boot.get("code"):
         os.environ["FLAME_CODE"] = boot["code"]
     # As if run with -m: by name, not by an import of flame's runner from here (it imports

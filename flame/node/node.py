@@ -28,7 +28,8 @@ FLAME_KEY (hex) or FLAME_KEY_FILE,
 FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
 FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback),
 FLAME_SHM (shared memory with the parent), FLAME_STARTS (the start count's file),
-FLAME_BOOT, FLAME_CODE and FLAME_CODE_CACHE (code sync), FLAME_WATCH_STDIN (SSH: exit when
+FLAME_BOOT, FLAME_CODE and FLAME_CODE_CACHE (code sync), FLAME_DEPS (the import hook,
+``importer.py``), FLAME_WATCH_STDIN (SSH: exit when
 stdin closes), FLAME_PRELOAD and FLAME_TEMPLATE_FD (forked from a template).
 """
 from __future__ import annotations
@@ -111,6 +112,9 @@ class RunnerNode:
                            pack=self._pack if self.shm.on else None)
         self.fns: collections.OrderedDict[str, list] = collections.OrderedDict()
         self.boot = "FLAME_BOOT" in env  # booted from code archives (code sync)
+        if env.get("FLAME_DEPS") == "1":  # what calls import comes from the parent (deps)
+            from .importer import install_hook
+            install_hook(self, env)
         self.code: str | None = env.get("FLAME_CODE")  # the local code's archive on sys.path
         self.stopping = False
         self.busy = False  # the main thread is executing a call and not watching the socket
@@ -166,8 +170,9 @@ class RunnerNode:
             hello["gpu_info"] = gpu_info(self.gpus)
         hello.update(gpus=self.gpus, blake3=fast_digests())
         if self.boot:
-            from .boot import cache_root
+            from .boot import cache_root, host_facts
             hello["cache"] = cache_root()
+            hello["facts"] = host_facts()
         self.post("hello", hello)
         if self.concurrency == 1:
             self._receive_blocking()
