@@ -73,6 +73,9 @@ def _installed() -> tuple[str, ...]:
     except AttributeError:  # pragma: no cover - old virtualenv's site.py
         pass
     paths.add(site.getusersitepackages())
+    # also what was installed with --target or put on PYTHONPATH: installed, not local code
+    # (flame/deps.py sends it as a distribution)
+    paths.update(p for p in sys.path if p and os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages"))
     for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
         paths.add(os.path.join(prefix, "lib"))
     return tuple(sorted(os.path.realpath(p) + os.sep for p in paths if p))
@@ -372,6 +375,7 @@ class CodeSync:
                     "versions": _versions(), "python": "%d.%d" % sys.version_info[:2], "ask": self.ask}
         if self.deps is not None:
             settings["dists"] = self.deps.boot_entries()
+            settings["install"] = self.deps.install_settings()
         return settings
 
     def boot_answer(self, host: str, request: dict, runner_id: str) -> tuple[dict, list[bytes]]:

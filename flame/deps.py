@@ -280,7 +280,19 @@ class Deps:
                 out.append({"n": d.name, "v": d.version, "h": d.digest})
         return out
 
-    def answer(self, host: str, request: dict, progress: Callable | None = None) -> tuple[dict, list[bytes]]:
+    def install_settings(self) -> dict | None:
+        """``FLAME_BOOT["install"]`` with ``install=True``: what a host pip-installs where
+        flame's compiled needs from the cache do not load (the bootstrap's last resort), and
+        pip's archive to do it with."""
+        if not self.install:
+            return None
+        from .node.boot import NEEDS
+        by_name, _ = index()
+        compiled = [by_name[norm(n)] for _, n in NEEDS if norm(n) in by_name and by_name[norm(n)].tags]
+        pip = by_name.get("pip")
+        return {"reqs": [f"{d.name}=={d.version}" for d in compiled], "pip": pip.digest if pip else None}
+
+    def answer(self, host: str, request: dict) -> tuple[dict, list[bytes]]:
         """What a booting runner asked for on its stdin channel (SSH): ``request`` names the
         archives it lacks (``need``) and what the host is (``facts``). Returns the answer's
         head and the archives' bytes, in order; the head's ``error`` says why it cannot boot."""
@@ -336,9 +348,12 @@ class Deps:
         with this one (Slurm: the home directory), where they find them at boot. Raises
         DepsError past the limit."""
         from .node.boot import install, untrusted
-        by_digest = {d.digest: d for d in index()[0].values()}
-        wanted = [by_digest[e["h"]] for e in self.boot_entries() if e["h"] in by_digest
-                  and not os.path.isdir(os.path.join(root, e["h"]))]
+        by_name, _ = index()
+        by_digest = {d.digest: d for d in by_name.values()}
+        digests = [e["h"] for e in self.boot_entries()]
+        if self.install and "pip" in by_name:
+            digests.append(by_name["pip"].digest)  # to install with, where the host has none
+        wanted = [by_digest[h] for h in digests if h in by_digest and not os.path.isdir(os.path.join(root, h))]
         error = self._over_limit("the shared cache " + root, wanted)
         if error:
             raise DepsError(error)

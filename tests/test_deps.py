@@ -80,7 +80,6 @@ def test_a_host_with_nothing_installed_runs_numpy_and_pandas_calls(sshd, remote_
         return tqdm.__version__, tqdm.__file__
     version, where = pool.call(only_inside)
     assert version == metadata.version("tqdm") and where.startswith(cache)
-    assert "tqdm" not in sys.modules or True  # (whatever this process does, the runner asked)
     assert pool.code_bytes_sent > 10_000_000, "numpy and pandas count as code sent"
 
     # A second pool on the same host (and cache) sends almost nothing.
@@ -194,3 +193,47 @@ def test_a_cache_entry_of_another_user_is_refused(sshd, remote_host, make_pool):
     third = make_pool(backend=backend(sshd, remote_host, cache=cache), max=1)
     with pytest.raises(flame.BootError, match="can be written by other users"):
         third.call(lambda: 1)
+
+
+def fake_dist(site, version):
+    """Install distribution ``fakedep`` at ``version`` into ``site`` by hand, as pip would
+    (package, dist-info, RECORD), replacing the one there."""
+    import base64
+    import hashlib
+    for old in glob.glob(os.path.join(site, "fakedep*")):
+        shutil.rmtree(old)
+    files = {"fakedep/__init__.py": f"VERSION = {version!r}\n",
+             f"fakedep-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: fakedep\nVersion: {version}\n"}
+    record = []
+    for rel, text in files.items():
+        os.makedirs(os.path.join(site, os.path.dirname(rel)), exist_ok=True)
+        with open(os.path.join(site, rel), "w") as f:
+            f.write(text)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{rel},sha256={digest},{len(text)}")
+    record.append(f"fakedep-{version}.dist-info/RECORD,,")
+    with open(os.path.join(site, f"fakedep-{version}.dist-info", "RECORD"), "w") as f:
+        f.write("\n".join(record) + "\n")
+
+
+def test_a_reinstall_here_reaches_the_next_runner_and_a_running_one_keeps_its_own(
+        sshd, remote_host, make_pool, tmp_path):
+    site = str(tmp_path / "site-packages")  # as `pip install --target` makes it
+    os.makedirs(site)
+    fake_dist(site, "1.0")
+    sys.path.append(site)
+    try:
+        cache = new_cache(remote_host)
+        pool = make_pool(backend=backend(sshd, remote_host, cache=cache), max=1)
+
+        def version():
+            import fakedep
+            return fakedep.VERSION, fakedep.__file__
+        v, where = pool.call(version)
+        assert v == "1.0" and where.startswith(cache), where
+        fake_dist(site, "2.0")  # `pip install -U` here
+        assert pool.call(version)[0] == "1.0", "a running runner keeps what it imported"
+        again = make_pool(backend=backend(sshd, remote_host, cache=cache), max=1)
+        assert again.call(version)[0] == "2.0", "the next runner gets the new version"
+    finally:
+        sys.path.remove(site)

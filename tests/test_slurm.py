@@ -198,3 +198,27 @@ def test_a_node_with_only_python_gets_flames_needs_from_the_shared_cache(slurm, 
     python, files, total = pool.call(where)
     assert python == str(venv / "bin" / "python") and total == 6
     assert all(f.startswith(CODE_CACHE + "/") for f in files), files
+
+
+def test_install_true_pip_installs_what_does_not_load_on_the_node(slurm, tmp_path, make_pool):
+    """A node unlike the machine that filled the shared cache: its pyzmq entry does not load
+    there (simulated: an entry under pyzmq's name that raises), so the node pip-installs it."""
+    from flame import deps
+    cache = tmp_path / "cache"
+    pyzmq = deps.index()[0]["pyzmq"]
+    (cache / pyzmq.digest / "zmq").mkdir(parents=True)
+    (cache / pyzmq.digest / "zmq" / "__init__.py").write_text("raise ImportError('built for another node')\n")
+    for d in (cache, cache / pyzmq.digest, cache / pyzmq.digest / "zmq"):
+        os.chmod(d, 0o700)
+    venv = tmp_path / "bare"
+    subprocess.run([f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", "-m", "venv",
+                    "--without-pip", str(venv)], check=True)
+    b = backend(tmp_path, python=str(venv / "bin" / "python"), install=True, env={"FLAME_CODE_CACHE": str(cache)})
+    pool = make_pool(backend=b, max=1, boot_timeout=240)
+
+    def where():
+        import zmq
+        from importlib import metadata
+        return zmq.__file__, metadata.version("pyzmq")
+    path, version = pool.call(where)
+    assert path.startswith(str(cache / "env-")) and version == pyzmq.version, path

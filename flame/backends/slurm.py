@@ -127,7 +127,7 @@ class SlurmBackend(Backend):
     def __init__(self, partition: str | None = None, gpus_per_runner: int = 0, cpus_per_runner: int = 1,
                  time: str | None = None, account: str | None = None, sbatch_args: Sequence[str] = (),
                  python: str = "python3", connect_host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
-                 work_dir: str | None = None, shared_cache: bool = True) -> None:
+                 work_dir: str | None = None, shared_cache: bool = True, install: bool = False) -> None:
         """
         Args:
             partition: partition to submit to. Defaults to the cluster's default.
@@ -146,6 +146,8 @@ class SlurmBackend(Backend):
                 dependencies (pyzmq, cloudpickle, psutil) are put in its code cache before a job
                 starts, and a node needs only Python; False: nodes must have them installed.
                 Defaults to True.
+            install: a node where this process's compiled packages do not load pip-installs the
+                same versions into an environment in the code cache. Defaults to False.
         """
         for name, value, low in (("gpus_per_runner", gpus_per_runner, 0), ("cpus_per_runner", cpus_per_runner, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -161,6 +163,9 @@ class SlurmBackend(Backend):
         self.env = dict(env or {})
         self.work_dir = work_dir or os.path.join(os.path.expanduser("~"), ".flamebook", "slurm")
         self.shared_cache = bool(shared_cache)
+        if not isinstance(install, bool):
+            raise TypeError(f"install must be True or False, got {install!r}")
+        self.install = install
         self._tracker = _JobTracker()
 
     def __repr__(self) -> str:

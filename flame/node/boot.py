@@ -326,6 +326,35 @@ def _fetch(settings, digests, checks, root, deadline):
         ctx.term()
 
 
+def _import_needs(root, install):
+    """Import pyzmq, cloudpickle and psutil as the runner will. Where the parent's compiled
+    code does not load here (Slurm: a node unlike the machine that filled the shared cache),
+    ``install`` (``install=True``: the requirements, and pip's archive) has pip install them."""
+    try:
+        for module, _ in NEEDS:
+            __import__(module)
+        return
+    except ImportError as exc:
+        failed = (module, exc)
+    if not install:
+        _unfit("the runner cannot import %s here: %s (pass install=True to the backend to have "
+               "this host pip-install it)" % failed)
+    sys.stderr.write("flame: cannot import %s here (%s): installing\n" % failed)
+    try:
+        path = pip_install(root, install["reqs"], [os.path.join(root, install["pip"])] if install.get("pip") else [])
+    except RuntimeError as exc:
+        _unfit(str(exc))
+    sys.path.insert(0, path)
+    for name in list(sys.modules):
+        if name.split(".")[0] in [m for m, _ in NEEDS]:
+            del sys.modules[name]
+    try:
+        for module, _ in NEEDS:
+            __import__(module)
+    except ImportError as exc:
+        _unfit("the runner cannot import %s here, even installed by pip: %s" % (module, exc))
+
+
 def settings_from_stdin():
     """``--stdin``: the FLAME_* settings (the key among them) arrive as one JSON line on stdin,
     into ``os.environ``. Used over SSH, where a command line is visible in ``ps`` and servers
@@ -372,6 +401,8 @@ def main():
             _unfit("this host lacks %s and there is no way to send them here (no stdin channel, "
                    "and they are not in the cache %s)" % (", ".join(n for _, n in NEEDS), root))
         sys.path[:0] = [os.path.join(root, d) for d in dists]  # pyzmq, to fetch the rest with
+        if boot.get("dists") is not None:
+            _import_needs(root, boot.get("install"))
         _fetch(settings, missing, boot["checks"], root, start + float(settings.get("FLAME_FAILSAFE", "60")))
     # The local code first, then flame, then what the parent sent of flame's needs.
     for d in reversed([os.path.join(root, d) for d in wanted] + extra):
@@ -379,12 +410,7 @@ def main():
             sys.path.remove(d)
         sys.path.insert(0, d)
     if boot.get("dists") is not None:
-        try:
-            for module, _ in NEEDS:
-                __import__(module)
-        except ImportError as exc:
-            _unfit("the runner cannot import %s here: %s (pass install=True to the backend to "
-                   "have this host pip-install it)" % (module, exc))
+        _import_needs(root, boot.get("install"))
         os.environ["FLAME_DEPS"] = "1"  # the runner's import hook asks the parent (importer.py)
     if boot.get("code"):
         os.environ["FLAME_CODE"] = boot["code"]
