@@ -266,7 +266,6 @@ class Deps:
         self._count = count
         self._lock = threading.Lock()
         self._sent: dict = collections.defaultdict(dict)  # host -> digest -> bytes unpacked
-        self._facts: dict = {}  # host -> what it said of itself, once it did
 
     # ---- at boot ---------------------------------------------------------------------
     def boot_entries(self) -> list[dict]:
@@ -298,8 +297,6 @@ class Deps:
         head and the archives' bytes, in order; the head's ``error`` says why it cannot boot."""
         by_digest = {d.digest: d for d in index()[0].values()}
         facts = request.get("facts") or {}
-        with self._lock:
-            self._facts[host] = facts
         wanted = [by_digest[h] for h in request.get("need", ()) if h in by_digest]
         send, install, error = self.plan(host, wanted, facts)
         self._count(sum(len(p.data) for p in send))
@@ -371,12 +368,16 @@ class Deps:
         ``mod:NAME HAVE`` (a head, JSON) or ``part:DIGEST:I`` (part I of that archive)."""
         import json
         if ref.startswith("mod:"):
-            name, _, have = ref[4:].partition(" ")
-            return json.dumps(self._module(name, json.loads(have or "{}"), host)).encode()
+            name, _, asked = ref[4:].partition(" ")
+            asked = json.loads(asked or "{}")
+            return json.dumps(self._module(name, asked.get("have") or {}, asked.get("facts") or {}, host)).encode()
         if ref.startswith("part:"):
             digest, _, i = ref[5:].rpartition(":")
             with _pack_lock:
                 p = _packed.get(digest)
+            if p is None:  # packed for the head, and dropped since (KEEP_BYTES): pack it again
+                d = next((d for d in index()[0].values() if d.digest == digest), None)
+                p = packed(d) if d is not None else None
             if p is None or not i.isdigit():
                 return None
             at = int(i) * PART
@@ -386,9 +387,10 @@ class Deps:
             return chunk
         return None
 
-    def _module(self, name: str, have: dict, host: str) -> dict:
+    def _module(self, name: str, have: dict, facts: dict, host: str) -> dict:
         """Which distributions provide top-level module ``name`` here, and which of them the
-        runner must fetch (``have``: the host's versions of those it has)."""
+        runner must fetch (``have``: the host's versions of those it has; ``facts``: what the
+        host is, for compiled code)."""
         _, by_top = index()
         dists = by_top.get(name, [])
         if not dists:
@@ -396,20 +398,13 @@ class Deps:
         fetch = [d for d in dists if have.get(norm(d.name)) != d.version]
         if not fetch:
             return {"use": "host"}
-        with self._lock:
-            facts = self._facts.get(host)
-        send, install, error = self.plan(host, fetch, facts or {})
+        send, install, error = self.plan(host, fetch, facts)
         if error:
             return {"error": error}
         return {"use": "ours", "install": install,
                 "get": [{"n": p.dist.name, "v": p.dist.version, "h": p.dist.digest, "c": p.check,
                          "size": len(p.data), "parts": -(-len(p.data) // PART), "pip": p.dist.name == "pip"}
                         for p in send]}
-
-    def facts(self, host: str, facts: dict) -> None:
-        """What the runner's host said of itself (in its hello): compiled code is checked against it."""
-        with self._lock:
-            self._facts[host] = facts
 
     # ---- showing big transfers ----------------------------------------------------------------
     def _show(self, p: Packed, runner_id: str, done: int) -> None:

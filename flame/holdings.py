@@ -60,8 +60,9 @@ class Holdings:
     def copy(self, held: _Held, path: tuple, target: str, pool: Any, uses: list) -> tuple:
         """How ``held``'s value (at ``path``) travels in the arguments of a call of ``pool`` that
         runs on ``target`` (""; anywhere): pickling's ``__reduce__``. From its runner to the
-        call's directly, where both are this pool's and on one host (the call fetches it there,
-        ``node/peers.py``); else through this process, said in the log."""
+        call's directly where the call's runner can reach the holder's listener: both on one
+        host, or the holder's listener on TCP (its backend's ``peer_host``); the call fetches it
+        there (``node/peers.py``). Else through this process, said in the log."""
         if held.released:
             raise RemoteGone(f"the Remote {held.origin} on runner {held.runner_id} was released")
         runners = self._pool._fleet.runners
@@ -71,11 +72,12 @@ class Holdings:
         # Runners on this machine reach each other wherever the call lands (its runner may not be
         # chosen yet: a call whose only Remotes are another pool's is placed like any other).
         local = not pool.backend.remote and not self._pool.backend.remote
-        if holder is not None and holder.peer_address and (local or (to is not None and to.host == holder.host)):
+        same_host = local or (to is not None and to.host == holder.host) if holder is not None else False
+        if holder is not None and holder.peer_address and (same_host or reachable(holder.peer_address)):
             uses.append(held)
             from .node import peers
             return peers.fetch, (holder.peer_address, held.runner_id, held.oid, path, origin, self.peer_key,
-                                 holder.pid)
+                                 holder.pid if same_host else None)
         why = (f"runner {held.runner_id} is gone" if holder is None else
                "the call's runner is not chosen yet" if to is None else
                f"runners {held.runner_id} and {target} are on different hosts"
@@ -102,18 +104,20 @@ class Holdings:
         if not holder.peer_address:
             raise RemoteGone(f"runner {held.runner_id} serves no handles")
         to = pool._fleet.runners.get(target) if target else None
-        if (pool.backend.remote or self._pool.backend.remote) and (to is None or to.host != holder.host):
-            # Listeners are Unix sockets: a runner on another machine could not connect, and its
-            # call would wait for an answer that never comes. Said now instead.
+        same_host = not (pool.backend.remote or self._pool.backend.remote) or (
+            to is not None and to.host == holder.host)
+        if not same_host and not reachable(holder.peer_address):
+            # A Unix socket: a runner on another machine could not connect, and its call would
+            # wait for an answer that never comes. Said now instead.
             raise FlameError(f"flame.ref of {held.origin}: runner {held.runner_id} is on another machine "
-                             "than the call's runner may be; handles reach only runners on the same "
-                             "machine for now. Pass the Remote itself (the call runs on its runner, or "
-                             "its value travels as a copy), or .get() it")
+                             "than the call's runner may be, and its listener is a Unix socket: give its "
+                             "backend peer_host=... (how runners on other hosts reach it), pass the Remote "
+                             "itself (the call runs on its runner, or its value travels as a copy), or .get() it")
         uses.append(held)
         from .node import peers
         return peers.handle, (holder.peer_address, held.runner_id, held.oid, path,
                               held.origin + "".join("." + p for p in path), held.nbytes, self.peer_key,
-                              holder.pid)
+                              holder.pid if same_host else None)
 
     def on_holder(self, held: _Held, fn: Callable, args: tuple, arg_frames: list | None = None) -> Outcome:
         """Queue ``fn(*args)`` on the runner that holds ``held``, and nowhere else; the caller
@@ -165,3 +169,9 @@ def lost(runner_id: str, origin: Any) -> RunnerDied:
     """The error for a call whose values lived on a runner that is gone."""
     origin = getattr(origin, "origin", origin)
     return RunnerDied(f"runner {runner_id} is gone, and with it the value from {origin}", runner_id)
+
+
+def reachable(address: str | None) -> bool:
+    """Whether a runner's peer listener at ``address`` can be reached from other hosts: a TCP
+    listener (its backend's ``peer_host``), not a Unix socket."""
+    return bool(address) and address.startswith("tcp://")

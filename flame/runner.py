@@ -125,8 +125,10 @@ class Runner:
         self.last_heard = time.monotonic()
 
     def serves(self, address: Any) -> None:
-        """It serves copies of its values at ``address`` (a Unix socket in its private directory)."""
-        if isinstance(address, str) and address.startswith("ipc://"):
+        """It serves copies of its values at ``address``: a Unix socket in its private
+        directory, or TCP with CurveZMQ (``tcp://host:port#public key``, its backend's ``peer_host``)."""
+        if isinstance(address, str) and (address.startswith("ipc://") or (
+                address.startswith("tcp://") and address.count("#") == 1)):
             self.peer_address = address
 
     def sampled(self, head: dict) -> None:
@@ -160,8 +162,6 @@ class Runner:
             self.cache = (self.host, head["cache"])
             if code is not None:
                 code.host_has(self.cache, self.code)
-        if head.get("facts") and code is not None and code.deps is not None:
-            code.deps.facts(str(self.host), head["facts"])
         self.last_active = time.monotonic()
         self._send(Kind.WELCOME, {**introduction(), "pool": pool_name, "blake3": fast})
         return True

@@ -277,7 +277,54 @@ def test_a_handle_to_another_machine_is_refused_at_once(sshd, make_pool):
     remote, local = make_pool(backend=backend(sshd), max=1), make_pool(max=1)
     value = remote.spawn(list, range(4))
     t0 = time.monotonic()
-    with pytest.raises(flame.FlameError, match="same machine"):
+    with pytest.raises(flame.FlameError, match="its listener is a Unix socket: give its backend peer_host"):
         local.call(len, flame.ref(value))
     assert time.monotonic() - t0 < 10
     assert local.call(sum, value) == 6, "the Remote itself still travels (relayed)"
+
+
+def holder_address():
+    from flame.node import peers
+    return peers._Node.server.address
+
+
+def test_with_peer_host_copies_and_handles_go_straight_between_machines(sshd, make_pool, caplog):
+    """An SSH backend's peer_host: its runners listen on TCP with CurveZMQ, and a runner
+    elsewhere (here: a local pool's) fetches copies and uses handles there directly."""
+    from test_ssh import backend
+    remote = make_pool(backend=backend(sshd, peer_host="127.0.0.1"), max=1)
+    local = make_pool(max=1)
+    value = remote.spawn(list, range(4))
+    address = remote.call(lambda v: holder_address(), value)
+    assert address.startswith("tcp://127.0.0.1:") and "#" in address, address
+    with caplog.at_level(logging.INFO, logger="flame"):
+        assert local.call(sum, value) == 6
+        assert local.call(lambda h: (h.append(4), h.get())[1], flame.ref(value)) == [0, 1, 2, 3, 4]
+    assert not any("through this process" in r.getMessage() for r in caplog.records)
+    assert remote.call(lambda v: served(), value) >= 2, "the copy and the handle's calls came from the holder"
+    assert value.get() == [0, 1, 2, 3, 4], "the handle's append ran on the holder"
+
+
+def test_a_tcp_peer_listener_refuses_strangers_in_the_handshake(sshd, make_pool):
+    import zmq
+    from flame.wire import Kind, Wire
+    from test_ssh import backend
+    pool = make_pool(backend=backend(sshd, peer_host="127.0.0.1"), max=1)
+    value = pool.spawn(list, range(3))
+    where, _, server_key = pool.call(lambda v: holder_address(), value).partition("#")
+    ctx = zmq.Context()
+    try:
+        for curve in (False, True):  # no CURVE at all; CURVE with a key pair of its own
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if curve:
+                sock.curve_serverkey = server_key.encode()
+                sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.connect(where)
+            wrong = Wire(os.urandom(32), "stranger")
+            sock.send_multipart(wrong.encode(Kind.FETCH, value.runner_id, {"id": 1, "oid": 1, "path": []}))
+            assert not sock.poll(1500), "no answer to a stranger"
+            sock.close()
+    finally:
+        ctx.term()
+    assert value.get() == [0, 1, 2], "the holder lives on"

@@ -127,7 +127,8 @@ class SlurmBackend(Backend):
     def __init__(self, partition: str | None = None, gpus_per_runner: int = 0, cpus_per_runner: int = 1,
                  time: str | None = None, account: str | None = None, sbatch_args: Sequence[str] = (),
                  python: str = "python3", connect_host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
-                 work_dir: str | None = None, shared_cache: bool = True, install: bool = False) -> None:
+                 work_dir: str | None = None, shared_cache: bool = True, install: bool = False,
+                 peer_host: str | None = None) -> None:
         """
         Args:
             partition: partition to submit to. Defaults to the cluster's default.
@@ -148,6 +149,11 @@ class SlurmBackend(Backend):
                 Defaults to True.
             install: a node where this process's compiled packages do not load pip-installs the
                 same versions into an environment in the code cache. Defaults to False.
+            peer_host: how runners on other nodes reach these runners' listeners for values and
+                handles (``flame.ref``): "*" binds every interface and advertises the node's
+                name (nodes of one cluster reach each other), an address binds that one; TCP
+                with CurveZMQ. None keeps them on a Unix socket: values between nodes travel
+                through this process. Defaults to None (loopback unless asked).
         """
         for name, value, low in (("gpus_per_runner", gpus_per_runner, 0), ("cpus_per_runner", cpus_per_runner, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -166,6 +172,9 @@ class SlurmBackend(Backend):
         if not isinstance(install, bool):
             raise TypeError(f"install must be True or False, got {install!r}")
         self.install = install
+        if peer_host is not None and (not isinstance(peer_host, str) or not peer_host):
+            raise TypeError(f"peer_host must be a host address, '*' or None, got {peer_host!r}")
+        self.peer_host = peer_host
         self._tracker = _JobTracker()
 
     def __repr__(self) -> str:
@@ -196,6 +205,8 @@ class SlurmBackend(Backend):
         key_path = os.path.join(self.work_dir, f"{spec.runner_id}.key")
         log_path = os.path.join(self.work_dir, f"{spec.runner_id}.log")
         settings = {**self.env, **spec.env}
+        if self.peer_host:
+            settings["FLAME_PEER_HOST"] = self.peer_host
         if spec.boot is not None and spec.boot.deps is not None and self.shared_cache:
             # Compute nodes share this home: flame's needs wait for them in its cache, since
             # a node without pyzmq could not fetch them.

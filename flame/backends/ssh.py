@@ -82,7 +82,7 @@ class SSHBackend(Backend):
     def __init__(self, hosts: Sequence[str], python: str = "python3", key: str | None = None,
                  known_hosts: str | None | tuple = (), connect_timeout: float = 10.0,
                  env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 install: bool = False) -> None:
+                 install: bool = False, peer_host: str | None = None) -> None:
         """
         Args:
             hosts: where runners may start, as "user@host:port" (user and port optional).
@@ -96,6 +96,10 @@ class SSHBackend(Backend):
             install: a host that compiled code of this process's packages does not fit (another
                 OS, architecture or C library) pip-installs the same versions into an
                 environment in its code cache, instead of failing to boot. Defaults to False.
+            peer_host: how runners on other hosts reach these runners' listeners for values and
+                handles (``flame.ref``): an address of the host, or "*" for every interface,
+                advertised by the host's name; TCP with CurveZMQ. None keeps them on a Unix
+                socket, and values between hosts travel through this process. Defaults to None.
         """
         if isinstance(hosts, str) or not hosts:
             raise ValueError("hosts must be a non-empty list of 'user@host:port' strings")
@@ -109,6 +113,9 @@ class SSHBackend(Backend):
         if not isinstance(install, bool):
             raise TypeError(f"install must be True or False, got {install!r}")
         self.install = install
+        if peer_host is not None and (not isinstance(peer_host, str) or not peer_host):
+            raise TypeError(f"peer_host must be a host address, '*' or None, got {peer_host!r}")
+        self.peer_host = peer_host
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -190,6 +197,8 @@ class SSHBackend(Backend):
     async def _boot_on(self, h: _Host, spec: RunnerSpec) -> SSHHandle:
         conn = await self._connection(h)
         settings = {**self.env, **spec.env, "FLAME_ADDRESS": await self._tunnel(h, conn, spec.address)}
+        if self.peer_host:
+            settings["FLAME_PEER_HOST"] = self.peer_host
         cd = f"cd {shlex.quote(self.cwd)} && " if self.cwd else ""
         # `echo $$; exec` tells us the runner's pid before Python starts, for terminate().
         command = f"{cd}echo $$; exec {shlex.join(node_command(self.python, spec))} --stdin"

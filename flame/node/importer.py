@@ -2,7 +2,8 @@
 
 First on ``sys.meta_path``, for each top-level module the runner has not imported yet and
 that is not in the standard library, it asks the parent which distribution provides it
-there (naming the host's version of it, if any). The answer is "the host's" (the host has
+there (naming the host's version of it, if any, and what the host is: compiled code is sent
+only where it fits). The answer is "the host's" (the host has
 that version, or it is not installed on the parent) or the distribution's archive, fetched
 in parts into this host's code cache, checked, and put first on ``sys.path``; then the usual
 finders find the module there. So ``import tqdm`` inside a call works on a host without
@@ -44,6 +45,7 @@ class Importer:
         self.asked: set[str] = set()
         self.sock: Any = None
         self._host: dict | None = None  # top-level module -> {distribution: version}, of this host
+        self._facts: dict | None = None  # what this host is (boot.host_facts), for compiled code
 
     # ---- the finder --------------------------------------------------------------------
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
@@ -129,7 +131,10 @@ class Importer:
                 yield parts[1].decode(), parts[2], parts[3:]
 
     def _ask(self, name: str) -> dict:
-        ref = f"mod:{name} {json.dumps(self._have(name), sort_keys=True)}"
+        from .boot import host_facts
+        if self._facts is None:
+            self._facts = host_facts()
+        ref = f"mod:{name} {json.dumps({'have': self._have(name), 'facts': self._facts}, sort_keys=True)}"
         self._request(ref)
         for got, data, rest in self._answers():
             if got != ref:

@@ -27,7 +27,8 @@ shows; EOF on stdin later means the parent is gone): FLAME_ADDRESS, FLAME_RUNNER
 FLAME_KEY (hex) or FLAME_KEY_FILE,
 FLAME_CONCURRENCY, FLAME_PARENT_TIMEOUT, FLAME_FAILSAFE, FLAME_HEARTBEAT,
 FLAME_PARENT_PID, FLAME_CURVE_SERVER (the parent's CurveZMQ public key, off loopback),
-FLAME_SHM (shared memory with the parent), FLAME_STARTS (the start count's file),
+FLAME_SHM (shared memory with the parent), FLAME_PEER_HOST (peers.py: a TCP listener for
+runners on other hosts), FLAME_STARTS (the start count's file),
 FLAME_BOOT, FLAME_CODE and FLAME_CODE_CACHE (code sync), FLAME_DEPS (the import hook,
 ``importer.py``), FLAME_WATCH_STDIN (SSH: exit when
 stdin closes), FLAME_PRELOAD and FLAME_TEMPLATE_FD (forked from a template).
@@ -170,9 +171,8 @@ class RunnerNode:
             hello["gpu_info"] = gpu_info(self.gpus)
         hello.update(gpus=self.gpus, blake3=fast_digests())
         if self.boot:
-            from .boot import cache_root, host_facts
+            from .boot import cache_root
             hello["cache"] = cache_root()
-            hello["facts"] = host_facts()
         self.post("hello", hello)
         if self.concurrency == 1:
             self._receive_blocking()

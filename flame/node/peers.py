@@ -7,11 +7,14 @@ calling runner). Handles keep their values alive on the holder (``objects.OWNERS
 The same security as the parent's wire: every message is signed (its MAC checked before
 anything is unpickled, replays and messages addressed to another refused: ``wire.Wire``),
 with the peer key of the holder's pool (``peer_key``: derived from the pool's key, so it lets
-a runner ask that pool's runners for values, not speak for it to its parent); the listener is
-a Unix socket in a new 0700 directory, so nobody but this user on this host reaches it. A
-runner opens its listener when it first holds a value, and says where it is (``Kind.PEER``)
-before that value's reply; others connect lazily, keep at most MAX_OPEN connections and close
-those idle for IDLE seconds.
+a runner ask that pool's runners for values, not speak for it to its parent). The listener is
+a Unix socket in a new 0700 directory, so nobody but this user on this host reaches it; or,
+where the backend says how runners on other hosts reach this one (``peer_host``, as
+FLAME_PEER_HOST), TCP with CurveZMQ and ZAP (``listen.listener``): only holders of the peer
+key get through the handshake, and its address carries the listener's public key
+(``tcp://host:port#key``). A runner opens its listener when it first holds a value, and says
+where it is (``Kind.PEER``) before that value's reply; others connect lazily, keep at most
+MAX_OPEN connections and close those idle for IDLE seconds.
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ def serving() -> None:
         return
     with _Node.lock:
         if _Node.server is None:
-            _Node.server = Server(_Node.ctx, _Node.key, _Node.me)
+            _Node.server = Server(_Node.ctx, _Node.key, _Node.me, os.environ.get("FLAME_PEER_HOST", ""))
             _Node.post(Kind.PEER, {"address": _Node.server.address})
             from .terminator import cleanup
             cleanup.append(close)
@@ -102,16 +105,25 @@ class Server:
     FETCH with frames runs ``fn(*args)`` from them here (an operation through a handle) for
     the asker, whose the values it makes are."""
 
-    def __init__(self, ctx: Any, key: bytes, me: str) -> None:
+    def __init__(self, ctx: Any, key: bytes, me: str, host: str = "") -> None:
         import tempfile
 
         import zmq
-        self.dir = tempfile.mkdtemp(prefix="flame-peer-")  # 0700: only this user gets in
-        self.address = f"ipc://{self.dir}/s"
+        self.dir = self.gate = None
+        if host:  # reachable from other hosts: CurveZMQ, and ZAP admits only the peer key
+            from ..listen import listener
+            self.sock, public, self.gate = listener(ctx, key, curve=True)
+            self.sock.bind(f"tcp://{'0.0.0.0' if host == '*' else host}:*")
+            port = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+            name = _host_name() if host == "*" else host
+            self.address = f"tcp://{name}:{port}#{public.decode()}"
+        else:
+            self.dir = tempfile.mkdtemp(prefix="flame-peer-")  # 0700: only this user gets in
+            self.address = f"ipc://{self.dir}/s"
+            self.sock = ctx.socket(zmq.ROUTER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.bind(self.address)
         self.wire = Wire(key, me)
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.address)
         self._stop = False
         self.sent = 0  # copies and answers sent (tests check that values went runner to runner)
         threading.Thread(target=self._loop, name="flame-node-peers", daemon=True).start()
@@ -164,7 +176,15 @@ class Server:
     def close(self) -> None:
         import shutil
         self._stop = True
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.gate is not None:
+            self.gate.stop()
+
+
+def _host_name() -> str:
+    import socket
+    return socket.getfqdn()
 
 
 class Client:
@@ -172,12 +192,12 @@ class Client:
 
     def __init__(self, ctx: Any, me: str) -> None:
         self.ctx, self.me = ctx, me
-        self.wires: dict[bytes, Wire] = {}  # peer key -> its wire (holders of other pools too)
+        self.wires: dict[tuple, Wire] = {}  # (peer key, over TCP) -> its wire (holders of other pools too)
         self.socks: collections.OrderedDict[str, list] = collections.OrderedDict()  # address -> [sock, last used]
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
 
-    def _sock(self, address: str) -> Any:
+    def _sock(self, address: str, key: bytes) -> Any:
         import zmq
         now = time.monotonic()
         for addr, (sock, used) in list(self.socks.items()):
@@ -189,7 +209,11 @@ class Client:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, self.me.encode())
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
+            where, _, server_key = address.partition("#")
+            if server_key:  # a TCP listener: CurveZMQ, with the keys the peer key gives
+                from ..listen import curve_client
+                curve_client(sock, server_key, key)
+            sock.connect(where)
             entry = self.socks[address] = [sock, now]
         entry[1] = now
         self.socks.move_to_end(address)
@@ -202,10 +226,11 @@ class Client:
         if holder in _Node.gone:
             raise RunnerDied(f"runner {holder} is gone, and with it the value from {origin}", holder)
         with self.lock:  # one request at a time per runner: each wire's sequence stays in order
-            wire = self.wires.get(key)
+            tcp = "#" in address  # a listener that takes no frame over FRAME_MAX: cut larger ones
+            wire = self.wires.get((key, tcp))
             if wire is None:
-                wire = self.wires[key] = Wire(key, self.me)
-            sock = self._sock(address)
+                wire = self.wires[(key, tcp)] = Wire(key, self.me, cut=tcp)
+            sock = self._sock(address, key)
             request = next(self._ids)
             fields = {"id": request, "b3": 1, **fields} if fast_digests() else {"id": request, **fields}
             sock.send_multipart(wire.encode(Kind.FETCH, holder, fields, frames), copy=False)
