@@ -74,7 +74,8 @@ def pytest_sessionfinish(session, exitstatus):
     import glob
     import tempfile
     # A runner's peer listener directory goes with it, also when it is killed (its pool removes it).
-    peers = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "flame-peer-*"))
+    tmp = tempfile.gettempdir()
+    peers = [d for d in glob.glob(os.path.join(tmp, "flame-peer-*")) + glob.glob(os.path.join(tmp, "flame-ipc-*", "flame-peer-*"))
              if os.stat(d).st_uid == os.geteuid()]
     if peers:
         for d in peers:

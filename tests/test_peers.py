@@ -328,3 +328,20 @@ def test_a_tcp_peer_listener_refuses_strangers_in_the_handshake(sshd, make_pool)
     finally:
         ctx.term()
     assert value.get() == [0, 1, 2], "the holder lives on"
+
+
+def test_an_ssh_runners_peer_directory_goes_with_its_connection(sshd, make_pool):
+    """Inside the SSH tunnel's private directory, which the backend removes with the
+    connection: a killed SSH runner (nobody left on its host to clean up) leaves nothing."""
+    from test_ssh import backend
+    b = backend(sshd)
+    pool = make_pool(backend=b, max=1)
+    value = pool.spawn(list, range(3))
+    where, pid = pool.call(lambda v: (__import__("flame.node.peers").node.peers._Node.server.dir, os.getpid()), value)
+    assert os.path.basename(os.path.dirname(where)).startswith("flame-ipc-"), where
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(flame.RunnerDied):
+        value.get()
+    pool.shutdown()
+    b.close()
+    assert not os.path.exists(where)

@@ -55,6 +55,7 @@ class _Node:
     """This runner's key, id, context and parent channel (``configure``)."""
     key: bytes | None = None  # its pool's peer key
     me = ""
+    address = ""  # where it connects to its parent
     ctx: Any = None
     post: Callable[..., None] | None = None
     server: "Server | None" = None
@@ -73,6 +74,7 @@ def configure() -> bool:
         if node is None:
             return False
         _Node.key, _Node.me, _Node.ctx, _Node.post = peer_key(node.peer_key), node.id, node.ctx, node.post
+        _Node.address = node.address
     return True
 
 
@@ -118,7 +120,10 @@ class Server:
             name = _host_name() if host == "*" else host
             self.address = f"tcp://{name}:{port}#{public.decode()}"
         else:
-            self.dir = tempfile.mkdtemp(prefix="flame-peer-")  # 0700: only this user gets in
+            # 0700: only this user gets in. Inside the private directory of its connection to
+            # its parent where it has one (the pool's, or an SSH tunnel's), which goes with the
+            # pool or the SSH connection: a killed runner leaves nothing behind for long.
+            self.dir = tempfile.mkdtemp(prefix="flame-peer-", dir=_private_dir(_Node.address))
             self.address = f"ipc://{self.dir}/s"
             self.sock = ctx.socket(zmq.ROUTER)
             self.sock.setsockopt(zmq.LINGER, 0)
@@ -180,6 +185,22 @@ class Server:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.gate is not None:
             self.gate.stop()
+
+
+def _private_dir(address: str) -> str | None:
+    """The directory of Unix socket ``address`` if it is this user's own and nobody else's
+    (0700, not a symlink), else None."""
+    import stat
+    if not address.startswith("ipc://"):
+        return None
+    where = os.path.dirname(address.removeprefix("ipc://"))
+    try:
+        st = os.lstat(where)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+        return where
+    return None
 
 
 def _host_name() -> str:
