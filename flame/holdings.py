@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import FlameError, RunnerDied
+from .errors import RunnerDied
 from .node import objects
 from .remote import Remote, RemoteGone, _Held
 
@@ -106,16 +106,17 @@ class Holdings:
         to = pool._fleet.runners.get(target) if target else None
         same_host = not (pool.backend.remote or self._pool.backend.remote) or (
             to is not None and to.host == holder.host)
-        if not same_host and not reachable(holder.peer_address):
-            # A Unix socket: a runner on another machine could not connect, and its call would
-            # wait for an answer that never comes. Said now instead.
-            raise FlameError(f"flame.ref of {held.origin}: runner {held.runner_id} is on another machine "
-                             "than the call's runner may be, and its listener is a Unix socket: give its "
-                             "backend peer_host=... (how runners on other hosts reach it), pass the Remote "
-                             "itself (the call runs on its runner, or its value travels as a copy), or .get() it")
-        uses.append(held)
         from .node import peers
-        return peers.handle, (holder.peer_address, held.runner_id, held.oid, path,
+        address = holder.peer_address
+        if not same_host and not reachable(address):
+            # A Unix socket: a runner on another machine could not connect. Its requests go
+            # through this process instead (node/relay.py).
+            address = peers.RELAY
+            log.info("flame: flame.ref of %s: runner %s listens on a Unix socket, which the call's "
+                     "runner may not reach: its requests are relayed through this process (give its "
+                     "backend peer_host=... to connect them directly)", held.origin, held.runner_id)
+        uses.append(held)
+        return peers.handle, (address, held.runner_id, held.oid, path,
                               held.origin + "".join("." + p for p in path), held.nbytes, self.peer_key,
                               holder.pid if same_host else None)
 
@@ -175,3 +176,27 @@ def reachable(address: str | None) -> bool:
     """Whether a runner's peer listener at ``address`` can be reached from other hosts: a TCP
     listener (its backend's ``peer_host``), not a Unix socket."""
     return bool(address) and address.startswith("tcp://")
+
+
+def forward(sender: str, head: dict, frames: list) -> None:
+    """RELAY or RELAYED from runner ``sender`` (``node/relay.py``): on to the runner it names
+    (``to``), of any pool of this process, saying who sent it. A request for a runner that is
+    gone is answered at once, with RunnerDied."""
+    from .registry import pools
+    from .wire import Kind
+    to, kind = head.get("to"), head.get("k")
+    fields = {"id": head.get("id"), "from": sender, "req": head.get("req"), "mac": head.get("mac")}
+    data = [bytes(f) for f in frames]
+    for pool in pools():
+        with pool._state.lock:
+            r = pool._fleet.runners.get(to)
+            ready = r is not None and r.state == "ready"
+        if ready:
+            pool._endpoint.send(to, kind, fields, data)
+            return
+    if kind == Kind.RELAY:
+        gone = {"id": (head.get("req") or {}).get("id"), "error": f"runner {to} is gone", "type": "RunnerDied"}
+        for pool in pools():
+            if sender in pool._fleet.runners:
+                pool._endpoint.send(sender, Kind.RELAYED, {"id": head.get("id"), "req": gone})
+                return

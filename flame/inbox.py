@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import wire
+from .holdings import forward
 from .inflight import deliver, output
 from .wire import Kind
 
@@ -46,6 +47,9 @@ class Inbox:
             return
         if kind == Kind.REPLY:  # to an introspection request (Pool.complete, Pool.inspect)
             self._requests.answer(head.get("id", ""), peer, head.get("content"))
+            return
+        if kind == Kind.RELAY or kind == Kind.RELAYED:  # between two runners that cannot connect
+            forward(peer, head, frames)
             return
         handler = self._handlers.get(kind)
         if handler is None:

@@ -128,7 +128,7 @@ class Runner:
         """It serves copies of its values at ``address``: a Unix socket in its private
         directory, or TCP with CurveZMQ (``tcp://host:port#public key``, its backend's ``peer_host``)."""
         if isinstance(address, str) and (address.startswith("ipc://") or (
-                address.startswith("tcp://") and address.count("#") == 1)):
+                address.startswith("tcp://") and "#" in address)):
             self.peer_address = address
 
     def sampled(self, head: dict) -> None:

@@ -63,6 +63,8 @@ class Kind:
     FETCH = "fetch"        #: runner -> runner: a copy of this value you hold, please (id, oid, path)
     VALUE = "value"        #: runner -> runner: the copy asked for (pickled), or why not ("error")
     PEER_GONE = "peer-gone"  #: parent -> runner: runner "id" is gone (its handles and pins with it)
+    RELAY = "relay"        #: runner -> parent -> runner "to": a FETCH for a holder it cannot reach ("req", "mac")
+    RELAYED = "relayed"    #: holder -> parent -> runner "to": the VALUE of a relayed FETCH ("req")
 
     #: app -> client, unsigned, once: your key is wrong (the whole frame, not a signed message)
     REFUSED = b'{"k":"refused"}'

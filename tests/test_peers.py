@@ -272,15 +272,24 @@ def test_a_pool_that_shuts_down_lets_go_of_what_its_runners_handles_kept(make_po
     assert wait_for(lambda: holders.runners[0].objects == 0, timeout=15)
 
 
-def test_a_handle_to_another_machine_is_refused_at_once(sshd, make_pool):
+def test_a_handle_to_another_machine_is_relayed_through_this_process(sshd, make_pool, caplog):
+    """Its holder listens on a Unix socket on "another host" (an SSH pool without peer_host):
+    the handle's requests go through this process, and everything a handle does works."""
     from test_ssh import backend
-    remote, local = make_pool(backend=backend(sshd), max=1), make_pool(max=1)
+    remote, local = make_pool(backend=backend(sshd), max=1, idle_shutdown_after=1), make_pool(max=1)
     value = remote.spawn(list, range(4))
-    t0 = time.monotonic()
-    with pytest.raises(flame.FlameError, match="its listener is a Unix socket: give its backend peer_host"):
-        local.call(len, flame.ref(value))
-    assert time.monotonic() - t0 < 10
-    assert local.call(sum, value) == 6, "the Remote itself still travels (relayed)"
+    with caplog.at_level(logging.INFO, logger="flame"):
+        assert local.call(lambda h: (h.append(4), h.get())[1], flame.ref(value)) == [0, 1, 2, 3, 4]
+    assert any("relayed through this process" in r.getMessage() for r in caplog.records)
+    assert value.get() == [0, 1, 2, 3, 4], "the append ran on the holder"
+    assert local.call(keep, flame.ref(value)) == "Remote"
+    holder = value.runner_id
+    del value  # the handle kept on the local runner keeps it, through the relay too
+    time.sleep(3.0)
+    assert [r.id for r in remote.runners] == [holder] and remote.runners[0].objects == 1
+    assert local.call(use_kept) == [0, 1, 2, 3, 4]
+    local.call(drop_kept)
+    assert wait_for(lambda: not remote.runners or remote.runners[0].objects == 0, timeout=10)
 
 
 def holder_address():
@@ -345,3 +354,28 @@ def test_an_ssh_runners_peer_directory_goes_with_its_connection(sshd, make_pool)
     pool.shutdown()
     b.close()
     assert not os.path.exists(where)
+
+
+def forged_relay(holder, oid):
+    """On a runner: ask ``holder`` through the parent with a key that is not its pool's."""
+    from flame.node import peers, relay
+    peers.configure()
+    head, frames = relay.ask(holder, os.urandom(32), {"id": 10**6, "oid": oid, "path": []}, [], "forged")
+    return head.get("type"), frames
+
+
+def test_a_relayed_request_without_the_peer_key_is_refused_and_a_dead_holder_named(sshd, make_pool):
+    from test_ssh import backend
+    b = backend(sshd)
+    try:
+        remote, local = make_pool(backend=b, max=1), make_pool(max=1)
+        value = remote.spawn(list, range(4))
+        assert local.call(forged_relay, value.runner_id, 1) == ("PermissionError", [])
+        assert local.call(keep, flame.ref(value)) == "Remote"
+        holder_pid = remote.call(lambda v: os.getpid(), value)
+        os.kill(holder_pid, signal.SIGKILL)
+        with pytest.raises(flame.RunnerDied, match=value.runner_id):
+            local.call(use_kept)
+        remote.shutdown()
+    finally:
+        b.close()  # the killed holder's peer directory goes with the tunnel's

@@ -135,7 +135,7 @@ class RunnerNode:
             Kind.SHUTDOWN: self._on_shutdown, Kind.CODE: self._on_code, Kind.FREE: self._on_free,
             Kind.RELEASE: self._on_release, Kind.COMPLETE: self._on_introspect,
             Kind.INSPECT: self._on_introspect, Kind.WELCOME: self._on_welcome,
-            Kind.PEER_GONE: self._on_peer_gone,
+            Kind.PEER_GONE: self._on_peer_gone, Kind.RELAY: self._on_relay, Kind.RELAYED: self._on_relay,
         }
 
     # ---- sending, from any thread --------------------------------------------------
@@ -307,6 +307,12 @@ class RunnerNode:
         """A runner of our pool is gone: the values it kept here go, and asking it fails."""
         from . import peers
         peers.gone(head["id"])
+
+    def _on_relay(self, head: dict, frames: list) -> None:
+        """RELAY: another runner's request for a value held here, through the parent; RELAYED:
+        the answer to one of ours (``relay.py``)."""
+        from . import relay
+        (relay.asked if head["k"] == Kind.RELAY else relay.answered)(head, [bytes(f) for f in frames])
 
     def _on_welcome(self, head: dict, frames: list) -> None:
         if head.get("blake3") and fast_digests():

@@ -44,6 +44,9 @@ IDLE = 60.0
 TIMEOUT = float(os.environ.get("FLAME_PEER_TIMEOUT", "120"))
 #: Seconds between two batches of handle releases sent to holders.
 RELEASE_EVERY = 0.5
+#: The address of a holder this runner cannot reach (a Unix socket on another host): its
+#: requests go through the parent (``node/relay.py``).
+RELAY = "relay"
 
 
 def peer_key(pool_key: bytes) -> bytes:
@@ -149,34 +152,12 @@ class Server:
             head, frames = got
             if head.get("b3") and fast_digests():  # large answers digested with BLAKE3, as with the parent
                 self.wire.fast_peers.add(peer)
-            fields: dict = {"id": head.get("id")}
-            try:
-                out = serialize.dumps(self._answer(peer, head, frames))
-            except BaseException as exc:  # noqa: BLE001 - its asker must hear why
-                fields["error"] = f"{type(exc).__name__}: {exc}"
-                fields["type"] = type(exc).__name__
-                try:  # the exception itself where it pickles: the asker raises the same type
-                    exc.__traceback__ = None
-                    out = serialize.dumps(exc)
-                except BaseException:  # noqa: BLE001
-                    out = []
+            fields, out = reply(peer, head, frames)
             try:
                 sock.send_multipart([ident, *self.wire.encode(Kind.VALUE, peer, fields, out)], copy=False)
                 self.sent += "error" not in fields
             except Exception:
                 log.warning("flame runner %s: could not answer %s", self.wire.me, peer, exc_info=True)
-
-    @staticmethod
-    def _answer(peer: str, head: dict, frames: list) -> Any:
-        from . import objects
-        if not frames:
-            return objects.lookup(head["oid"], tuple(head.get("path") or ()))
-        fn, args = serialize.loads(frames)
-        objects.current.owner = peer  # what it makes is the asker's to keep (its handles)
-        try:
-            return fn(*args)
-        finally:
-            objects.current.owner = "parent"
 
     def close(self) -> None:
         import shutil
@@ -185,6 +166,34 @@ class Server:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.gate is not None:
             self.gate.stop()
+
+
+def reply(peer: str, head: dict, frames: list) -> tuple[dict, list]:
+    """The answer to runner ``peer``'s FETCH (here or relayed): its fields and frames."""
+    fields: dict = {"id": head.get("id")}
+    try:
+        out = serialize.dumps(_answer(peer, head, frames))
+    except BaseException as exc:  # noqa: BLE001 - its asker must hear why
+        fields["error"] = f"{type(exc).__name__}: {exc}"
+        fields["type"] = type(exc).__name__
+        try:  # the exception itself where it pickles: the asker raises the same type
+            exc.__traceback__ = None
+            out = serialize.dumps(exc)
+        except BaseException:  # noqa: BLE001
+            out = []
+    return fields, out
+
+
+def _answer(peer: str, head: dict, frames: list) -> Any:
+    from . import objects
+    if not frames:
+        return objects.lookup(head["oid"], tuple(head.get("path") or ()))
+    fn, args = serialize.loads(frames)
+    objects.current.owner = peer  # what it makes is the asker's to keep (its handles)
+    try:
+        return fn(*args)
+    finally:
+        objects.current.owner = "parent"
 
 
 def _private_dir(address: str) -> str | None:
@@ -246,6 +255,11 @@ class Client:
         host, watched while it answers); its answer, unpickled."""
         if holder in _Node.gone:
             raise RunnerDied(f"runner {holder} is gone, and with it the value from {origin}", holder)
+        if address == RELAY:  # a holder this runner cannot reach: through the parent
+            from . import relay
+            request = next(self._ids)
+            fields = {"id": request, **fields}
+            return _opened(*relay.ask(holder, key, fields, frames, origin), holder, origin)
         with self.lock:  # one request at a time per runner: each wire's sequence stays in order
             tcp = "#" in address  # a listener that takes no frame over FRAME_MAX: cut larger ones
             wire = self.wires.get((key, tcp))
@@ -266,16 +280,22 @@ class Client:
                     self.socks.pop(address, None)
                     why = (f"did not answer within {TIMEOUT:g} s" if time.monotonic() > deadline else "is gone")
                     raise RunnerDied(f"runner {holder}, which holds the value from {origin}, {why}", holder)
-        head, frames = got
-        if "error" in head:
-            if head.get("type") == "LookupError":
-                raise LookupError(f"runner {holder} no longer holds the value from {origin}: {head['error']}")
-            if frames:
-                raise serialize.loads(frames)
-            from ..errors import RemoteError
-            raise RemoteError(head.get("type", "Exception"),
-                              f"on runner {holder}, for the value from {origin}: {head['error']}")
-        return serialize.loads(frames)
+        return _opened(*got, holder, origin)
+
+
+def _opened(head: dict, frames: list, holder: str, origin: str) -> Any:
+    """A holder's answer: its value, or its error raised."""
+    if "error" in head:
+        if head.get("type") == "LookupError":
+            raise LookupError(f"runner {holder} no longer holds the value from {origin}: {head['error']}")
+        if head.get("type") == "RunnerDied":
+            raise RunnerDied(f"runner {holder}, which holds the value from {origin}, is gone", holder)
+        if frames:
+            raise serialize.loads(frames)
+        from ..errors import RemoteError
+        raise RemoteError(head.get("type", "Exception"),
+                          f"on runner {holder}, for the value from {origin}: {head['error']}")
+    return serialize.loads(frames)
 
 
 def _client() -> Client:
