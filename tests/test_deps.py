@@ -18,26 +18,16 @@ import pytest
 
 import flame
 from services import REMOTE_USER
-
-_opened: list = []
-
-
-@pytest.fixture(autouse=True)
-def close_backends():
-    yield
-    while _opened:
-        _opened.pop().close()
+from test_codesync import _track, close_backends  # noqa: F401 - each test's SSH connections end with it
 
 
 def backend(sshd, remote_host, venv="nothing", modules=(), cache=None, env=None, **kw):
     """An SSH backend to REMOTE_USER with a venv that has ``modules`` (none by default), and a
     code cache of its own in REMOTE_USER's home (new unless given)."""
     cache = cache or new_cache(remote_host)
-    b = flame.SSHBackend([f"{REMOTE_USER}@127.0.0.1:{sshd.port}"], python=remote_host.venv(venv, modules),
-                         key=sshd.client_key, known_hosts=None,
-                         env={"FLAME_CODE_CACHE": cache, **(env or {})}, **kw)
-    _opened.append(b)
-    return b
+    return _track(flame.SSHBackend([f"{REMOTE_USER}@127.0.0.1:{sshd.port}"], python=remote_host.venv(venv, modules),
+                                   key=sshd.client_key, known_hosts=None,
+                                   env={"FLAME_CODE_CACHE": cache, **(env or {})}, **kw))
 
 
 def new_cache(remote_host):

@@ -360,7 +360,8 @@ def forged_relay(holder, oid):
     """On a runner: ask ``holder`` through the parent with a key that is not its pool's."""
     from flame.node import peers, relay
     peers.configure()
-    head, frames = relay.ask(holder, os.urandom(32), {"id": 10**6, "oid": oid, "path": []}, [], "forged")
+    head, frames = relay.ask(peers._Node.post, peers._Node.gone, 30, holder, os.urandom(32),
+                             {"id": 10**6, "oid": oid, "path": []}, [], "forged")
     return head.get("type"), frames
 
 

@@ -92,6 +92,15 @@ class Backend(abc.ABC):
         the last one needed (LocalBackend's template process)."""
 
 
+def remote_options(install: bool, peer_host: str | None) -> tuple[bool, str | None]:
+    """``install`` and ``peer_host`` of a backend whose runners are on other machines, checked."""
+    if not isinstance(install, bool):
+        raise TypeError(f"install must be True or False, got {install!r}")
+    if peer_host is not None and (not isinstance(peer_host, str) or not peer_host):
+        raise TypeError(f"peer_host must be a host address, '*' or None, got {peer_host!r}")
+    return install, peer_host
+
+
 def node_command(python: str, spec: RunnerSpec) -> list[str]:
     """The command that starts a runner: ``python -m flame.node``; when the spec's settings
     name code archives (FLAME_BOOT, for runners on other machines), the bootstrap of

@@ -19,7 +19,7 @@ import time
 from typing import Mapping, Sequence
 
 from ..keys import write_private
-from .base import Backend, RunnerHandle, RunnerSpec, node_command, tail
+from .base import Backend, RunnerHandle, RunnerSpec, node_command, remote_options, tail
 
 log = logging.getLogger("flame.backends.slurm")
 
@@ -169,12 +169,7 @@ class SlurmBackend(Backend):
         self.env = dict(env or {})
         self.work_dir = work_dir or os.path.join(os.path.expanduser("~"), ".flamebook", "slurm")
         self.shared_cache = bool(shared_cache)
-        if not isinstance(install, bool):
-            raise TypeError(f"install must be True or False, got {install!r}")
-        self.install = install
-        if peer_host is not None and (not isinstance(peer_host, str) or not peer_host):
-            raise TypeError(f"peer_host must be a host address, '*' or None, got {peer_host!r}")
-        self.peer_host = peer_host
+        self.install, self.peer_host = remote_options(install, peer_host)
         self._tracker = _JobTracker()
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Mapping, Sequence
 
 from ..node.boot import ASK
-from .base import Backend, RunnerHandle, RunnerSpec, node_command
+from .base import Backend, RunnerHandle, RunnerSpec, node_command, remote_options
 
 log = logging.getLogger("flame.backends.ssh")
 
@@ -110,12 +110,7 @@ class SSHBackend(Backend):
         self.connect_timeout = connect_timeout
         self.env = dict(env or {})
         self.cwd = cwd
-        if not isinstance(install, bool):
-            raise TypeError(f"install must be True or False, got {install!r}")
-        self.install = install
-        if peer_host is not None and (not isinstance(peer_host, str) or not peer_host):
-            raise TypeError(f"peer_host must be a host address, '*' or None, got {peer_host!r}")
-        self.peer_host = peer_host
+        self.install, self.peer_host = remote_options(install, peer_host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()

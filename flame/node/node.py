@@ -311,8 +311,12 @@ class RunnerNode:
     def _on_relay(self, head: dict, frames: list) -> None:
         """RELAY: another runner's request for a value held here, through the parent; RELAYED:
         the answer to one of ours (``relay.py``)."""
-        from . import relay
-        (relay.asked if head["k"] == Kind.RELAY else relay.answered)(head, [bytes(f) for f in frames])
+        from . import peers, relay
+        frames = [bytes(f) for f in frames]
+        if head["k"] == Kind.RELAY:
+            relay.asked(head, frames, peers.answer_relayed)
+        else:
+            relay.answered(head, frames)
 
     def _on_welcome(self, head: dict, frames: list) -> None:
         if head.get("blake3") and fast_digests():

@@ -184,6 +184,19 @@ def reply(peer: str, head: dict, frames: list) -> tuple[dict, list]:
     return fields, out
 
 
+def answer_relayed(head: dict, frames: list) -> None:
+    """A FETCH relayed to this holder through the parent (``relay.py``): answered the same
+    way, if its asker holds this pool's peer key, back the same way."""
+    from . import relay
+    asker, request = head.get("from", "?"), head.get("id")
+    if not configure() or not hmac.compare_digest(str(head.get("mac", "")), relay.mac(_Node.key, request, _Node.me)):
+        fields, out = {"id": (head.get("req") or {}).get("id"), "error": "not signed with this pool's peer key",
+                       "type": "PermissionError"}, []
+    else:
+        fields, out = reply(asker, head.get("req") or {}, frames)
+    _Node.post(Kind.RELAYED, {"id": request, "to": asker, "req": fields}, out)
+
+
 def _answer(peer: str, head: dict, frames: list) -> Any:
     from . import objects
     if not frames:
@@ -259,7 +272,8 @@ class Client:
             from . import relay
             request = next(self._ids)
             fields = {"id": request, **fields}
-            return _opened(*relay.ask(holder, key, fields, frames, origin), holder, origin)
+            return _opened(*relay.ask(_Node.post, _Node.gone, TIMEOUT, holder, key, fields, frames, origin),
+                           holder, origin)
         with self.lock:  # one request at a time per runner: each wire's sequence stays in order
             tcp = "#" in address  # a listener that takes no frame over FRAME_MAX: cut larger ones
             wire = self.wires.get((key, tcp))
