@@ -80,24 +80,12 @@ class Pool(Executor):
             timeout: seconds from submit to result for each call; past it the remote work is stopped and CallTimeout raised (None: no deadline). Defaults to None.
             parent_timeout: seconds without a heartbeat from this process after which runners exit. Defaults to 5.
             name: label for logs and displays. Defaults to "pool-N".
-            code_sync: local code sent to runners on other machines: True finds it (modules loaded
-                from outside the standard library and site-packages, and the sources in local
-                directories on ``sys.path``), a list names what to send (modules, packages, or
-                directories to import from), False sends none. Defaults to True for backends on other machines (SSH, Slurm),
-                False for LocalBackend, whose runners import from this file system.
-            code_exclude: glob patterns of files and directories code sync leaves out, besides
-                .git, virtualenvs and caches. Defaults to none.
-            code_limit: most bytes of local code code sync sends; past it, CodeSyncError names
-                the largest files. Defaults to 100 MB.
-            deps: send runners on other machines this process's versions of the installed
-                packages they import (and of pyzmq, cloudpickle and psutil, so a host needs only
-                Python), where the host lacks them or has other versions; False uses the host's
-                own. Defaults to True for backends on other machines, False for LocalBackend.
-            deps_limit: most bytes (unpacked) of installed packages sent to one host; past it,
-                DepsError names the largest. Defaults to 2 GB.
-            retries: times a call whose runner died before it returned (killed, lost, out of
-                memory, preempted) runs again on another runner; such a call may run more than
-                once, so it must be idempotent. Defaults to 0.
+            code_sync: local code sent to runners on other machines (True: found, as README says; a list: these modules, packages or import directories; False: none). Defaults to True for backends on other machines, False for LocalBackend.
+            code_exclude: glob patterns of files and directories code sync leaves out, besides .git, virtualenvs and caches. Defaults to none.
+            code_limit: most bytes of local code code sync sends; past it, CodeSyncError names the largest files. Defaults to 100 MB.
+            deps: send runners on other machines this process's versions of the installed packages they import, pyzmq and the like included, where the host lacks them or has others (False: the host's own). Defaults to True for backends on other machines, False for LocalBackend.
+            deps_limit: most bytes (unpacked) of installed packages sent to one host; past it, the error names the largest. Defaults to 2 GB.
+            retries: times a call whose runner died before it returned (killed, lost, preempted) runs again elsewhere; it may then run more than once, so must be idempotent. Defaults to 0.
         """
         backend, code_sync = options.check_pool(
             backend, min, max, max_concurrency, idle_shutdown_after, boot_timeout, timeout,
