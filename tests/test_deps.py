@@ -80,7 +80,7 @@ def test_a_host_with_nothing_installed_runs_numpy_and_pandas_calls(sshd, remote_
 
 
 def test_a_host_with_an_older_version_gets_this_ones(sshd, remote_host, make_pool):
-    python = remote_host.venv("old-cloudpickle", ("zmq", "cloudpickle", "psutil"))
+    python = remote_host.venv("old-cloudpickle", ("zmq", "cloudpickle", "psutil", "tqdm"))
     site = site_packages(python)
     [info] = glob.glob(os.path.join(site, "cloudpickle-*.dist-info"))
     meta = os.path.join(info, "METADATA")
@@ -101,6 +101,8 @@ def test_a_host_with_an_older_version_gets_this_ones(sshd, remote_host, make_poo
     version, cp_file, zmq_file = pool.call(versions)
     assert version == ours and cp_file.startswith(cache), "this process's cloudpickle, not the host's 2.0.0"
     assert zmq_file.startswith(site), "the host's pyzmq is this process's version: used, not sent"
+    # The import hook, too, leaves a host's package of this process's version where it is.
+    assert pool.call(lambda: __import__("tqdm").__file__).startswith(site)
 
 
 def test_a_package_installed_nowhere_names_it_and_the_runner_lives_on(sshd, remote_host, make_pool):
