@@ -30,26 +30,27 @@ class Inbox:
         #: a runner freed slots while calls wait: place them once the batch of messages is handled
         self._freed = False
         self._next_beat = 0.0
-        # One handler per kind a runner sends (stream, display, report and reply are taken outside
-        # the lock, in message()). Each runs under the lock; an answer's returns what
+        # One handler per kind a runner sends (stream, display, report, reply and relays are
+        # taken outside the lock: _unlocked). Each runs under the lock; an answer's returns what
         # deliver() settles once the lock is released.
         self._handlers: dict[str, Callable[[Runner, dict], Any]] = {
             Kind.RESULT: self._on_answer, Kind.ERROR: self._on_answer, Kind.HELLO: self._on_hello,
             Kind.HEARTBEAT: _on_heartbeat, Kind.FREE: self._on_free, Kind.CODE_MISSING: self._on_code_missing,
             Kind.PEER: _on_peer,
         }
+        # The kinds taken without the lock, each on the thread that received it: one lookup
+        # for all of them ahead of the locked handlers.
+        self._unlocked: dict[str, Callable[[str, dict, list], None]] = {
+            Kind.STREAM: self._on_output, Kind.DISPLAY: self._on_output, Kind.REPORT: self._on_output,
+            Kind.REPLY: self._on_reply, Kind.RELAY: forward, Kind.RELAYED: forward,
+        }
 
     def message(self, peer: str, head: dict, frames: list) -> None:
         """One message from runner ``peer`` (on the thread that received it)."""
         kind = head["k"]
-        if kind == Kind.STREAM or kind == Kind.DISPLAY or kind == Kind.REPORT:  # to the cell that asked; no lock
-            output(self._calls.get(head.get("id", "")), peer, kind, head, frames)
-            return
-        if kind == Kind.REPLY:  # to an introspection request (Pool.complete, Pool.inspect)
-            self._requests.answer(head.get("id", ""), peer, head.get("content"))
-            return
-        if kind == Kind.RELAY or kind == Kind.RELAYED:  # between two runners that cannot connect
-            forward(peer, head, frames)
+        unlocked = self._unlocked.get(kind)
+        if unlocked is not None:
+            unlocked(peer, head, frames)
             return
         handler = self._handlers.get(kind)
         if handler is None:
@@ -65,6 +66,16 @@ class Inbox:
             self._state.release()
         if answer is not None and not answer[0].future.settled:
             deliver(*answer, peer, head, frames, self._shm)
+
+    def _on_output(self, peer: str, head: dict, frames: list) -> None:
+        """STREAM, DISPLAY or REPORT: to the cell that asked."""
+        output(self._calls.get(head.get("id", "")), peer, head["k"], head, frames)
+
+    def _on_reply(self, peer: str, head: dict, frames: list) -> None:
+        """REPLY: to an introspection request (Pool.complete, Pool.inspect)."""
+        self._requests.answer(head.get("id", ""), peer, head.get("content"))
+
+    # RELAY and RELAYED, between two runners that cannot connect: holdings.forward
 
     def _on_answer(self, r: Runner, head: dict) -> tuple | None:
         """RESULT or ERROR: the call's slot is free; deliver() settles it after the lock."""
