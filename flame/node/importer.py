@@ -76,29 +76,32 @@ class Importer:
             if got:
                 import importlib
                 importlib.invalidate_caches()
-                self._host = None
+                for dist in head.get("get", ()):  # this host has it now, at this version
+                    self._have(name)[_norm(dist["n"])] = dist["v"]
         return None  # the path finders find it now, here or on the host
-
-    def find_module(self, name: str, path: Any = None) -> None:  # pragma: no cover - pre-3.12 fallback
-        return None
 
     # ---- asking the parent ----------------------------------------------------------------
     def _have(self, name: str) -> dict:
-        """This host's versions of the distributions that provide ``name`` (ours included)."""
+        """This host's versions of the distributions that provide ``name`` (those fetched
+        since included): its installed ones read once, at the first import that asks."""
         if self._host is None:
             from importlib import metadata
             by_top: dict = {}
+            versions: dict = {}  # each distribution's read once, not once per module it provides
             try:
                 for top, dists in metadata.packages_distributions().items():
                     for d in dists:
-                        try:
-                            by_top.setdefault(top, {})[_norm(d)] = metadata.version(d)
-                        except Exception:
-                            pass
+                        if d not in versions:
+                            try:
+                                versions[d] = metadata.version(d)
+                            except Exception:
+                                versions[d] = None
+                        if versions[d] is not None:
+                            by_top.setdefault(top, {})[_norm(d)] = versions[d]
             except Exception:  # a broken distribution's metadata: ask as if it had none
                 pass
             self._host = by_top
-        return self._host.get(name, {})
+        return self._host.setdefault(name, {})
 
     def _socket(self) -> Any:
         if self.sock is None:
