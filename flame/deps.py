@@ -246,7 +246,7 @@ def packed(dist: Dist) -> Packed:
              len(archive.files), dist.size / 1e6, len(p.data) / 1e6, time.monotonic() - started)
     with _pack_lock:
         _packed[dist.digest] = p
-        while sum(x.data.__len__() for x in _packed.values()) > KEEP_BYTES and len(_packed) > 1:
+        while sum(len(x.data) for x in _packed.values()) > KEEP_BYTES and len(_packed) > 1:
             _packed.popitem(last=False)
     return p
 

@@ -125,23 +125,33 @@ def install(root, digest, data, check=None):
     """
     import hashlib
     import io
-    import shutil
-    import tempfile
     import zipfile
     if check is not None and hashlib.sha256(data).hexdigest() != check:
         raise ValueError("code archive %s arrived corrupted" % digest[:12])
+
+    def unpack(tmp):
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            z.extractall(tmp)  # zipfile drops absolute paths and "..": nothing lands outside tmp
+    return _entry(root, digest, ".unpack-", unpack)
+
+
+def _entry(root, name, prefix, fill):
+    """Entry ``name`` of the cache ``root`` (PermissionError if it, or the root, is not this
+    user's alone); if it is not there yet, ``fill(tmp)`` makes it in a private temporary
+    directory, renamed into place."""
+    import shutil
+    import tempfile
     os.makedirs(root, mode=0o700, exist_ok=True)
-    path = os.path.join(root, digest)
+    path = os.path.join(root, name)
     for where in (root, path):
         why = untrusted(where)
         if why is not None:
             raise PermissionError("code cache entry: %s: refusing to run code from it" % why)
     if os.path.isdir(path):
         return path
-    tmp = tempfile.mkdtemp(prefix=".unpack-", dir=root)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=root)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            z.extractall(tmp)  # zipfile drops absolute paths and "..": nothing lands outside tmp
+        fill(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another runner got there first
@@ -251,35 +261,26 @@ def pip_install(root, requirements, pythonpath):
     for) into an environment of the cache named by them, made once per host; returns its path.
     RuntimeError says why not."""
     import hashlib
-    import shutil
     import subprocess
-    import tempfile
     name = "env-" + hashlib.sha256(json.dumps([sorted(requirements), host_facts()]).encode()).hexdigest()[:32]
-    path = os.path.join(root, name)
-    why = untrusted(path)
-    if why is not None:
-        raise RuntimeError("code cache entry: %s: refusing to run code from it" % why)
-    if os.path.isdir(path):
-        return path
-    tmp = tempfile.mkdtemp(prefix=".pip-", dir=root)
-    # pip sees none of the FLAME_* settings (the key among them) and writes to our stderr:
-    # stdout is the channel to the parent.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
-    env["PYTHONPATH"] = os.pathsep.join(pythonpath)
-    sys.stderr.write("flame: pip install %s on this host\n" % " ".join(requirements))
-    sys.stderr.flush()
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-                           "--disable-pip-version-check", "--target", tmp] + list(requirements),
-                          env=env, stdin=subprocess.DEVNULL, stdout=2, stderr=2)
-    if done.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError("pip could not install %s on this host (its output is in the "
-                           "runner's stderr)" % " ".join(requirements))
+
+    def run_pip(tmp):
+        # pip sees none of the FLAME_* settings (the key among them) and writes to our
+        # stderr: stdout is the channel to the parent.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+        sys.stderr.write("flame: pip install %s on this host\n" % " ".join(requirements))
+        sys.stderr.flush()
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
+                               "--disable-pip-version-check", "--target", tmp] + list(requirements),
+                              env=env, stdin=subprocess.DEVNULL, stdout=2, stderr=2)
+        if done.returncode != 0:
+            raise RuntimeError("pip could not install %s on this host (its output is in the "
+                               "runner's stderr)" % " ".join(requirements))
     try:
-        os.rename(tmp, path)
-    except OSError:  # another runner got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        return _entry(root, name, ".pip-", run_pip)
+    except PermissionError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def _read_key(settings):
@@ -402,7 +403,7 @@ def main():
                    "and they are not in the cache %s)" % (", ".join(n for _, n in NEEDS), root))
         sys.path[:0] = [os.path.join(root, d) for d in dists]  # pyzmq, to fetch the rest with
         if boot.get("dists") is not None:
-            _import_needs(root, boot.get("install"))
+            _import_needs(root, boot.get("install"))  # imported now: the check below is free
         _fetch(settings, missing, boot["checks"], root, start + float(settings.get("FLAME_FAILSAFE", "60")))
     # The local code first, then flame, then what the parent sent of flame's needs.
     for d in reversed([os.path.join(root, d) for d in wanted] + extra):
