@@ -21,15 +21,15 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import io
 import logging
 import os
 import re
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .archive import Archive, pack
+from .deps import Deps
 from .errors import FlameError
 
 log = logging.getLogger("flame.codesync")
@@ -42,25 +42,10 @@ ALWAYS_EXCLUDED = (".git", ".hg", ".svn", "__pycache__", "*.pyc", "*.pyo", ".ipy
 CODE_LIMIT = 100 * 1024 * 1024
 #: Archives kept in memory to serve runners that ask for them (the current ones and a few before).
 KEEP = 4
-_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same files always give the same hash
 
 
 class CodeSyncError(FlameError):
     """The local code cannot be sent: over the size limit, or a path that does not exist."""
-
-
-@dataclass(frozen=True)
-class Archive:
-    """Files packed into a zip, named by the SHA-256 of their names and contents."""
-
-    #: the name: SHA-256 over each file's name and bytes (the bytecode added to flame's own
-    #: archive is left out: marshal's output can differ between processes, the sources cannot)
-    digest: str
-    data: bytes
-    #: archive name -> size in bytes, uncompressed
-    files: dict
-    #: SHA-256 of ``data``: what a runner checks an archive it fetched against
-    check: str = ""
 
 
 def _installed() -> tuple[str, ...]:
@@ -116,72 +101,6 @@ def _where(module: Any) -> str | None:
             return None
         return dirs[0] if dirs else None
     return getattr(module, "__file__", None)
-
-
-def pack(files: dict, cache: dict | None = None, compiled: bool = False) -> Archive:
-    """Zip ``files`` (arcname -> path) deterministically; ``cache`` maps path -> (mtime, size, bytes).
-
-    ``compiled`` adds each module's bytecode, as an unchecked hash-based pyc (PEP 552): valid
-    on the runner, whose Python has this one's minor version, whatever the files' times
-    there, and its first import need not compile them. Measured: 60-80 ms off a cold boot.
-    """
-    import zipfile
-    buf = io.BytesIO()
-    sizes = {}
-    content = hashlib.sha256()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        for arcname in sorted(files):
-            path = files[arcname]
-            data = _read(path, cache)
-            if data is None:
-                continue
-            info = zipfile.ZipInfo(arcname, _EPOCH)
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            z.writestr(info, data)
-            sizes[arcname] = len(data)
-            content.update(b"%d:%s%d:" % (len(arcname.encode()), arcname.encode(), len(data)))
-            content.update(data)
-            if compiled and arcname.endswith(".py"):
-                pyc = _bytecode(data, path)
-                if pyc is not None:
-                    head, _, name = arcname.rpartition("/")
-                    info = zipfile.ZipInfo(f"{head}/__pycache__/{name[:-3]}.{sys.implementation.cache_tag}.pyc", _EPOCH)
-                    info.external_attr = 0o644 << 16
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    z.writestr(info, pyc)
-    data = buf.getvalue()
-    return Archive(content.hexdigest(), data, sizes, hashlib.sha256(data).hexdigest())
-
-
-def _bytecode(source: bytes, path: str) -> bytes | None:
-    from importlib.util import MAGIC_NUMBER, source_hash
-    import marshal
-    try:
-        code = compile(source, path, "exec", dont_inherit=True)
-    except SyntaxError:
-        return None
-    # PEP 552 header: magic, flags (0b01: hash-based, not checked), the source's hash.
-    return MAGIC_NUMBER + (1).to_bytes(4, "little") + source_hash(source) + marshal.dumps(code)
-
-
-def _read(path: str, cache: dict | None) -> bytes | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if cache is not None:
-        known = cache.get(path)
-        if known is not None and known[0] == st.st_mtime_ns and known[1] == st.st_size:
-            return known[2]
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if cache is not None:
-        cache[path] = (st.st_mtime_ns, st.st_size, data)
-    return data
 
 
 _flame: Archive | None = None
@@ -351,6 +270,19 @@ class CodeSync:
         self._lock = threading.Lock()
         self._hosts: dict[tuple, set] = {}  # (host, cache) -> archives known to be there
         self._sent = 0
+
+    @classmethod
+    def for_pool(cls, backend: Any, code_sync: bool | Sequence[str] | None, exclude: Sequence[str],
+                 limit: int, deps: bool | None, deps_limit: int) -> CodeSync | None:
+        """The code sync of a pool with these options (checked), or None where its runners
+        share this machine's files. Local code is found now: what it lacks errs at the door."""
+        if not backend.remote:
+            return None
+        sync = cls(None if code_sync is False else LocalCode(
+            None if code_sync is True else list(code_sync), exclude, limit), ask=backend.asks)
+        if deps is not False:  # installed packages travel too (deps.py)
+            sync.deps = Deps(deps_limit, backend.install, sync.count)
+        return sync
 
     @property
     def bytes_sent(self) -> int:

@@ -233,7 +233,7 @@ _pack_lock = threading.Lock()
 
 def packed(dist: Dist) -> Packed:
     """``dist`` zipped (once per process while it stays among the KEEP_BYTES recently used)."""
-    from .codesync import pack
+    from .archive import pack
     with _pack_lock:
         known = _packed.get(dist.digest)
         if known is not None:
