@@ -12,8 +12,9 @@ import functools
 import itertools
 import logging
 import os
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import shm, wire
 from .errors import BootError, RunnerDied
@@ -35,11 +36,13 @@ STOP_GRACE = 2.0
 class Fleet:
     """The runners of one pool (caller holds the pool's lock unless a method says otherwise)."""
 
-    def __init__(self, pool: Pool, id_prefix: str) -> None:
+    def __init__(self, pool: Pool) -> None:
         self._pool = pool
         #: runner_id -> Runner, booting, ready or stopping (a dead one is forgotten)
         self.runners: dict[str, Runner] = {}
-        self._prefix = id_prefix
+        #: what this pool's runner ids start with: unique across processes and hosts (they name
+        #: ZeroMQ identities, jobs and key files) and naming the pool, for people reading them
+        self.prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pool.name)}-{os.urandom(3).hex()}-r"
         self._ids = itertools.count(1)
         #: the backend's capacity (GPU sets free): read outside the lock, after each boot and terminate
         self.capacity = pool.backend.capacity()
@@ -48,6 +51,19 @@ class Fleet:
         #: completions and inspections asked of runners (``ask``), by request id
         self.requests = Replies()
         self.watch = Watch(self, pool.backend, pool.name, pool.parent_timeout)
+        self._backend_held = False
+
+    def acquire(self) -> None:
+        """Hold the backend while the pool is open (what its runners share: LocalBackend's template process)."""
+        self._pool.backend.acquire()
+        self._backend_held = True
+
+    def release(self) -> None:
+        """Let go of the backend, once: shutdown and a failure may both end here."""
+        with self._pool._state.lock:
+            held, self._backend_held = self._backend_held, False
+        if held:
+            self._pool.backend.release()
 
     # ---- booting -----------------------------------------------------------------------
     def boot(self) -> None:
@@ -55,7 +71,7 @@ class Fleet:
         pool = self._pool
         # 128 random bits of its own: runner ids are seen by other users (/dev/shm names, Slurm
         # job names), and an id someone else's socket took first is a runner that cannot connect.
-        rid = f"{self._prefix}{next(self._ids)}-{os.urandom(16).hex()}"  # hex: no "-r" in it (shm.pool_owner)
+        rid = f"{self.prefix}{next(self._ids)}-{os.urandom(16).hex()}"  # hex: no "-r" in it (shm.pool_owner)
         r = self.runners[rid] = Runner(rid, time.monotonic() + pool.boot_timeout,
                                        functools.partial(pool._endpoint.send, rid))
         env = {"FLAME_ADDRESS": pool.address, "FLAME_KEY": pool._key.hex(),
@@ -143,6 +159,23 @@ class Fleet:
     def stop(self, r: Runner) -> None:
         r.stop(STOP_GRACE)
         log.info("flame: stopping runner %s", r.id)
+
+    def stop_all(self, drop: Callable[[Runner, BaseException | None], None]) -> None:
+        """The pool shuts down (not holding the lock): ask the ready runners to stop, and past
+        STOP_GRACE have the pool ``drop`` those still there (booting ones at once)."""
+        pool = self._pool
+        with pool._state:
+            for r in list(self.runners.values()):
+                if r.state == "ready":
+                    self.stop(r)
+                elif r.state == "booting":
+                    drop(r, None)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.runners and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pool._state:
+            for r in list(self.runners.values()):
+                drop(r, RunnerDied(f"runner {r.id} was stopped: {pool.name} shut down", r.id))
 
     def forget(self, r: Runner, error: BaseException, retry: bool,
                boot_failed: bool = False) -> tuple[list[Call], list[tuple[Call, BaseException]]]:

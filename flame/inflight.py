@@ -9,6 +9,7 @@ lock is released: futures' callbacks are the user's code, and results are unpick
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -59,6 +60,13 @@ class InFlight:
             if call.uses:
                 self.copying.add(call)
 
+    def refused(self, calls: Iterable[Call]) -> None:
+        """``calls`` were never queued (PoolClosed, RunnerDied): nothing will read their shared memory."""
+        for call in calls:
+            if call.shm is not None:
+                self._shm.release(call.shm[1], "pool")
+                call.shm = None
+
     def retire(self, call: Call) -> None:
         """``call`` is over here: its slot on its runner is free, its shared memory ours again."""
         call.state = "done"
@@ -93,22 +101,41 @@ class InFlight:
             self._state.later(functools.partial(settle, call.future, None, CallTimeout(
                 f"{call.name}() passed its timeout of {self._timeout:g} s; its remote work was stopped")))
 
-    def copies_lost(self, runner_id: str) -> list[tuple[Call, RunnerDied]]:
-        """The calls not yet ended that were to receive a copy of a value held on runner
-        ``runner_id``, which is gone, each with the error it fails with."""
-        lost = []
-        for call in self.copying:
+    def lost(self, runner_id: str) -> list[Call]:
+        """Runner ``runner_id`` is gone, and with it the values it held: fail the calls that
+        needed them (queued to run there; to receive a copy of one, its remote work stopped if
+        running). Returns the queued ones, for the queue's owner to take off its queue."""
+        unqueue = [c for c in self.calls.values() if c.strict and c.affinity == runner_id and c.state == "queued"]
+        for call in unqueue:
+            self.finish(call, exc=RunnerDied(f"runner {runner_id} is gone, and with it the values "
+                                             f"{call.name}() needed", runner_id))
+        for call in list(self.copying):
             held = next((h for h in call.uses or () if h.runner_id == runner_id), None)
-            if held is not None:
-                lost.append((call, RunnerDied(f"runner {runner_id} is gone, and with it the value from "
-                                              f"{held.origin} that {call.name}() was to receive a copy of",
-                                              runner_id)))
-        return lost
+            if held is None or call.state not in ("queued", "running"):
+                continue
+            error = RunnerDied(f"runner {runner_id} is gone, and with it the value from {held.origin} "
+                               f"that {call.name}() was to receive a copy of", runner_id)
+            if call.state == "queued":
+                unqueue.append(call)
+                self.finish(call, exc=error)
+            else:
+                self.abandon(call, error)
+        return unqueue
 
     def abandon(self, call: Call, exc: BaseException) -> None:
         """Fail a running ``call`` with ``exc`` now, and stop its remote work."""
         self.interrupt(call)
         self._state.later(functools.partial(settle, call.future, None, exc))
+
+    def wait_all(self, cancel: bool) -> None:
+        """Wait until the calls in flight now have ended, or cancel them (not holding the lock:
+        the pool is closed, so no call joins them)."""
+        with self._state.lock:
+            pending = list(self.calls.values())
+        for call in pending:
+            future = call.future  # None once its answer was delivered
+            with contextlib.suppress(CancelledError, Exception):
+                future.cancel() if cancel else future.exception()
 
     def overdue(self, runners: Iterable[Runner], now: float) -> list[Runner]:
         """Interrupt the calls past their deadline; return the runners with a cancelled call
@@ -140,6 +167,17 @@ class Packer:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         return self.functions.get(fn)
+
+    def calls(self, fn: Callable, arguments: list, affinity: str | None, strict: bool, origin: Any,
+              outcome: bool, per_call: int) -> list[Call]:
+        """The calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``, the function pickled
+        once. ``per_call``: items per call of a map (numbers its calls)."""
+        entry = self.function(fn)
+        calls = [self.call(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
+                 for args, kwargs in arguments]
+        for i, call in enumerate(calls if per_call else ()):
+            call.index = i * per_call
+        return calls
 
     def call(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
              strict: bool = False, origin: Any = "", entry: tuple | None = None,

@@ -1,15 +1,13 @@
-"""The pool: its options, its API, and the state it owns: the queue of waiting calls and
-what placement decides for it.
+"""The pool: its options, its API, and what it owns: the queue of waiting calls, the lock, and
+placement's decisions (``placement.decide``) carried out.
 
-Like FLAME's Pool, it decides and the others do: ``placement.decide`` says which call starts
-where and what boots or stops; each ``Runner`` owns its runner's life, the messages it is
-sent, its code-sync diff and which of its calls run again when it dies; the ``Fleet`` the
-runners by id (and ``Watch`` the threads that call the backend); ``InFlight`` the calls by id
-and how each ends (``Packer`` pickles them before the lock, ``deliver`` settles them after);
-the ``Inbox`` each message kind a runner sends, and the tick; ``Holdings`` the values kept for
-Remotes; ``shm.Side`` the shared memory; ``CodeSync`` the local code sent; ``Endpoint`` the
-socket. One lock (``state.State``) guards it all, and nothing slow or foreign runs under it:
-transitions queue those as effects, run once it is released.
+The others own the rest, as in FLAME: each ``Runner`` its runner's life (the messages it is
+sent, its code-sync diff, which of its calls run again when it dies); the ``Fleet`` the runners
+by id and the backend's threads (``Watch``); ``InFlight`` the calls by id and how each ends
+(``Packer`` pickles them before the lock); the ``Inbox`` each message kind runners send;
+``Holdings`` the values kept for Remotes; ``shm.Side``, ``CodeSync`` and ``Endpoint`` the shared
+memory, the code sent and the socket. Nothing slow or foreign runs under the lock
+(``state.State``): transitions queue it as effects, run once the lock is released.
 """
 from __future__ import annotations
 
@@ -18,26 +16,22 @@ import contextlib
 import itertools
 import functools
 import logging
-import re
 import time
-from concurrent.futures import CancelledError, Executor
+from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Sequence
 
 from . import holdings, mapping, options, placement, present, registry, shm
 from .backends.base import Backend
 from .call import Call, CallFuture
-from .codesync import CODE_LIMIT, CodeSync, LocalCode
-from .deps import DEPS_LIMIT, Deps
+from .codesync import CODE_LIMIT, CodeSync
+from .deps import DEPS_LIMIT
 from .endpoint import Endpoint
 from .errors import BootError, PoolClosed, RunnerDied
-from .fleet import STOP_GRACE, Fleet
-from .holdings import Holdings
+from .fleet import Fleet
 from .inbox import Inbox
 from .inflight import InFlight, Packer
 from .keys import new_key
-from .mapping import MapResults
 from .node import objects
-from .placement import PREFETCH
 from .remote import Remote
 from .runner import Runner, RunnerInfo
 from .state import State
@@ -90,37 +84,25 @@ class Pool(Executor):
         backend, code_sync = options.check_pool(
             backend, min, max, max_concurrency, idle_shutdown_after, boot_timeout, timeout,
             parent_timeout, code_sync, code_exclude, code_limit, deps, deps_limit, retries)
-        self.backend = backend
-        self.min, self.max, self.max_concurrency = min, max, max_concurrency
-        self.idle_shutdown_after = idle_shutdown_after
-        self.boot_timeout = boot_timeout
-        self.timeout = timeout
-        self.parent_timeout = parent_timeout
-        self.retries = retries
+        self.backend, self.min, self.max, self.max_concurrency = backend, min, max, max_concurrency
+        self.idle_shutdown_after, self.boot_timeout, self.timeout = idle_shutdown_after, boot_timeout, timeout
+        self.parent_timeout, self.retries = parent_timeout, retries
         self.name = name or f"pool-{next(_pool_ids)}"
 
         self._key = new_key()
-        # Unique across processes and hosts: runner ids name ZeroMQ identities, jobs and key files.
-        self._id_prefix = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}-{new_key().hex()[:6]}-r"
-        # Code sync's state is its own (codesync.CodeSync): what runners elsewhere boot from,
-        # which hosts have which archive, the bytes sent. Local code found errs at the door.
-        self._code = CodeSync(None if code_sync is False else LocalCode(
-            None if code_sync is True else list(code_sync), code_exclude, code_limit),
-            ask=backend.asks) if backend.remote else None
-        if self._code is not None and deps is not False:  # installed packages travel too (deps.py)
-            self._code.deps = Deps(deps_limit, backend.install, self._code.count)
-        self._shm = shm.Side(bool(getattr(backend, "shared_memory", False)) and shm.available(),
-                             shm.pool_owner(self._id_prefix))
+        # What runners elsewhere boot from and get sent (None on this machine); errs at the door.
+        self._code = CodeSync.for_pool(backend, code_sync, code_exclude, code_limit, deps, deps_limit)
         self._state = State(self.name)  # the lock, and the effects queued under it
+        self._fleet = Fleet(self)
+        self._runners = self._fleet.runners  # read here; written by the fleet
+        self._shm = shm.Side(bool(getattr(backend, "shared_memory", False)) and shm.available(),
+                             shm.pool_owner(self._fleet.prefix))
         self._packer = Packer(self)
         self._inflight = InFlight(self._state, self._shm, timeout)
-        self._holdings = Holdings(self)
-        self._fleet = Fleet(self, self._id_prefix)
-        self._runners = self._fleet.runners  # read here; written by the fleet
+        self._holdings = holdings.Holdings(self)
         self._waiting: collections.deque[Call] = collections.deque()
         self._closed = False
-        self._limits: placement.Limits | None = None
-        self._limits_key: tuple = ()
+        self._limits: tuple = ((), None)  # placement's limits, and what they were made for
         self._inbox = Inbox(self)
         self._endpoint = Endpoint(self.name, self._key, backend.bind_host, self._inbox.message,
                                   self._inbox.tick, functools.partial(self._fail, "I/O"),
@@ -128,8 +110,7 @@ class Pool(Executor):
                                   self._fleet.serve_code if backend.remote else None,
                                   self._inbox.after_messages)
         self.address = backend.connect_address(self._endpoint.address)
-        backend.acquire()
-        self._backend_held = True
+        self._fleet.acquire()
         self._endpoint.start()
         self._fleet.watch.start(self._endpoint.stopped, functools.partial(self._fail, "watch"))
         registry.add(self)
@@ -140,7 +121,7 @@ class Pool(Executor):
     # ---- public API ----------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> CallFuture:
         """Run ``fn(*args, **kwargs)`` on a runner; return a future for its result."""
-        future = self._submit(fn, args, kwargs)
+        future = self._queue(fn, [(args, kwargs)])[0]
         self._endpoint.nudge()  # nobody may be receiving: let the I/O thread watch for the result
         return future
 
@@ -148,13 +129,9 @@ class Pool(Executor):
         """Like :meth:`submit`, on the runner ``runner_id`` while it lives (it waits for a free
         slot there); if that runner is gone (or ``runner_id`` is None), wherever placement
         puts it. ``future.runner_id`` says where it went."""
-        future = self._submit(fn, args, kwargs, runner_id)
+        future = self._queue(fn, [(args, kwargs)], runner_id)[0]
         self._endpoint.nudge()
         return future
-
-    def _submit(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,
-                strict: bool = False, origin: Any = "") -> CallFuture:
-        return self._queue(fn, [(args, kwargs)], affinity, strict, origin)[0]
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a runner and return its value (or raise its exception).
@@ -181,7 +158,7 @@ class Pool(Executor):
         return self._holdings.spawned(fn, self._queue(objects.spawn, items, per_call=1))
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1) -> MapResults:
+            chunksize: int = 1) -> mapping.MapResults:
         """``fn(*xs)`` for each ``xs`` in ``zip(*iterables)``, run across runners, as
         :meth:`concurrent.futures.Executor.map`: every call is submitted now, and the results
         come in input order as they are read (``list(pool.map(...))`` waits for them all).
@@ -215,14 +192,12 @@ class Pool(Executor):
         interactive namespace (the one ``%%remote`` cells run in): runner ``runner_id`` if it
         is ready, else any ready one. Answered at once, also while the runner runs calls;
         RunnerDied if the runner goes first."""
-        return self._fleet.ask(Kind.COMPLETE, {"code": code, "cursor": len(code) if cursor is None else cursor},
-                               runner_id, timeout)
+        return self._fleet.ask(Kind.COMPLETE, _at(code, cursor), runner_id, timeout)
 
     def inspect(self, code: str, cursor: int | None = None, detail_level: int = 0, *,
                 runner_id: str | None = None, timeout: float = 10.0) -> dict:
         """Jupyter ``inspect_reply`` content for the name at ``cursor``, from a runner (see :meth:`complete`)."""
-        return self._fleet.ask(Kind.INSPECT, {"code": code, "cursor": len(code) if cursor is None else cursor,
-                                              "detail": detail_level}, runner_id, timeout)
+        return self._fleet.ask(Kind.INSPECT, {**_at(code, cursor), "detail": detail_level}, runner_id, timeout)
 
     @property
     def code_bytes_sent(self) -> int:
@@ -252,29 +227,16 @@ class Pool(Executor):
         With ``wait``, calls already submitted finish first; ``cancel_futures`` cancels them instead.
         """
         with self._state:
-            first = not self._closed
-            self._closed = True
-            pending = list(self._inflight.calls.values())
-        for call in pending if cancel_futures or wait else ():
-            with contextlib.suppress(CancelledError, Exception):
-                call.future.cancel() if cancel_futures else call.future.exception()
+            first, self._closed = not self._closed, True
+        if wait or cancel_futures:
+            self._inflight.wait_all(cancel=cancel_futures)
         if not first and self._endpoint.stopped.is_set():
             return
         with self._state:
             while self._waiting:
                 call = self._waiting.popleft()
                 self._inflight.finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
-            for r in list(self._runners.values()):
-                if r.state == "ready":
-                    self._fleet.stop(r)
-                elif r.state == "booting":
-                    self._drop_runner(r, None)
-        deadline = time.monotonic() + STOP_GRACE
-        while self._runners and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with self._state:
-            for r in list(self._runners.values()):
-                self._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {self.name} shut down", r.id))
+        self._fleet.stop_all(self._drop_runner)
         self._endpoint.stop()
         self._fleet.watch.join(time.monotonic() + TERMINATE_WAIT)
         self._end()
@@ -282,11 +244,7 @@ class Pool(Executor):
     def __exit__(self, *exc: Any) -> None:  # Executor's __enter__ returns the pool
         self.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
 
-    def __repr__(self) -> str:
-        return present.pool_text(self)
-
-    def _repr_html_(self) -> str:
-        return present.pool_html(self)
+    __repr__, _repr_html_ = present.pool_text, present.pool_html
 
     def view(self) -> Any:
         """A live view of this pool (``flame.PoolView``): its runners' table, updated until it shuts down."""
@@ -296,13 +254,11 @@ class Pool(Executor):
     # ---- the queue and placement (caller holds the lock unless a method says otherwise) ----
     def _limits_now(self) -> placement.Limits:
         key = (self._fleet.capacity, self._closed or self._fleet.min_paused, self._endpoint.stopped.is_set())
-        limits = self._limits
-        if limits is None or key != self._limits_key:  # made anew only when one of these changed
-            limits = self._limits = placement.Limits(
-                self.min, self.max, self.max_concurrency, PREFETCH, key[0], self.idle_shutdown_after,
+        if key != self._limits[0]:  # made anew only when one of these changed
+            self._limits = key, placement.Limits(
+                self.min, self.max, self.max_concurrency, placement.PREFETCH, key[0], self.idle_shutdown_after,
                 refill=not key[1], can_boot=not key[2])
-            self._limits_key = key
-        return limits
+        return self._limits[1]
 
     def _schedule(self) -> None:
         """Apply placement's decision."""
@@ -322,28 +278,19 @@ class Pool(Executor):
 
     def _queue(self, fn: Callable, arguments: list, affinity: str | None = None,
                strict: bool = False, origin: Any = "", outcome: bool = False, per_call: int = 0) -> list[Any]:
-        """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in
-        ``arguments`` (not holding the lock): all pickled, then queued under one lock with one
-        placement decision (one per call cost a third of the parent's time per tiny task). A
-        pool with no runner boots for them before it pickles them: in a fresh process the
-        first call imports what pickling needs, which then overlaps the boot. The futures are
-        taken before the calls are queued: a call lets go of its future once done, maybe
-        before this returns. ``per_call``: items per call of a map (numbers its calls)."""
+        """The futures (or Outcomes) of calls of ``fn``, one per ``(args, kwargs)`` in ``arguments``
+        (not holding the lock): all pickled, then queued under one lock with one placement
+        decision. A pool with no runner boots before it pickles: a fresh process's first call
+        imports what pickling needs, overlapping the boot. The futures are taken first: a call
+        lets go of its future once done, maybe before this returns."""
         booted = self._boot_ahead(len(arguments)) if not self._runners and arguments else []
         try:
-            entry = self._packer.function(fn)
-            calls = [self._packer.call(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
-                     for args, kwargs in arguments]
+            calls = self._packer.calls(fn, arguments, affinity, strict, origin, outcome, per_call)
         except BaseException:  # they will not come: stop the runners booted for them, if still idle
-            if booted:
-                with self._state:
-                    for r in booted:
-                        if not r.calls and r.state in ("booting", "ready") and not self._waiting:
-                            self._drop_runner(r, None, reschedule=False)
+            with self._state:
+                for r in [r for r in booted if not (r.calls or self._waiting) and r.state in ("booting", "ready")]:
+                    self._drop_runner(r, None, reschedule=False)
             raise
-        if per_call:
-            for i, call in enumerate(calls):
-                call.index = i * per_call
         futures = [c.future for c in calls]
         if calls:
             self._enqueue(calls)
@@ -378,18 +325,15 @@ class Pool(Executor):
                     runner.start(calls, self.max_concurrency, self._code, self._shm.lend)
                     return
             self._waiting.extend(calls)
-            full = self.max_concurrency + PREFETCH
+            full = self.max_concurrency + placement.PREFETCH
             if not (len(self._waiting) > len(calls) and len(self._runners) >= self.max
                     and all(len(r.calls) >= full for r in self._runners.values())):
                 # Unless every runner holds all it may and none can boot: then these wait behind
-                # the others, and the placement after the next results takes them (a decision
-                # per submit cost a fifth of a tiny task's time).
+                # the others, for the placement after the next results (saves one per submit).
                 self._schedule()
         except BaseException:
-            if not registered:  # refused: nothing will ever read their shared memory
-                for call in calls:
-                    if call.shm is not None:
-                        self._shm.release(call.shm[1], "pool")
+            if not registered:
+                self._inflight.refused(calls)
             raise
         finally:
             self._state.release()
@@ -437,16 +381,8 @@ class Pool(Executor):
             log.info("flame: %d call(s) of runner %s queued again", len(again), r.id)
         for call, exc in failed:
             self._inflight.finish(call, exc=exc)
-        for call in [c for c in self._waiting if c.strict and c.affinity == r.id]:
-            self._waiting.remove(call)  # it needs values that were on that runner
-            self._inflight.finish(call, exc=RunnerDied(f"runner {r.id} is gone, and with it the values "
-                                                       f"{call.name}() needed", r.id))
-        for call, error in self._inflight.copies_lost(r.id):  # a copy of a value it held was due
-            if call.state == "queued":
-                self._waiting.remove(call)
-                self._inflight.finish(call, exc=error)
-            elif call.state == "running":
-                self._inflight.abandon(call, error)
+        for call in self._inflight.lost(r.id):  # they needed values that were on that runner
+            self._waiting.remove(call)
         if reschedule and not self._endpoint.stopped.is_set():
             self._schedule()
 
@@ -469,10 +405,7 @@ class Pool(Executor):
     def _end(self) -> None:
         """What shutdown and a failure both end with: shared memory unlinked, backend let go."""
         self._shm.close()
-        with self._state.lock:
-            held, self._backend_held = self._backend_held, False
-        if held:
-            self.backend.release()
+        self._fleet.release()
         registry.discard(self)
 
 
@@ -480,3 +413,8 @@ def _log_failure(f: CallFuture) -> None:
     """A cast's future is done: log its failure (nobody waits for it)."""
     if not f.cancelled() and f.exception() is not None:
         log.error("flame: cast of %s() failed: %r", f.call.name, f.exception())
+
+
+def _at(code: str, cursor: int | None) -> dict:
+    """A completion's or inspection's place: ``cursor`` in ``code`` (None: its end)."""
+    return {"code": code, "cursor": len(code) if cursor is None else cursor}

@@ -26,6 +26,12 @@ def segments(prefix=""):
     return sorted(glob.glob(f"/dev/shm/flame-{prefix}*"))
 
 
+def pool_prefix(runner_id):
+    """What every /dev/shm name of a runner's pool starts with: ``<pool>-<random>-``
+    (runner ids are ``<pool>-<random>-r<N>-<hex>``, the pool's arena ``<pool>-<random>-p``)."""
+    return runner_id[:runner_id.rfind("-r") + 1]
+
+
 def arenas(prefix=""):
     return [p for p in segments(prefix) if "-starts" not in p]
 
@@ -176,7 +182,7 @@ def test_a_runner_killed_mid_transfer_leaves_nothing(make_pool):
     assert wait_for(lambda: not segments(rid), timeout=10), segments(rid)
     assert not pool._shm.arena.lent, "what it held of the pool's memory is free again"
     pool.shutdown()
-    assert not segments(pool._id_prefix[:-1])
+    assert not segments(pool_prefix(rid))
 
 
 def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
@@ -187,13 +193,13 @@ def test_a_parent_killed_mid_transfer_leaves_nothing(tmp_path):
         a = np.ones(32 * 2**20 // 8)
         list(pool.map(lambda x: x * 2, [a, a]))  # both runners: arenas made, regions lent both ways
         futs = [pool.submit(lambda x: (__import__("time").sleep(60), x)[1], a) for _ in range(2)]
-        print(pool._id_prefix[:-1], flush=True)
+        print(pool.runners[0].id, flush=True)
         time.sleep(600)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        prefix = parent.stdout.readline().strip()
+        prefix = pool_prefix(parent.stdout.readline().strip())
         assert prefix and wait_for(lambda: len(arenas(prefix)) >= 3, timeout=20), segments(prefix)
     finally:
         parent.kill()
@@ -211,13 +217,14 @@ def test_a_pool_and_its_runners_sent_sigterm_together_leave_nothing(tmp_path):
         pool = flame.Pool(max=2, min=2)
         a = np.ones(32 * 2**20 // 8)
         list(pool.map(lambda x: x * 2, [a, a]))  # arenas on both sides, and the start counts
-        print(pool._id_prefix[:-1], *(r.pid for r in pool.runners), flush=True)
+        print(pool.runners[0].id, *(r.pid for r in pool.runners), flush=True)
         time.sleep(600)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
-        prefix, *pids = parent.stdout.readline().split()
+        rid, *pids = parent.stdout.readline().split() or [""]
+        prefix = pool_prefix(rid)
         assert prefix and len(pids) == 2 and segments(prefix)
         for pid in [parent.pid, *map(int, pids)]:
             os.kill(pid, signal.SIGTERM)
