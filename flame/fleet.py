@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from . import shm, wire
 from .errors import BootError, RunnerDied
@@ -160,22 +160,22 @@ class Fleet:
         r.stop(STOP_GRACE)
         log.info("flame: stopping runner %s", r.id)
 
-    def stop_all(self, drop: Callable[[Runner, BaseException | None], None]) -> None:
+    def stop_all(self) -> None:
         """The pool shuts down (not holding the lock): ask the ready runners to stop, and past
-        STOP_GRACE have the pool ``drop`` those still there (booting ones at once)."""
+        STOP_GRACE have the pool drop those still there (booting ones at once)."""
         pool = self._pool
         with pool._state:
             for r in list(self.runners.values()):
                 if r.state == "ready":
                     self.stop(r)
                 elif r.state == "booting":
-                    drop(r, None)
+                    pool._drop_runner(r, None)
         deadline = time.monotonic() + STOP_GRACE
         while self.runners and time.monotonic() < deadline:
             time.sleep(0.02)
         with pool._state:
             for r in list(self.runners.values()):
-                drop(r, RunnerDied(f"runner {r.id} was stopped: {pool.name} shut down", r.id))
+                pool._drop_runner(r, RunnerDied(f"runner {r.id} was stopped: {pool.name} shut down", r.id))
 
     def forget(self, r: Runner, error: BaseException, retry: bool,
                boot_failed: bool = False) -> tuple[list[Call], list[tuple[Call, BaseException]]]:

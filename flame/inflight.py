@@ -175,8 +175,9 @@ class Packer:
         entry = self.function(fn)
         calls = [self.call(fn, args, kwargs, affinity, strict, origin, entry=entry, outcome=outcome)
                  for args, kwargs in arguments]
-        for i, call in enumerate(calls if per_call else ()):
-            call.index = i * per_call
+        if per_call:
+            for i, call in enumerate(calls):
+                call.index = i * per_call
         return calls
 
     def call(self, fn: Callable, args: tuple, kwargs: dict, affinity: str | None = None,

@@ -236,7 +236,7 @@ class Pool(Executor):
             while self._waiting:
                 call = self._waiting.popleft()
                 self._inflight.finish(call, exc=PoolClosed(f"{self.name} was shut down before {call.name}() ran"))
-        self._fleet.stop_all(self._drop_runner)
+        self._fleet.stop_all()
         self._endpoint.stop()
         self._fleet.watch.join(time.monotonic() + TERMINATE_WAIT)
         self._end()
@@ -287,9 +287,10 @@ class Pool(Executor):
         try:
             calls = self._packer.calls(fn, arguments, affinity, strict, origin, outcome, per_call)
         except BaseException:  # they will not come: stop the runners booted for them, if still idle
-            with self._state:
-                for r in [r for r in booted if not (r.calls or self._waiting) and r.state in ("booting", "ready")]:
-                    self._drop_runner(r, None, reschedule=False)
+            if booted:
+                with self._state:
+                    for r in [r for r in booted if not (r.calls or self._waiting) and r.state in ("booting", "ready")]:
+                        self._drop_runner(r, None, reschedule=False)
             raise
         futures = [c.future for c in calls]
         if calls:
